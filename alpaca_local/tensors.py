@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
+
 # Source dtypes we read, with their item size. BF16 has no numpy dtype: it is
 # read as uint16 and widened to float32 by a shift (exact).
 DTYPE_ITEMSIZE: dict[str, int] = {"F32": 4, "F16": 2, "BF16": 2}
@@ -43,9 +45,31 @@ class TensorRef:
             self.path, dtype=_NUMPY_DTYPE[self.dtype], mode="r", offset=self.offset, shape=self.shape
         )
 
+    @property
+    def n_rows(self) -> int:
+        """Rows in ggml's sense: everything but the last (contiguous) dimension."""
+        return math.prod(self.shape[:-1]) if self.shape else 1
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as float32, shape (stop - start, row length).
+
+        A plain read, not a memory map: mapped pages would count towards our
+        resident memory for as long as the map lives.
+        """
+        row_len = self.shape[-1] if self.shape else 1
+        dtype = _NUMPY_DTYPE[self.dtype]
+        count = (stop - start) * row_len
+        data = np.fromfile(self.path, dtype=dtype, count=count, offset=self.offset + start * row_len * dtype.itemsize)
+        if data.size != count:
+            raise InputError(f"{self.path} ended early while reading {self.name}; the file is truncated, re-download it")
+        return _widen(data, self.dtype).reshape(stop - start, row_len)
+
     def to_f32(self) -> np.ndarray:
         """The values as float32 (exact for every source dtype)."""
-        data = self.raw()
-        if self.dtype == "BF16":
-            return (data.astype(np.uint32) << 16).view(np.float32)
-        return data.astype(np.float32)
+        return _widen(self.raw(), self.dtype)
+
+
+def _widen(data: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (data.astype(np.uint32) << 16).view(np.float32)
+    return data.astype(np.float32)

@@ -1,0 +1,275 @@
+"""Hugging Face folder -> one GGUF file, in one streaming pass.
+
+Stages, each its own module: read the source (`config`, `source`, `vocab`)
+→ map names (`architectures`) → choose types (`quant_rules`) → quantize
+(`ggml`) → write (`atomic` + gguf-py's writer for the header).
+
+`plan_conversion` does everything but the data: it checks the whole input and
+knows every output tensor's name, type and byte size before a byte is written.
+`convert` then streams tensor chunks through a small thread pool (ggml drops
+the GIL) and appends them in order, so memory stays near a few chunks
+whatever the model size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import gguf
+import numpy as np
+
+from . import quant_rules
+from .architectures import ARCHITECTURES, SUPPORTED, Architecture, map_name
+from .atomic import atomic_write, check_target
+from .config import ModelConfig, load_config
+from .errors import InputError
+from .ggml import quantize_rows
+from .source import read_weights
+from .template import ALPACA_CHAT_TEMPLATE
+from .tensors import TensorRef
+from .vocab import Vocab, load_vocab
+
+# About 16 MB of float32 per chunk: big enough that ggml calls dominate,
+# small enough that a few chunks in flight stay far below one large tensor.
+CHUNK_ELEMENTS = 4 * 1024 * 1024
+ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT
+
+Progress = Callable[[str, int], None]  # (tensor name, source bytes just done)
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    source: TensorRef
+    name: str  # GGUF name
+    kind: gguf.MODEL_TENSOR
+    ggml_type: gguf.GGMLQuantizationType
+    rope_head_dim: int | None  # rows are permuted in groups of this size
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape
+
+    @property
+    def nbytes(self) -> int:
+        return quant_rules.tensor_nbytes(self.shape, self.ggml_type)
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    source: Path
+    name: str
+    quant: str
+    config: ModelConfig
+    arch: Architecture
+    vocab: Vocab
+    jobs: tuple[TensorJob, ...]
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(_padded(j.nbytes) for j in self.jobs)
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(j.source.nbytes for j in self.jobs)
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    output: Path
+    quant: str
+    n_tensors: int
+    file_bytes: int
+    seconds: float
+    peak_rss_bytes: int
+
+
+def _padded(n: int) -> int:
+    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+def _llama_cpp_order(name: str) -> tuple[int, str]:
+    """llama.cpp's weight_name_comparer: layer number (-1 outside blocks), then name.
+
+    quantize walks (and writes) tensors in this order, and its per-layer
+    counters depend on it, so types are chosen in the same order.
+    """
+    layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
+    return layer, name
+
+
+def _map_tensors(cfg: ModelConfig, arch: Architecture, refs: dict[str, TensorRef]) -> list[tuple[TensorRef, str, gguf.MODEL_TENSOR]]:
+    name_map = gguf.get_tensor_name_map(arch.gguf_arch, cfg.n_layer)
+    shapes = arch.shapes(cfg)
+    mapped: dict[str, tuple[TensorRef, str, gguf.MODEL_TENSOR]] = {}
+    for hf_name, ref in refs.items():
+        m = map_name(arch, name_map, hf_name)
+        if m is None:
+            continue
+        if m.layer is not None and not 0 <= m.layer < cfg.n_layer:
+            raise InputError(f"tensor {hf_name!r} is for layer {m.layer} but config.json has {cfg.n_layer} layers")
+        if m.gguf_name in mapped:
+            raise InputError(f"tensors {mapped[m.gguf_name][0].name!r} and {hf_name!r} both map to {m.gguf_name}")
+        expected = shapes.get(m.kind)
+        if expected is None and m.kind == gguf.MODEL_TENSOR.OUTPUT:
+            expected = (cfg.vocab_size, cfg.hidden)  # saved although tied: keep it, as the reference does
+        if expected is None:
+            raise InputError(f"tensor {hf_name!r} ({m.gguf_name}) is not used by {arch.hf_class}")
+        if ref.shape != expected:
+            raise InputError(
+                f"tensor {hf_name!r} has shape {list(ref.shape)} but config.json implies {list(expected)}; "
+                "the weights do not match the config"
+            )
+        mapped[m.gguf_name] = (ref, m.gguf_name, m.kind)
+    missing = []
+    for kind, _ in shapes.items():
+        base = gguf.TENSOR_NAMES[kind]
+        names = [base.format(bid=i) for i in range(cfg.n_layer)] if "{bid}" in base else [base]
+        missing += [f"{n}.weight" for n in names if f"{n}.weight" not in mapped]
+    if missing:
+        raise InputError(
+            f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}; "
+            "a shard is missing or the checkpoint is incomplete"
+        )
+    return sorted(mapped.values(), key=lambda t: _llama_cpp_order(t[1]))
+
+
+def plan_conversion(source: Path, quant: str) -> ConversionPlan:
+    """Check the whole input and decide every output tensor, without touching the data."""
+    if not source.exists():
+        raise InputError(f"{source} does not exist; give the path of a Hugging Face model folder")
+    if not source.is_dir():
+        raise InputError(f"{source} is not a folder; give the Hugging Face model folder that holds config.json")
+    quant_rules.file_type(quant)  # unknown quant names fail before any reading
+    cfg = load_config(source, SUPPORTED)
+    arch = ARCHITECTURES[cfg.hf_arch]
+    tensors = _map_tensors(cfg, arch, read_weights(source))
+    vocab = load_vocab(source, cfg.vocab_size)
+    if vocab.chat_template is None:
+        vocab.chat_template = ALPACA_CHAT_TEMPLATE
+    facts = quant_rules.ModelFacts(arch=arch.arch_name, n_layer=cfg.n_layer, n_head=cfg.n_head, n_head_kv=cfg.n_kv_head)
+    specs = [quant_rules.TensorSpec(name=f"{name}", shape=ref.shape) for ref, name, _ in tensors]
+    types = quant_rules.choose_types(specs, quant, facts)
+    jobs = tuple(
+        TensorJob(ref, name, kind, ggml_type, cfg.head_dim if kind in arch.rope_permuted else None)
+        for (ref, name, kind), ggml_type in zip(tensors, types)
+    )
+    return ConversionPlan(source, source.resolve().name, quant, cfg, arch, vocab, jobs)
+
+
+def default_output(plan: ConversionPlan, models_dir: Path) -> Path:
+    """models/<name>.<QUANT>.gguf, e.g. models/alpaca-7b.Q4_K_M.gguf."""
+    return models_dir / f"{plan.name}.{quant_rules.QUANT_FILE_SUFFIX[plan.quant]}.gguf"
+
+
+def _header_writer(plan: ConversionPlan, path: Path) -> gguf.GGUFWriter:
+    cfg = plan.config
+    w = gguf.GGUFWriter(path, plan.arch.arch_name)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(plan.name)
+    plan.arch.metadata(w, cfg)
+    w.add_file_type(quant_rules.file_type(plan.quant))
+    if plan.quant != "f16":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    plan.vocab.add_to(w)
+    for job in plan.jobs:
+        # A float dtype makes gguf-py take `shape` as the element shape (uint8 would mean bytes).
+        w.add_tensor_info(job.name, job.shape, np.dtype(np.float32), job.nbytes, raw_dtype=job.ggml_type)
+    return w
+
+
+def _rope_permute(rows: np.ndarray, head_dim: int) -> np.ndarray:
+    """HF rotate-half rows -> llama.cpp interleaved rows, per head (LlamaModel.permute)."""
+    n, cols = rows.shape
+    return rows.reshape(n // head_dim, 2, head_dim // 2, cols).swapaxes(1, 2).reshape(n, cols)
+
+
+def _chunks(job: TensorJob) -> Iterator[tuple[int, int]]:
+    n_rows, row_len = job.source.n_rows, (job.shape[-1] if job.shape else 1)
+    step = max(1, CHUNK_ELEMENTS // max(row_len, 1))
+    if job.rope_head_dim:
+        step = max(job.rope_head_dim, step // job.rope_head_dim * job.rope_head_dim)
+    for start in range(0, n_rows, step):
+        yield start, min(n_rows, start + step)
+
+
+def _encode(job: TensorJob, start: int, stop: int) -> bytes:
+    src = job.source
+    same = (src.dtype, job.ggml_type) in (("F16", gguf.GGMLQuantizationType.F16), ("F32", gguf.GGMLQuantizationType.F32))
+    if same and job.rope_head_dim is None:
+        raw = src.raw()  # identical bytes: copy, do not round-trip through float32
+        row_len = job.shape[-1] if job.shape else 1
+        flat = raw.reshape(-1)[start * row_len : stop * row_len]
+        return flat.tobytes()
+    rows = src.read_rows(start, stop)
+    if job.rope_head_dim:
+        rows = _rope_permute(rows, job.rope_head_dim)
+    return quantize_rows(rows, job.ggml_type).tobytes()
+
+
+def _write_tensor_data(plan: ConversionPlan, path: Path, progress: Progress | None, workers: int) -> None:
+    """Append every tensor, in plan order, each padded to the GGUF alignment."""
+    with open(path, "r+b") as f:
+        f.seek(0, os.SEEK_END)
+        f.write(b"\0" * (_padded(f.tell()) - f.tell()))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending: deque[tuple[TensorJob, int, int, Future[bytes]]] = deque()
+            window = 2 * workers
+
+            def drain_one() -> None:
+                job, start, stop, fut = pending.popleft()
+                data = fut.result()
+                f.write(data)
+                if stop == job.source.n_rows:
+                    f.write(b"\0" * (_padded(job.nbytes) - job.nbytes))
+                if progress:
+                    per_row = job.source.nbytes // max(job.source.n_rows, 1)
+                    progress(job.name, (stop - start) * per_row)
+
+            try:
+                for job in plan.jobs:
+                    for start, stop in _chunks(job):
+                        pending.append((job, start, stop, pool.submit(_encode, job, start, stop)))
+                        while len(pending) >= window:
+                            drain_one()
+                while pending:
+                    drain_one()
+            finally:
+                for *_, fut in pending:
+                    fut.cancel()
+
+
+def convert(
+    source: Path,
+    output: Path | None = None,
+    quant: str = "q4_k_m",
+    force: bool = False,
+    models_dir: Path = Path("models"),
+    progress: Progress | None = None,
+    workers: int | None = None,
+    plan: ConversionPlan | None = None,
+) -> ConvertResult:
+    """Convert `source` into one GGUF file; the output appears only when complete."""
+    t0 = time.perf_counter()
+    plan = plan or plan_conversion(source, quant)
+    if output is None:
+        output = default_output(plan, models_dir)
+        output.parent.mkdir(parents=True, exist_ok=True)
+    check_target(output, force, need_bytes=plan.tensor_bytes)
+    with atomic_write(output) as tmp:
+        writer = _header_writer(plan, tmp)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        _write_tensor_data(plan, tmp, progress, workers or os.cpu_count() or 1)
+        size = tmp.stat().st_size
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return ConvertResult(output, plan.quant, len(plan.jobs), size, time.perf_counter() - t0, peak)
