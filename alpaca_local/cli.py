@@ -30,6 +30,13 @@ EPILOG = """examples:
 Run `alpaca-local COMMAND --help` for the flags of one command."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (plus a pointer to --help), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _available_commands() -> dict[str, tuple[str, str]]:
     """Commands whose module is present (a command lands with its module)."""
     found = {}
@@ -40,7 +47,7 @@ def _available_commands() -> dict[str, tuple[str, str]]:
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="alpaca-local",
         description="Run Alpaca-style instruction models on your own machine.",
         epilog=EPILOG,

