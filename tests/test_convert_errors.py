@@ -1,0 +1,246 @@
+"""convert on bad input: one clear line, a meaningful exit code, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+import tinymodels
+from alpaca_local.cli import main
+
+
+@pytest.fixture
+def model(tmp_path) -> Path:
+    return tinymodels.build_llama(tmp_path / "src").path
+
+
+def run_convert(capsys, *args: str) -> tuple[int, str]:
+    rc = main(["convert", *args])
+    err = capsys.readouterr().err
+    return rc, err
+
+
+def assert_one_line_error(rc: int, err: str, code: int, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == code, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def assert_nothing_written(folder: Path) -> None:
+    leftovers = [p.name for p in folder.iterdir() if p.suffix in (".gguf", ".partial") or ".partial" in p.name]
+    assert leftovers == [], leftovers
+
+
+def write_config(model: Path, **changes) -> None:
+    cfg = json.loads((model / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (model / "config.json").write_text(json.dumps(cfg))
+
+
+def test_unsupported_architecture(model, tmp_path, capsys):
+    write_config(model, architectures=["GPTNeoXForCausalLM"])
+    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
+    assert_one_line_error(rc, err, 1, "GPTNeoXForCausalLM", "LlamaForCausalLM")
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "changes, needle",
+    [
+        ({"hidden_size": 0}, "hidden_size"),
+        ({"num_attention_heads": -4}, "num_attention_heads"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+        ({"num_hidden_layers": None}, "num_hidden_layers"),
+        ({"hidden_size": "big"}, "hidden_size"),
+        ({"num_hidden_layers": 3}, "lacks"),  # config says 3 layers, weights have 2
+        ({"intermediate_size": 1024}, "shape"),  # weights do not match the config
+    ],
+)
+def test_bad_config_values(model, tmp_path, capsys, changes, needle):
+    write_config(model, **changes)
+    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
+    assert_one_line_error(rc, err, 1, needle)
+    assert_nothing_written(tmp_path)
+
+
+def test_config_not_json(model, tmp_path, capsys):
+    (model / "config.json").write_text("{not json")
+    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
+    assert_one_line_error(rc, err, 1, "config.json", "not valid JSON")
+
+
+def test_missing_config(model, tmp_path, capsys):
+    (model / "config.json").unlink()
+    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
+    assert_one_line_error(rc, err, 1, "config.json")
+
+
+def test_missing_tokenizer(model, tmp_path, capsys):
+    (model / "tokenizer.model").unlink()
+    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
+    assert_one_line_error(rc, err, 1, "tokenizer.model")
+    assert_nothing_written(tmp_path)
+
+
+def test_corrupt_tokenizer(model, tmp_path, capsys):
+    (model / "tokenizer.model").write_bytes(b"\x00garbage" * 10)
+    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
+    assert_one_line_error(rc, err, 1, "SentencePiece")
+
+
+def test_tokenizer_from_another_model(tmp_path, capsys):
+    """A tokenizer with more tokens than the embedding has rows belongs to other weights."""
+    small = tinymodels.build_llama(tmp_path / "small", sp_vocab_size=480).path
+    big = tinymodels.build_llama(tmp_path / "big", sp_vocab_size=512).path
+    shutil.copy(big / "tokenizer.model", small / "tokenizer.model")
+    rc, err = run_convert(capsys, str(small), "-o", str(tmp_path / "o.gguf"))
+    assert_one_line_error(rc, err, 1, "tokenizer", "rows")
+
+
+def test_added_tokens_collide(model, tmp_path, capsys):
+    (model / "added_tokens.json").write_text(json.dumps({"[PAD]": 512, "[OTHER]": 512}))
+    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
+    assert_one_line_error(rc, err, 1, "512")
+
+
+def test_added_tokens_leave_gap(tmp_path, capsys):
+    model = tinymodels.build_llama(tmp_path / "m").path
+    (model / "added_tokens.json").write_text(json.dumps({"[PAD]": 512, "[X]": 514}))
+    write_config(model)  # unchanged: embedding still 513 rows -> too many tokens
+    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
+    assert rc == 1 and "Traceback" not in err
+
+
+def test_truncated_safetensors(model, tmp_path, capsys):
+    f = model / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
+    assert_one_line_error(rc, err, 1, "model.safetensors")
+    assert_nothing_written(tmp_path)
+
+
+def test_safetensors_header_not_json(model, tmp_path, capsys):
+    f = model / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:12] = b"@@@@"
+    f.write_bytes(bytes(data))
+    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
+    assert_one_line_error(rc, err, 1, "not valid JSON")
+
+
+def test_safetensors_header_length_absurd(model, tmp_path, capsys):
+    f = model / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[:8] = struct.pack("<Q", 1 << 60)
+    f.write_bytes(bytes(data))
+    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
+    assert_one_line_error(rc, err, 1, "header")
+
+
+def test_missing_shard(tmp_path, capsys):
+    model = tinymodels.build_llama(tmp_path / "m", shards=3).path
+    (model / "model-00002-of-00003.safetensors").unlink()
+    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
+    assert_one_line_error(rc, err, 1, "model-00002-of-00003.safetensors", "missing")
+
+
+def test_index_names_tensor_in_no_shard(tmp_path, capsys):
+    model = tinymodels.build_llama(tmp_path / "m", shards=2).path
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = "model-00001-of-00002.safetensors"
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
+    assert_one_line_error(rc, err, 1, "no shard")
+
+
+def test_malicious_pickle_is_refused(tmp_path, capsys):
+    """A .bin whose pickle calls os.system: refused before anything runs."""
+    import torchbin_writer
+
+    model = tinymodels.build_llama(tmp_path / "m").path
+    (model / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    torchbin_writer.write_malicious_bin(model / "pytorch_model.bin", "os.system", marker)
+    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
+    assert_one_line_error(rc, err, 1, "refusing")
+    assert not marker.exists()
+    assert_nothing_written(tmp_path)
+
+
+def test_existing_output_needs_force(model, tmp_path, capsys):
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"precious")
+    rc, err = run_convert(capsys, str(model), "-o", str(out))
+    assert_one_line_error(rc, err, 2, "--force")
+    assert out.read_bytes() == b"precious"
+    assert main(["convert", str(model), "-o", str(out), "--force", "--json"]) == 0
+    assert out.read_bytes()[:4] == b"GGUF"
+
+
+def test_output_is_directory(model, tmp_path, capsys):
+    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path))
+    assert_one_line_error(rc, err, 2, "directory")
+
+
+def test_source_does_not_exist(tmp_path, capsys):
+    rc, err = run_convert(capsys, str(tmp_path / "nope"), "-o", str(tmp_path / "o.gguf"))
+    assert_one_line_error(rc, err, 1, "does not exist")
+
+
+def test_unknown_quant(model, tmp_path, capsys):
+    rc, err = run_convert(capsys, str(model), "--quant", "q3_k_xl")
+    assert_one_line_error(rc, err, 2, "q3_k_xl")
+
+
+def test_interrupt_leaves_nothing_and_keeps_old_file(model, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the middle of writing: no partial file, the old target untouched."""
+    import alpaca_local.convert as conv
+
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"old model")
+    calls = {"n": 0}
+    real = conv.quantize_rows
+
+    def interrupted(rows, ggml_type):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(rows, ggml_type)
+
+    monkeypatch.setattr(conv, "quantize_rows", interrupted)
+    rc = main(["convert", str(model), "-o", str(out), "--force", "--threads", "1", "--json"])
+    assert rc == 130
+    assert out.read_bytes() == b"old model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.gguf", "src"]
+
+
+def test_disk_full_leaves_nothing(model, tmp_path, capsys, monkeypatch):
+    """ENOSPC while writing tensors: one line, exit 1, temp file removed."""
+    import errno
+
+    import alpaca_local.convert as conv
+
+    real_write = conv._write_tensor_data
+
+    def full(plan, path, progress, workers):
+        with open(path, "ab") as f:
+            f.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(conv, "_write_tensor_data", full)
+    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
+    assert_one_line_error(rc, err, 1, "disk full")
+    assert_nothing_written(tmp_path)
+    assert real_write is not None
