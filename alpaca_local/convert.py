@@ -37,9 +37,9 @@ from .template import ALPACA_CHAT_TEMPLATE
 from .tensors import TensorRef
 from .vocab import Vocab, load_vocab
 
-# About 16 MB of float32 per chunk: big enough that ggml calls dominate,
+# About 4 MB of float32 per chunk: big enough that ggml calls dominate,
 # small enough that a few chunks in flight stay far below one large tensor.
-CHUNK_ELEMENTS = 4 * 1024 * 1024
+CHUNK_ELEMENTS = 1024 * 1024
 ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT
 
 Progress = Callable[[str, int], None]  # (tensor name, source bytes just done)
