@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import codecs
 import os
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,89 +72,18 @@ def _by_name(name: str, models_dir: Path) -> Path:
     )
 
 
-# GGUF value types (gguf-py GGUFValueType) -> struct format; 8 is string, 9 array.
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-
-
 def read_model_info(path: Path) -> ModelInfo:
-    """Check magic, version and bounds, and read the architecture and trained context.
+    """Check the file is a whole GGUF (magic, version 2/3, every tensor inside the file) and
+    read its architecture and trained context, before llama.cpp sees it: llama.cpp's own
+    failure on a bad file is a log line we silence and a bare ValueError."""
+    from .gguf_read import read_gguf_header
 
-    A hand-written walk over the key/value header instead of `gguf.GGUFReader`: the
-    reader parses every tensor and the whole vocabulary (11 s for Gemma's 262k tokens)
-    and trusts sizes; this stops at the two keys needed and bounds every length.
-    """
-    if not path.is_file():
-        raise InputError(f"model file {path} does not exist")
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(24)
-        if len(head) < 24 or head[:4] != b"GGUF":
-            raise InputError(f"{path} is not a GGUF file (no GGUF magic); convert a model with: alpaca-local convert SRC")
-        version, _n_tensors, n_kv = struct.unpack("<IQQ", head[4:])
-        if version not in (2, 3):
-            raise InputError(f"{path}: GGUF version {version} is not supported (2 or 3)")
-        try:
-            arch, ctx = _scan_kv(_Reader(f, size), n_kv)
-        except (struct.error, ValueError) as exc:
-            raise InputError(f"{path} is truncated or corrupt ({exc})") from None
-    return ModelInfo(path, version, arch, ctx)
-
-
-class _Reader:
-    """Bounded reads: a corrupt length must fail here, not allocate gigabytes."""
-
-    def __init__(self, f, size: int) -> None:
-        self.f, self.size = f, size
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.f.tell() + n > self.size:
-            raise ValueError(f"a field of {n} bytes runs past the end of the file")
-        return self.f.read(n)
-
-    def skip(self, n: int) -> None:
-        if n < 0 or self.f.tell() + n > self.size:
-            raise ValueError(f"a field of {n} bytes runs past the end of the file")
-        self.f.seek(n, 1)
-
-    def unpack(self, fmt: str):
-        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))[0]
-
-    def string(self) -> str:
-        return self.take(self.unpack("Q")).decode("utf-8", errors="replace")
-
-
-def _scan_kv(r: _Reader, n_kv: int) -> tuple[str | None, int | None]:
-    arch: str | None = None
-    ctx: int | None = None
-    for _ in range(n_kv):
-        key = r.string()
-        vtype = r.unpack("I")
-        if key == "general.architecture" and vtype == _STRING:
-            arch = r.string()
-        elif arch is not None and key == f"{arch}.context_length" and vtype in _SCALARS:
-            ctx = int(r.unpack(_SCALARS[vtype]))
-        else:
-            _skip_value(r, vtype)
-        if arch is not None and ctx is not None:
-            break  # the vocabulary that follows is large; nothing more is needed
-    return arch, ctx
-
-
-def _skip_value(r: _Reader, vtype: int) -> None:
-    if vtype in _SCALARS:
-        r.skip(struct.calcsize(_SCALARS[vtype]))
-    elif vtype == _STRING:
-        r.skip(r.unpack("Q"))
-    elif vtype == _ARRAY:
-        item, count = r.unpack("I"), r.unpack("Q")
-        if item in _SCALARS:
-            r.skip(count * struct.calcsize(_SCALARS[item]))
-        else:
-            for _ in range(count):
-                _skip_value(r, item)
-    else:
-        raise ValueError(f"unknown value type {vtype}")
+    header = read_gguf_header(path)
+    arch = header.arch
+    ctx = header.kv.get(f"{arch}.context_length")
+    if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx <= 0):
+        raise InputError(f"{path}: metadata {arch}.context_length = {ctx!r} is not a positive integer")
+    return ModelInfo(path, header.version, arch, ctx)
 
 
 def check_context(n_ctx: int, info: ModelInfo) -> None:

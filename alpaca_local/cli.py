@@ -62,6 +62,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             sub.add_parser(name, help=help_text)
             continue
         importlib.import_module(module).add_parser(sub, name, help_text)
+        # --debug also after the command word; SUPPRESS keeps a top-level --debug.
+        sub.choices[name].add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors"
+        )
     return parser
 
 

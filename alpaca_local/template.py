@@ -37,7 +37,7 @@ def render_prompt(turns: list[Turn], system: str | None = None) -> str:
     """
     if not turns:
         raise ValueError("a prompt needs at least one instruction")
-    if system is None:
+    if not system:  # "" too: the Jinja template below treats an empty system message as absent
         system = PREAMBLE_WITH_INPUT if any(t.input for t in turns) else PREAMBLE
     parts = [system]
     for turn in turns:

@@ -34,6 +34,7 @@ import json
 import pickle
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -359,7 +360,16 @@ def read_torch_bin(path: Path) -> dict[str, TensorRef]:
     try:
         with zipfile.ZipFile(path) as zf:
             return _read_zip(zf, path, file_size)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, struct.error) as exc:
+    except (
+        zipfile.BadZipFile,  # also a CRC mismatch
+        zipfile.LargeZipFile,
+        EOFError,
+        struct.error,
+        zlib.error,
+        NotImplementedError,  # an unknown compression method or zip feature
+        UnicodeDecodeError,  # a mangled record name
+        RuntimeError,  # an encrypted record
+    ) as exc:
         raise InputError(
             f"{path} is truncated or corrupt ({exc}); re-download it"
         ) from exc
