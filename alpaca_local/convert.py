@@ -185,6 +185,21 @@ def _header_writer(plan: ConversionPlan, path: Path) -> gguf.GGUFWriter:
     return w
 
 
+def header_nbytes(plan: ConversionPlan) -> int:
+    """Bytes before the tensor data (header, metadata, tensor table, padding) of the file
+    `convert` writes for `plan`: gguf-py writes it to a scratch file, so the count is exact."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "header.gguf"
+        writer = _header_writer(plan, path)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        return _padded(path.stat().st_size)
+
+
 def _rope_permute(rows: np.ndarray, head_dim: int) -> np.ndarray:
     """HF rotate-half rows -> llama.cpp interleaved rows, per head (LlamaModel.permute)."""
     n, cols = rows.shape

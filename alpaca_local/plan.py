@@ -1,0 +1,483 @@
+"""How much memory a model takes in llama.cpp, per quant level: pure arithmetic over `ModelShape`.
+
+In:  a `ModelShape` (built from a GGUF header, a Hugging Face config or a
+     catalog entry) and the run settings (context, batch, KV cache type).
+Out: `LevelPlan` per quant level: file size, weights on the GPU, KV cache,
+     compute buffer, output buffer, overhead; `fit` answers "does it fit",
+     "how many layers fit" and "largest context that fits".
+
+Every number follows how llama.cpp (the tree vendored in llama-cpp-python
+0.3.36) allocates, with the source named next to it.  Tensor types and bytes
+come from `quant_rules.choose_types` / `tensor_nbytes`, the functions
+`convert` uses, so a predicted file size equals the written one.
+Measured errors against llama.cpp's own reports are in benchmarks/plan.py.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import gguf
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from . import quant_rules
+from .architectures import ARCHITECTURES, Architecture
+from .config import ModelConfig
+from .errors import InputError, UsageError
+from .gguf_read import GGUFHeader
+
+T = GGMLQuantizationType
+MiB = 1 << 20
+GiB = 1 << 30
+
+# Quant levels, best quality first (the table's row order).
+LEVELS = ("f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0")
+CACHE_TYPES: dict[str, GGMLQuantizationType] = {"f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}
+
+# llama_context_params defaults (src/llama-context.cpp llama_context_default_params).
+DEFAULT_BATCH = 512  # n_batch; n_ubatch is min(n_batch, 512)
+DEFAULT_UBATCH = 512
+# llama-context.cpp:290: cparams.n_ctx = GGML_PAD(n_ctx, 256): the KV cache has this many cells.
+CTX_PAD = 256
+# GGUF data alignment (general.alignment default, ggml/include/gguf.h GGUF_DEFAULT_ALIGNMENT).
+GGUF_ALIGNMENT = 32
+# CUDA buffers: ggml_backend_cuda_buffer_type_get_alignment returns 128 and
+# get_alloc_size pads the last row of quantized matrices to MATRIX_ROW_PADDING
+# (512) values (ggml/src/ggml-cuda/ggml-cuda.cu:897-920, common.cuh:186).
+CUDA_ALIGNMENT = 128
+CUDA_MATRIX_ROW_PADDING = 512
+
+# Memory llama.cpp never reports but the process takes on the device:
+# CUDA context + cuBLAS handle/workspace + the ggml-cuda kernels that get
+# loaded (lazy module loading keeps it near 300 MiB on CUDA 12; older drivers
+# load every kernel eagerly and take more). Not measured here: an estimate.
+CUDA_OVERHEAD = 320 * MiB
+# Metal: command queues and pipeline states; small next to the buffers.
+METAL_OVERHEAD = 128 * MiB
+# CPU: llama.cpp + Python + our libraries resident besides the buffers.
+CPU_OVERHEAD = 160 * MiB
+OVERHEAD = {"cuda": CUDA_OVERHEAD, "metal": METAL_OVERHEAD, "cpu": CPU_OVERHEAD}
+
+# Head-room kept free when recommending: other processes, the desktop and
+# allocator fragmentation vary by machine. 5% of the memory, at least 256 MiB.
+SAFETY_FRACTION = 0.05
+SAFETY_MIN = 256 * MiB
+
+# Header size of a catalog model without its tokenizer: per token the GGUF
+# holds the string (u64 length + ~6 bytes for SentencePiece pieces), a f32
+# score and an i32 type; plus ~4 KiB of other metadata (measured on our files).
+HEADER_BYTES_PER_TOKEN = 8 + 6 + 4 + 4
+HEADER_BYTES_FIXED = 4096
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]  # numpy order
+    ggml_type: GGMLQuantizationType
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The facts about a model the planner needs, whatever it was read from."""
+
+    name: str
+    arch: str  # GGUF architecture name, e.g. "llama"
+    n_layer: int
+    hidden: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    n_ctx_train: int
+    tied_embeddings: bool
+    source: str  # "gguf", "hf" or "catalog"
+    file_quant: str | None = None  # the level of a GGUF file, when it is one of LEVELS
+    file_tensors: tuple[PlannedTensor, ...] = ()  # that file's tensors in file order
+    file_bytes: int | None = None  # that file's size
+    header_bytes: tuple[tuple[str, int], ...] = ()  # (level, exact header size) pairs
+
+    @property
+    def n_kv_gqa(self) -> int:
+        return self.n_kv_head * self.head_dim  # hparams.n_embd_k_gqa()
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    n_ctx: int = 2048
+    n_batch: int = DEFAULT_BATCH
+    cache_type: str = "f16"
+    backend: str = "cuda"  # "cuda", "metal" or "cpu": which overhead and alignment apply
+
+    @property
+    def n_ubatch(self) -> int:
+        return min(self.n_batch, DEFAULT_UBATCH)
+
+    @property
+    def flash_attn(self) -> bool:
+        # A quantized V cache needs flash attention (llama-context.cpp refuses otherwise).
+        return self.cache_type != "f16"
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    level: str
+    file_bytes: int
+    exact_file: bool  # False where the header size is estimated (catalog models)
+    weights_gpu: int  # model buffers on the device
+    weights_cpu: int  # model buffers in host RAM (token_embd at least)
+    kv: int
+    compute: int
+    output: int  # host buffer for logits
+    overhead: int
+    n_gpu_layers: int  # -ngl used for this plan (n_layer + 1 = everything)
+
+    @property
+    def total_gpu(self) -> int:
+        return self.weights_gpu + self.kv + self.compute + self.overhead
+
+
+# --------------------------------------------------------------------------
+# Building a ModelShape
+# --------------------------------------------------------------------------
+
+
+def shape_from_config(cfg: ModelConfig, name: str, source: str) -> ModelShape:
+    arch = ARCHITECTURES[cfg.hf_arch]
+    return ModelShape(
+        name=name, arch=arch.arch_name, n_layer=cfg.n_layer, hidden=cfg.hidden, n_head=cfg.n_head,
+        n_kv_head=cfg.n_kv_head, head_dim=cfg.head_dim, intermediate=cfg.intermediate, vocab=cfg.vocab_size,
+        n_ctx_train=cfg.n_ctx, tied_embeddings=cfg.tie_embeddings, source=source,
+    )
+
+
+def _file_level(header: GGUFHeader) -> str | None:
+    ftype = header.kv.get("general.file_type")
+    for level, value in quant_rules.QUANTS.items():
+        if ftype == int(value):
+            return level
+    return None
+
+
+def shape_from_gguf(header: GGUFHeader) -> ModelShape:
+    """Model facts from a GGUF header (llama.cpp's own keys, LLM_KV_* in src/llama-arch.cpp)."""
+    a = header.arch
+    n_head = header.get_int(f"{a}.attention.head_count")
+    hidden = header.get_int(f"{a}.embedding_length")
+    if n_head <= 0 or hidden <= 0:
+        raise InputError(f"{header.path}: head_count {n_head} / embedding_length {hidden} must be positive")
+    names = {t.name for t in header.tensors}
+    tok = header.kv.get("tokenizer.ggml.tokens")
+    vocab = header.get_int(f"{a}.vocab_size", len(tok) if isinstance(tok, list) else None)
+    tensors = tuple(PlannedTensor(t.name, t.shape, t.ggml_type, t.nbytes) for t in sorted(header.tensors, key=lambda t: t.offset))
+    level = _file_level(header)
+    return ModelShape(
+        name=header.path.name, arch=a, n_layer=header.get_int(f"{a}.block_count"), hidden=hidden, n_head=n_head,
+        n_kv_head=header.get_int(f"{a}.attention.head_count_kv", n_head),
+        head_dim=header.get_int(f"{a}.attention.key_length", hidden // n_head),
+        intermediate=header.get_int(f"{a}.feed_forward_length"), vocab=vocab,
+        n_ctx_train=header.get_int(f"{a}.context_length", 2048), tied_embeddings="output.weight" not in names,
+        source="gguf", file_quant=level, file_tensors=tensors, file_bytes=header.file_size,
+        header_bytes=((level, header.data_offset),) if level else (),
+    )
+
+
+def _architecture(shape: ModelShape) -> Architecture | None:
+    return next((a for a in ARCHITECTURES.values() if a.arch_name == shape.arch), None)
+
+
+def _as_config(shape: ModelShape, arch: Architecture) -> ModelConfig:
+    return ModelConfig(
+        hf_arch=arch.hf_class, n_layer=shape.n_layer, hidden=shape.hidden, n_head=shape.n_head,
+        n_kv_head=shape.n_kv_head, head_dim=shape.head_dim, intermediate=shape.intermediate,
+        vocab_size=shape.vocab, n_ctx=shape.n_ctx_train, rope_theta=10000.0, rms_eps=1e-6,
+        tie_embeddings=shape.tied_embeddings,
+    )
+
+
+def levels_for(shape: ModelShape) -> tuple[str, ...]:
+    """Levels we can size: all for a known architecture, else only the GGUF file's own."""
+    if _architecture(shape) is not None:
+        return LEVELS
+    return (shape.file_quant,) if shape.file_quant else ()
+
+
+@functools.lru_cache(maxsize=32)
+def tensors_for(shape: ModelShape, level: str) -> tuple[PlannedTensor, ...]:
+    """Every tensor of the file at `level`, in file order, with convert's type rules."""
+    if level == shape.file_quant and shape.file_tensors:
+        return shape.file_tensors
+    arch = _architecture(shape)
+    if arch is None:
+        raise InputError(f"architecture {shape.arch!r} is unknown to the planner; only the file's own level can be sized")
+    cfg = _as_config(shape, arch)
+    specs = []
+    for kind, tshape in arch.shapes(cfg).items():
+        base = gguf.TENSOR_NAMES[kind]
+        names = [base.format(bid=i) for i in range(cfg.n_layer)] if "{bid}" in base else [base]
+        specs += [quant_rules.TensorSpec(f"{n}.weight", tshape) for n in names]
+    facts = quant_rules.ModelFacts(arch=arch.arch_name, n_layer=cfg.n_layer, n_head=cfg.n_head, n_head_kv=cfg.n_kv_head)
+    types = quant_rules.choose_types(specs, level, facts)
+    order = quant_rules.llama_quantize_order([s.name for s in specs])
+    return tuple(
+        PlannedTensor(specs[i].name, specs[i].shape, types[i], quant_rules.tensor_nbytes(specs[i].shape, types[i]))
+        for i in order
+    )
+
+
+def _pad(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+def file_size(shape: ModelShape, level: str) -> tuple[int, bool]:
+    """(bytes, exact): header padded to the alignment + every tensor padded to it."""
+    data = sum(_pad(t.nbytes, GGUF_ALIGNMENT) for t in tensors_for(shape, level))
+    headers = dict(shape.header_bytes)
+    if level in headers:
+        return headers[level] + data, True
+    header = HEADER_BYTES_FIXED + HEADER_BYTES_PER_TOKEN * shape.vocab
+    return _pad(header, GGUF_ALIGNMENT) + data, False
+
+
+# --------------------------------------------------------------------------
+# Memory components
+# --------------------------------------------------------------------------
+
+
+def padded_ctx(n_ctx: int) -> int:
+    return _pad(n_ctx, CTX_PAD)
+
+
+def _layer_of(name: str) -> int | None:
+    return int(name.split(".")[1]) if name.startswith("blk.") else None
+
+
+def _on_gpu(name: str, n_layer: int, n_gpu_layers: int) -> bool:
+    """llama_model::load_tensors (src/llama-model.cpp:1589-1614): layers il >= n_layer+1-ngl go
+    to the GPU; the output layer counts as layer n_layer, so it goes first (ngl >= 1); the input
+    layer (token_embd) always stays on the CPU."""
+    il = _layer_of(name)
+    if il is None:
+        il = -1 if name.startswith("token_embd") else n_layer
+    return il >= 0 and il >= n_layer + 1 - n_gpu_layers
+
+
+def _gpu_alloc_size(t: PlannedTensor, backend: str) -> int:
+    if backend != "cuda":
+        return _pad(t.nbytes, GGUF_ALIGNMENT)
+    size = t.nbytes
+    row = t.shape[-1]
+    block, type_size = GGML_QUANT_SIZES[t.ggml_type]
+    if t.ggml_type not in (T.F32, T.F16, T.BF16) and row % CUDA_MATRIX_ROW_PADDING:
+        size += (CUDA_MATRIX_ROW_PADDING - row % CUDA_MATRIX_ROW_PADDING) // block * type_size
+    return _pad(size, CUDA_ALIGNMENT)
+
+
+def weights_split(tensors: tuple[PlannedTensor, ...], shape: ModelShape, ngl: int, backend: str) -> tuple[int, int]:
+    """(device bytes, host bytes) of the model buffers for -ngl `ngl`.
+
+    Host side: llama.cpp maps the file and wraps the range from the first to the
+    last CPU tensor (llama_model_loader::get_mapping_range), so it is that span.
+    A tied model's output layer is a second copy of token_embd (TENSOR_DUPLICATED).
+    """
+    gpu, cpu_spans, offset = 0, [], 0
+    for t in tensors:
+        if _on_gpu(t.name, shape.n_layer, ngl):
+            gpu += _gpu_alloc_size(t, backend)
+        else:
+            cpu_spans.append((offset, offset + t.nbytes))
+        offset += _pad(t.nbytes, GGUF_ALIGNMENT)
+    if shape.tied_embeddings and ngl >= 1:
+        gpu += sum(_gpu_alloc_size(t, backend) for t in tensors if t.name == "token_embd.weight")
+    cpu = cpu_spans[-1][1] - cpu_spans[0][0] if cpu_spans else 0
+    return gpu, cpu
+
+
+def kv_bytes(shape: ModelShape, n_ctx: int, cache_type: str, n_layers: int | None = None) -> int:
+    """llama_kv_cache (src/llama-kv-cache.cpp:100-260): per layer one K and one V tensor of
+    n_embd_k_gqa x kv_size cells in the cache type; kv_size is n_ctx padded to 256."""
+    ggml_type = CACHE_TYPES[cache_type]
+    block, type_size = GGML_QUANT_SIZES[ggml_type]
+    row = shape.n_kv_gqa // block * type_size  # ggml_row_size
+    layers = shape.n_layer if n_layers is None else n_layers
+    return 2 * layers * padded_ctx(n_ctx) * row
+
+
+def compute_bytes(shape: ModelShape, s: RunSettings) -> int:
+    """The scheduler's compute buffer (graph_reserve in src/llama-context.cpp) at its worst case,
+    a ubatch of n_tokens = min(n_ubatch, n_ctx) with every cell of the KV cache in view.
+
+    ggml-alloc reuses memory, so the buffer is the peak of live tensors, in
+    floats per token, at the largest of three moments of one layer's graph
+    (build_attn_mha in src/llama-graph.cpp, llm_build_llama in src/models/llama.cpp):
+      attention: KQ f32 [n_kv, n_tokens, n_head] + KQ mask f32 [n_kv, n_tokens]
+                 (soft_max runs in place) + ~5 activations of width n_embd +
+                 the V-cache row indices (i64, n_embd_v_gqa per token) + 5 ints of inputs;
+                 with flash attention there is no KQ matrix and the mask is f16;
+      feed-forward: gate, up and their product (n_ff each) + ~6 of width n_embd;
+      output: the logits (n_vocab) + ~7 of width n_embd.
+    The widths were calibrated on CPU against llama.cpp's "compute buffer size"
+    (benchmarks/plan.py prints the errors).
+    """
+    n_tokens = min(s.n_ubatch, padded_ctx(s.n_ctx))
+    n_kv, h, kv_w = padded_ctx(s.n_ctx), shape.hidden, shape.n_kv_gqa
+    if s.flash_attn:
+        mask_bytes = 2 * n_kv * n_tokens
+        per_token = max(3 * shape.intermediate + 3 * h, shape.vocab + 2 * h + 2 * kv_w) + 64
+        return mask_bytes + 4 * n_tokens * per_token
+    attention = n_kv * (shape.n_head + 1) + 5 * h + 2 * kv_w + 5
+    ffn = 3 * shape.intermediate + 6 * h + 5
+    output = shape.vocab + 7 * h + 5
+    return 4 * n_tokens * max(attention, ffn, output)
+
+
+def output_bytes(shape: ModelShape, n_outputs: int = 1) -> int:
+    """llama_context::output_reserve (src/llama-context.cpp:2116): n_vocab floats per output,
+    at least n_seq_max (1) outputs; host memory. Chat asks for the last token's logits only."""
+    return 4 * shape.vocab * n_outputs
+
+
+def plan_level(shape: ModelShape, level: str, s: RunSettings, n_gpu_layers: int | None = None) -> LevelPlan:
+    """Memory of one level with `n_gpu_layers` offloaded (default: all, n_layer + 1)."""
+    ngl = shape.n_layer + 1 if n_gpu_layers is None else n_gpu_layers
+    tensors = tensors_for(shape, level)
+    size, exact = file_size(shape, level)
+    on_gpu = s.backend != "cpu" and ngl > 0
+    gpu_layers = max(0, min(ngl, shape.n_layer + 1) - 1) if on_gpu else 0
+    if s.backend == "cpu":
+        w_gpu, w_cpu = 0, weights_split(tensors, shape, 0, "cpu")[1]
+        kv_dev = kv_bytes(shape, s.n_ctx, s.cache_type)
+    else:
+        w_gpu, w_cpu = weights_split(tensors, shape, ngl if on_gpu else 0, s.backend)
+        kv_dev = kv_bytes(shape, s.n_ctx, s.cache_type, gpu_layers)
+    compute = compute_bytes(shape, s) if (on_gpu or s.backend == "cpu") else 0
+    return LevelPlan(
+        level=level, file_bytes=size, exact_file=exact, weights_gpu=w_gpu if s.backend != "cpu" else w_cpu,
+        weights_cpu=w_cpu, kv=kv_dev, compute=compute, output=output_bytes(shape),
+        overhead=OVERHEAD[s.backend] if (on_gpu or s.backend == "cpu") else 0, n_gpu_layers=ngl,
+    )
+
+
+# --------------------------------------------------------------------------
+# Fitting
+# --------------------------------------------------------------------------
+
+
+def usable(budget: int) -> int:
+    """Budget minus the safety head-room (SAFETY_FRACTION, at least SAFETY_MIN)."""
+    return budget - max(int(budget * SAFETY_FRACTION), SAFETY_MIN)
+
+
+def fits(p: LevelPlan, budget: int) -> bool:
+    return p.total_gpu <= usable(budget)
+
+
+def max_gpu_layers(shape: ModelShape, level: str, s: RunSettings, budget: int) -> int:
+    """Largest -ngl whose device memory fits (0 when not even the output layer does).
+
+    Device memory only grows with -ngl, so a binary search over 0..n_layer+1.
+    """
+    lo, hi = 0, shape.n_layer + 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(plan_level(shape, level, s, mid), budget):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def max_context(shape: ModelShape, level: str, s: RunSettings, budget: int) -> int:
+    """Largest n_ctx (a multiple of 256, at most the training context) that fits fully; 0 if none."""
+    hi_ctx = max(padded_ctx(shape.n_ctx_train), CTX_PAD)
+    lo, hi = 0, hi_ctx // CTX_PAD
+    while lo < hi:  # binary search: memory grows with the context
+        mid = (lo + hi + 1) // 2
+        if fits(plan_level(shape, level, replace(s, n_ctx=mid * CTX_PAD), None), budget):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * CTX_PAD
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    level: str | None
+    n_gpu_layers: int  # n_layer + 1 when it fits fully
+    full: bool
+    gpu_bytes: int
+    cpu_bytes: int
+    reason: str
+
+
+def recommend(shape: ModelShape, plans: dict[str, LevelPlan], s: RunSettings, budget: int) -> Recommendation:
+    """Highest-quality level that fits fully; else the level that puts the most layers on the GPU."""
+    for level, p in plans.items():
+        if fits(p, budget):
+            return Recommendation(level, shape.n_layer + 1, True, p.total_gpu, p.weights_cpu + p.output,
+                                  f"highest quality that fits with {fmt_gib(budget - usable(budget))} to spare")
+    best: tuple[int, str] | None = None
+    for level in plans:
+        ngl = max_gpu_layers(shape, level, s, budget)
+        if ngl and (best is None or ngl > best[0]):
+            best = (ngl, level)
+    if best is None:
+        return Recommendation(None, 0, False, 0, 0, "not even one layer fits; run on the CPU (-ngl 0)")
+    ngl, level = best
+    p = plan_level(shape, level, s, ngl)
+    cpu = p.weights_cpu + p.output + kv_bytes(shape, s.n_ctx, s.cache_type, shape.n_layer - max(ngl - 1, 0))
+    return Recommendation(level, ngl, False, p.total_gpu, cpu,
+                          f"no level fits fully; {level} puts the most layers ({ngl} of {shape.n_layer + 1}) on the GPU")
+
+
+def fmt_gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def check_settings(s: RunSettings) -> None:
+    if s.cache_type not in CACHE_TYPES:
+        raise UsageError(f"unknown cache type {s.cache_type!r}; choose one of: {', '.join(CACHE_TYPES)}")
+    if not 1 <= s.n_ctx <= 1 << 24:
+        raise UsageError(f"context {s.n_ctx} is out of range; give 1 to {1 << 24} or 'max'")
+    if not 1 <= s.n_batch <= 1 << 16:
+        raise UsageError(f"batch {s.n_batch} is out of range; give 1 to 65536")
+
+
+# --------------------------------------------------------------------------
+# Loading (the I/O edge): MODEL argument -> ModelShape
+# --------------------------------------------------------------------------
+
+
+def shape_from_hf(folder) -> ModelShape:
+    """Shape of a Hugging Face folder, with the exact header size convert would write per level."""
+    from pathlib import Path
+
+    from . import convert  # heavy imports only for this input kind
+
+    folder = Path(folder)
+    first = convert.plan_conversion(folder, LEVELS[0])
+    shape = shape_from_config(first.config, folder.resolve().name, "hf")
+    headers = {}
+    for level in LEVELS:
+        cplan = first if level == LEVELS[0] else replace(first, quant=level)
+        headers[level] = convert.header_nbytes(cplan)
+    return replace(shape, header_bytes=tuple(headers.items()))
+
+
+def load_shape(model: str | None) -> ModelShape:
+    """MODEL as given on the command line: a GGUF file, a HF folder or a catalog name."""
+    from pathlib import Path
+
+    from . import catalog
+    from .gguf_read import read_gguf_header
+
+    name = model or catalog.DEFAULT_MODEL
+    path = Path(name)
+    if path.is_dir():
+        return shape_from_hf(path)
+    if path.exists() or name.endswith(".gguf"):
+        return shape_from_gguf(read_gguf_header(path))
+    return shape_from_config(catalog.load(name), name, "catalog")

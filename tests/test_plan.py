@@ -1,0 +1,233 @@
+"""The VRAM planner, as a spec: exact file sizes, llama.cpp's own buffer sizes, the 8 GB answer,
+offload rules, and one-line failures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alpaca_local import catalog, gpu, plan
+from alpaca_local.cli import main
+from alpaca_local.convert import convert
+from alpaca_local.gguf_read import read_gguf_header
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("bench_plan", ROOT / "benchmarks" / "plan.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+GiB, MiB = 1 << 30, 1 << 20
+ALPACA = plan.shape_from_config(catalog.load("alpaca-7b"), "alpaca-7b", "catalog")
+
+
+# -- file sizes: prediction == what convert writes -------------------------------------
+
+
+@pytest.mark.parametrize("level", plan.LEVELS)
+def test_predicted_file_size_equals_converted_file(tiny_model, tmp_path: Path, level: str) -> None:
+    # Whole file: the header size is predicted from the same gguf-py writer state convert uses.
+    shape = plan.load_shape(str(tiny_model.path))
+    size, exact = plan.file_size(shape, level)
+    out = convert(tiny_model.path, tmp_path / f"m.{level}.gguf", level).output
+    assert exact and size == out.stat().st_size
+    written = plan.shape_from_gguf(read_gguf_header(out))
+    assert [(t.name, t.ggml_type, t.nbytes) for t in plan.tensors_for(shape, level)] == \
+        [(t.name, t.ggml_type, t.nbytes) for t in written.file_tensors]
+
+
+def test_catalog_7b_file_sizes_match_the_known_table() -> None:
+    # User-known 7B sizes (GB = 1e9): Q4_0 3.8, Q4_K_M 4.1, Q5_K_M 4.8, Q8_0 7.2, F16 13.5.
+    known = {"q4_0": 3.8, "q4_k_m": 4.1, "q5_k_m": 4.8, "q8_0": 7.2, "f16": 13.5}
+    for level, gb in known.items():
+        assert plan.file_size(ALPACA, level)[0] / 1e9 == pytest.approx(gb, abs=0.06)
+
+
+# -- memory components -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_ctx, cache, expected", [
+    (2048, "f16", 1 * GiB),  # 2048 x 32 layers x 2 x 4096 x 2 bytes
+    (2048, "q8_0", 2048 * 32 * 2 * 4096 * 34 // 32),
+    (2048, "q4_0", 2048 * 32 * 2 * 4096 * 18 // 32),
+    (1000, "f16", 1024 * 32 * 2 * 4096 * 2),  # padded to 256 cells
+    (1, "f16", 256 * 32 * 2 * 4096 * 2),
+])
+def test_kv_cache_formula(n_ctx: int, cache: str, expected: int) -> None:
+    assert plan.kv_bytes(ALPACA, n_ctx, cache) == expected
+
+
+def test_gqa_shrinks_kv() -> None:
+    gqa = plan.ModelShape("g", "llama", 32, 4096, 32, 8, 128, 14336, 32000, 8192, False, "catalog")
+    assert plan.kv_bytes(gqa, 2048, "f16") == plan.kv_bytes(ALPACA, 2048, "f16") // 4
+
+
+def test_partial_offload_puts_output_layer_first_and_token_embd_never() -> None:
+    tensors = plan.tensors_for(ALPACA, "q4_k_m")
+    by_name = {t.name: t for t in tensors}
+    gpu1, _ = plan.weights_split(tensors, ALPACA, 1, "metal")
+    assert gpu1 == sum(plan._pad(by_name[n].nbytes, 32) for n in ("output.weight", "output_norm.weight"))
+    full_gpu, full_cpu = plan.weights_split(tensors, ALPACA, 33, "metal")
+    assert full_cpu == by_name["token_embd.weight"].nbytes
+    assert plan.weights_split(tensors, ALPACA, 0, "cuda")[0] == 0
+    per_layer = [plan.weights_split(tensors, ALPACA, n, "cuda")[0] for n in range(34)]
+    assert per_layer == sorted(per_layer)
+
+
+def test_overhead_constants_are_named_and_sane() -> None:
+    assert 128 * MiB <= plan.CUDA_OVERHEAD <= 1 * GiB
+    assert plan.OVERHEAD == {"cuda": plan.CUDA_OVERHEAD, "metal": plan.METAL_OVERHEAD, "cpu": plan.CPU_OVERHEAD}
+    assert plan.usable(8 * GiB) == 8 * GiB - int(8 * GiB * plan.SAFETY_FRACTION)
+    assert plan.usable(1 * GiB) == 1 * GiB - plan.SAFETY_MIN
+
+
+def test_7b_compute_buffer_matches_llama_cpp_at_2048() -> None:
+    # llama.cpp 0.3.36 reports "CPU compute buffer size is 188.0098 MiB" for a 7B at n_ctx 2048
+    # (benchmarks/plan.py, sparse 7B file).
+    s = plan.RunSettings(n_ctx=2048, backend="cpu")
+    assert round(plan.compute_bytes(ALPACA, s) / MiB, 4) == 188.0098
+
+
+# -- accuracy against llama.cpp itself (CPU) ---------------------------------------------
+
+SHAPES = [
+    dict(hidden=256, n_layer=2, n_head=4, n_kv_head=2, intermediate=512),
+    dict(hidden=384, n_layer=4, n_head=6, n_kv_head=2, intermediate=1536),
+    dict(hidden=512, n_layer=3, n_head=8, n_kv_head=8, intermediate=1024),
+]
+
+
+@pytest.fixture(scope="module", params=range(len(SHAPES)), ids=["gqa-256", "gqa-384", "mha-512"])
+def shaped_gguf(request, tmp_path_factory) -> Path:
+    import tinymodels
+
+    d = tmp_path_factory.mktemp("shape")
+    src = tinymodels.build_llama(d / "hf", **SHAPES[request.param]).path
+    return convert(src, d / "m.Q8_0.gguf", "q8_0").output
+
+
+@pytest.mark.parametrize("n_ctx", [1000, 2048])
+def test_prediction_matches_llama_cpp(shaped_gguf: Path, n_ctx: int) -> None:
+    r = bench.compare(shaped_gguf, n_ctx)
+    m, p = r["measured"], r["predicted"]
+    assert r["model_size"] == r["tensor_bytes"]  # model bytes: exact
+    assert m["model"] == round(p["model"], 2)  # the mapped buffer, as llama.cpp prints it
+    assert m["kv"] == round(p["kv"], 2)  # KV bytes: exact to the printed digits
+    assert abs(r["total_error"]) <= 0.05
+
+
+def test_quantized_cache_prediction_within_tolerance(shaped_gguf: Path) -> None:
+    r = bench.compare(shaped_gguf, 2048, cache="q8_0")
+    assert r["measured"]["kv"] == round(r["predicted"]["kv"], 2)
+    assert abs(r["total_error"]) <= 0.10  # flash-attention compute buffer is an estimate
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def _json(capsys, *argv: str) -> dict:
+    assert main(["plan", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_vram_8_recommends_a_level_that_fits(capsys) -> None:
+    out = _json(capsys, "--vram", "8")
+    rec = out["recommendation"]
+    assert rec["level"] in ("q5_k_m", "q4_k_m") and rec["full_offload"]
+    assert rec["gpu_bytes"] <= out["device"]["usable_bytes"] < 8 * GiB
+    rows = {r["level"]: r for r in out["levels"]}
+    assert list(rows) == list(plan.LEVELS)
+    assert not rows["f16"]["fits"] and not rows["q8_0"]["fits"] and rows["q4_0"]["fits"]
+    # The user-known VRAM table at 2048 context: F16 14.5, Q8_0 8.0 do not fit 8 GB; Q4_K_M ~5 does.
+    assert 5.0 <= rows["q4_k_m"]["total_bytes"] / 1e9 <= 6.0
+
+
+def test_table_says_why(capsys) -> None:
+    assert main(["plan", "--vram", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "recommended: q5_k_m" in text and "fits" in text and "q4_0" in text
+
+
+def test_json_is_stable(capsys) -> None:
+    out = _json(capsys, "llama-7b", "--vram", "24", "--ctx", "4096", "--cache-type", "q8_0")
+    assert set(out) == {"model", "device", "settings", "levels", "recommendation"}
+    assert set(out["levels"][0]) == {
+        "level", "file_bytes", "file_bytes_exact", "weights_gpu_bytes", "weights_cpu_bytes", "kv_bytes",
+        "compute_bytes", "output_bytes", "overhead_bytes", "total_bytes", "fits", "max_ctx", "max_gpu_layers"}
+    assert out["settings"]["flash_attn"] and out["model"]["vocab"] == 32000
+    assert out["recommendation"]["level"] == "f16"
+
+
+def test_small_gpu_gets_an_offload_split(capsys) -> None:
+    rec = _json(capsys, "--vram", "3")["recommendation"]
+    assert not rec["full_offload"] and 0 < rec["n_gpu_layers"] < 33 and rec["cpu_bytes"] > 0
+
+
+def test_ctx_max_grows_as_quality_drops(capsys) -> None:
+    rows = _json(capsys, "--vram", "6", "--ctx", "max")["levels"]
+    ctx = [r["max_ctx"] for r in rows]
+    assert ctx == sorted(ctx) and ctx[-1] == 2048 and ctx[0] == 0
+    assert all(r["fits"] for r in rows if r["max_ctx"])
+
+
+def test_gguf_input_uses_its_own_tensor_table(capsys, tiny_gguf: Path) -> None:
+    out = _json(capsys, str(tiny_gguf), "--vram", "1")
+    rows = {r["level"]: r for r in out["levels"]}
+    assert rows["q8_0"]["file_bytes"] == tiny_gguf.stat().st_size and rows["q8_0"]["file_bytes_exact"]
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["no-such-model"], 2, "known names: alpaca-7b, llama-7b"),
+    (["--vram", "-1"], 2, "--vram -1 is out of range"),
+    (["--vram", "100000"], 2, "out of range"),
+    (["--ctx", "0"], 2, "context 0 is out of range"),
+    (["--ctx", "99999999999"], 2, "out of range"),
+    (["--ctx", "lots"], 2, "not a number or 'max'"),
+    (["--cache-type", "q5_1"], 2, "unknown cache type"),
+    (["--batch", "0"], 2, "batch 0"),
+])
+def test_bad_arguments_one_line(capsys, argv: list[str], code: int, message: str) -> None:
+    assert main(["plan", *argv, "--vram", "8"] if "--vram" not in argv else ["plan", *argv]) == code
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("content", [b"not a model", b"GGUF\x03\0\0\0" + b"\xff" * 16])
+def test_bad_files_exit_1(capsys, tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "x.gguf"
+    path.write_bytes(content)
+    assert main(["plan", str(path), "--vram", "8"]) == 1
+    assert "\n" not in capsys.readouterr().err.strip()
+
+
+def test_7b_header_plans_within_half_a_second(tmp_path: Path) -> None:
+    path = bench.write_sparse_gguf(tmp_path / "a.gguf", ALPACA, "q4_k_m")
+    assert path.stat().st_size > 4e9 and path.stat().st_blocks * 512 < 50e6  # sparse
+    t0 = time.process_time()
+    shape = plan.load_shape(str(path))
+    plans = {lv: plan.plan_level(shape, lv, plan.RunSettings()) for lv in plan.LEVELS}
+    plan.recommend(shape, plans, plan.RunSettings(), 8 * GiB)
+    assert time.process_time() - t0 < 0.5
+    assert plans["q4_k_m"].file_bytes == path.stat().st_size
+
+
+# -- device detection ----------------------------------------------------------------------
+
+
+def test_parse_nvidia_smi_and_meminfo() -> None:
+    gpus = gpu.parse_nvidia_smi("NVIDIA GeForce RTX 3070, 8192, 7800\nNVIDIA A100, 81920, 80000\n")
+    assert [(g.name, g.total >> 20, g.free >> 20) for g in gpus] == [
+        ("NVIDIA GeForce RTX 3070", 8192, 7800), ("NVIDIA A100", 81920, 80000)]
+    ram = gpu.parse_meminfo("MemTotal:       16384000 kB\nMemFree: 1 kB\nMemAvailable:   8192000 kB\n")
+    assert ram and ram.total == 16384000 * 1024 and ram.free == 8192000 * 1024
+    assert gpu.parse_meminfo("garbage") is None
+
+
+def test_detect_always_answers() -> None:
+    dev = gpu.detect()
+    assert dev.backend in ("cuda", "metal", "cpu") and dev.note
