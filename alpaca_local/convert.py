@@ -13,7 +13,6 @@ whatever the model size.
 
 from __future__ import annotations
 
-import math
 import os
 import resource
 import time

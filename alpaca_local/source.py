@@ -33,21 +33,24 @@ FORMATS: tuple[tuple[str, str, str, Reader], ...] = (
 )
 
 
-def _index_shards(index_path: Path) -> dict[str, str]:
+def read_index(index_path: Path) -> dict[str, str]:
     """tensor name -> shard file name, from a *.index.json, with the names checked."""
     data = read_json(index_path, "the shard index")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise InputError(f"{index_path}: no 'weight_map' object; the index is corrupt")
     for tensor, shard in weight_map.items():
+        # Plain names only: an index must not send us to read files outside the model folder.
         p = PurePosixPath(shard) if isinstance(shard, str) else None
-        if p is None or p.name != shard or shard in ("", ".", ".."):
-            raise InputError(f"{index_path}: tensor {tensor!r} points to {shard!r}, which is not a file in the folder")
+        if p is None or p.name != shard or shard in ("", ".", "..") or "\\" in shard:
+            raise InputError(
+                f"{index_path}: tensor {tensor!r} points to {shard!r}, which is not a plain file name in the folder"
+            )
     return weight_map
 
 
 def _read_sharded(folder: Path, index_path: Path, reader: Reader) -> dict[str, TensorRef]:
-    weight_map = _index_shards(index_path)
+    weight_map = read_index(index_path)
     shards = sorted(set(weight_map.values()))
     for shard in shards:
         if not (folder / shard).is_file():

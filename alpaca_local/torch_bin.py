@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import collections
 import io
-import json
 import pickle
+import pickletools
 import struct
 import zipfile
 import zlib
@@ -153,6 +153,18 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 
 class _Corrupt(Exception):
     """data.pkl is well-formed pickle but not a sane state dict; wrapped below."""
+
+
+# Opcodes torch.save never writes and we refuse before unpickling: protocol-5
+# buffers (BYTEARRAY8 makes CPython allocate its declared length before reading
+# it) and the copyreg extension registry.
+_REFUSED_OPCODES = {"BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER", "EXT1", "EXT2", "EXT4"}
+
+
+def _check_opcodes(data: bytes) -> None:
+    for opcode, _, _ in pickletools.genops(data):  # parses only; runs nothing
+        if opcode.name in _REFUSED_OPCODES:
+            raise _Corrupt(f"pickle opcode {opcode.name}, which torch.save never writes")
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -298,7 +310,9 @@ def _read_zip(zf: zipfile.ZipFile, path: Path, file_size: int) -> dict[str, Tens
     prefix = _archive_prefix(zf, path)
     _check_byteorder(zf, prefix, path)
     try:
-        state = _RestrictedUnpickler(zf.read(prefix + "data.pkl"), path).load()
+        data_pkl = zf.read(prefix + "data.pkl")
+        _check_opcodes(data_pkl)
+        state = _RestrictedUnpickler(data_pkl, path).load()
     except (InputError, zipfile.BadZipFile):
         raise
     except _Corrupt as exc:
@@ -367,7 +381,8 @@ def read_torch_bin(path: Path) -> dict[str, TensorRef]:
         struct.error,
         zlib.error,
         NotImplementedError,  # an unknown compression method or zip feature
-        UnicodeDecodeError,  # a mangled record name
+        ValueError,  # a mangled record name, an offset past any file size
+        OverflowError,
         RuntimeError,  # an encrypted record
     ) as exc:
         raise InputError(
@@ -375,41 +390,3 @@ def read_torch_bin(path: Path) -> dict[str, TensorRef]:
         ) from exc
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
-
-
-def read_torch_index(index_path: Path) -> dict[str, Path]:
-    """Map each tensor name to its shard, from a `pytorch_model.bin.index.json`.
-
-    Shards must be plain file names next to the index, and must exist.
-    """
-    index_path = Path(index_path)
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InputError(f"cannot read {index_path}: {exc.strerror or exc}") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{index_path} is not valid JSON ({exc}); re-download it") from exc
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise InputError(
-            f"{index_path} has no \"weight_map\" object (tensor name -> shard file); re-download it"
-        )
-    folder = index_path.parent
-    shards: dict[str, Path] = {}
-    result: dict[str, Path] = {}
-    for name, shard in weight_map.items():
-        if not isinstance(shard, str) or shard in ("", ".", "..") or "/" in shard or "\\" in shard:
-            raise InputError(
-                f"{index_path}: tensor {name!r} points to {shard!r}, which is not a plain file "
-                "name in the model folder; fix the index"
-            )
-        if shard not in shards:
-            shard_path = folder / shard
-            if not shard_path.is_file():
-                raise InputError(
-                    f"{index_path}: shard {shard} (holding {name!r}) is missing from {folder}; "
-                    "download it"
-                )
-            shards[shard] = shard_path
-        result[name] = shards[shard]
-    return result

@@ -244,3 +244,29 @@ def test_disk_full_leaves_nothing(model, tmp_path, capsys, monkeypatch):
     assert_one_line_error(rc, err, 1, "disk full")
     assert_nothing_written(tmp_path)
     assert real_write is not None
+
+
+def _write_index(folder: Path, weight_map: object) -> Path:
+    path = folder / "pytorch_model.bin.index.json"
+    path.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    return path
+
+
+@pytest.mark.parametrize("shard", ["../outside.bin", "/etc/passwd", "sub/x.bin", "..", "", 3, "a\\b.bin"])
+def test_index_refuses_paths_outside_the_folder(tmp_path, shard):
+    from alpaca_local.errors import InputError
+    from alpaca_local.source import read_index
+
+    with pytest.raises(InputError, match="not a plain file name"):
+        read_index(_write_index(tmp_path, {"a": shard}))
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"weight_map": []}', '{"weight_map": {}}'])
+def test_index_malformed(tmp_path, text):
+    from alpaca_local.errors import InputError
+    from alpaca_local.source import read_index
+
+    index = tmp_path / "pytorch_model.bin.index.json"
+    index.write_text(text)
+    with pytest.raises(InputError):
+        read_index(index)

@@ -171,7 +171,7 @@ def test_bin_format(tmp_path):
 
 def test_same_seed_same_weights_other_seed_differs(tmp_path):
     a = build_llama(tmp_path / "a", seed=3)
-    b = build_llama(tmp_path / "b", seed=3)
+    build_llama(tmp_path / "b", seed=3)
     c = build_llama(tmp_path / "c", seed=4)
     assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
     assert not np.array_equal(a.weights["model.norm.weight"], c.weights["model.norm.weight"])

@@ -307,7 +307,7 @@ def _write_weights(dirpath: Path, stored: dict[str, np.ndarray], dtype: str, sha
 
                 save_file(part, str(path), metadata={"format": "pt"})
         else:
-            _torchbin_writer().write_torch_bin(path, part, dtype=dtype)
+            _torchbin_writer().write_torch_bin(path, part, bf16_names=tuple(part) if dtype == "BF16" else ())
         weight_map.update({n: fname for n in group})
         files.append(path)
     if shards > 1:

@@ -272,7 +272,8 @@ def malicious_pickle(kind: str, marker: Path) -> bytes:
 
     kinds: "os.system", "posix.system", "builtins.eval", "builtins.exec",
     "subprocess", "import" (builtins.__import__ then getattr on the module),
-    "nested" (the call hidden inside an otherwise valid tensor's arguments).
+    "nested" (the call hidden inside an otherwise valid tensor's arguments),
+    "stack_global" (protocol 4: the name comes from STACK_GLOBAL).
     """
     touch = f"touch {marker}"
     py = f"open({str(marker)!r}, 'w').close()"
@@ -284,6 +285,12 @@ def malicious_pickle(kind: str, marker: Path) -> bytes:
         "subprocess": _Call("subprocess", "check_call", ["touch", str(marker)]),
         "import": _Call("builtins", "getattr", _Call("builtins", "__import__", "os"), "system"),
     }
+    if kind == "stack_global":
+        # Protocol 4 names globals with STACK_GLOBAL; the real os.system pickles
+        # by reference (as posix.system), it is not called here.
+        import os
+
+        return pickle.dumps({"w": _CallObj(os.system, touch)}, protocol=4)
     if kind == "nested":
         good = View(Storage(np.zeros(2, np.float32)), 0, (2,))
         evil = _Rebuilt((good.storage, 0, (2,), (1,), False, _Call("os", "system", touch)))
