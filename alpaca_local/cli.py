@@ -20,6 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("alpaca_local.convert_cmd", "turn a Hugging Face model folder into one GGUF file"),
     "plan": ("alpaca_local.plan_cmd", "say which quant level fits your GPU, and the memory it takes"),
     "chat": ("alpaca_local.chat_cmd", "talk to a GGUF model in the Stanford Alpaca prompt format"),
+    "quality": ("alpaca_local.quality_cmd", "measure what each quant level costs and loses against f16"),
+    "serve": ("alpaca_local.serve_cmd", "serve a model on an OpenAI-compatible HTTP API, in the Alpaca format"),
+    "modelfile": ("alpaca_local.modelfile_cmd", "write an Ollama Modelfile for a converted model"),
 }
 
 EPILOG = """examples:
