@@ -113,12 +113,20 @@ def main() -> int:
     ap.add_argument("--quants", default="q4_k_m,q8_0,q4_0")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     from reference import vendor_dir
 
     work = args.work / f"llama-{args.size}"
     work.mkdir(parents=True, exist_ok=True)
-    src = build_model(work / "src", args.size)
+    src = work / "src"
+    if args.build_only:
+        build_model(src, args.size)
+        return 0
+    # Build in a child: Linux carries a parent's peak RSS into the children it
+    # forks (maxrss survives exec), which would inflate every measurement below.
+    subprocess.run([sys.executable, __file__, "--size", args.size, "--work", str(args.work), "--build-only"],
+                   check=True)
     src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     for f in src.glob("*.safetensors"):  # warm the page cache for both routes alike
         with open(f, "rb") as fh:
