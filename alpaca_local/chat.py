@@ -15,9 +15,10 @@ from __future__ import annotations
 import codecs
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 from .errors import InputError, UsageError
 from .template import MARKERS, Turn, render_prompt
@@ -35,7 +36,7 @@ class ModelInfo:
 
     path: Path
     version: int
-    arch: str | None
+    arch: str
     context_length: int | None  # `{arch}.context_length`, the trained context
 
 
@@ -173,6 +174,8 @@ def load_model(
     check_context(n_ctx, info)
     from llama_cpp import Llama
 
+    _silence_llama_cpp()
+
     try:
         llm = Llama(
             model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
@@ -181,6 +184,23 @@ def load_model(
     except (ValueError, RuntimeError, OSError) as exc:
         raise InputError(f"llama.cpp could not load {path} ({exc}); is it a complete, supported model?") from None
     return LlamaModel(llm)
+
+
+_quiet_log = None  # the ctypes callback must outlive every call llama.cpp makes to it
+
+
+def _silence_llama_cpp() -> None:
+    """Drop all of llama.cpp's log lines (stderr must stay clean for pipes).
+
+    `verbose=False` is not enough: llama-cpp-python 0.3.x maps ggml's log levels with an
+    old enum, so WARN lines (e.g. Gemma's "using full-size SWA cache") print as errors.
+    """
+    global _quiet_log
+    import llama_cpp
+
+    if _quiet_log is None:
+        _quiet_log = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(_quiet_log, None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -350,7 +370,9 @@ def generate(
         model.reset()  # the KV cache may hold a half-evaluated batch
         raise
     finally:
-        tokens.close()
+        close = getattr(tokens, "close", None)  # a generator: stop llama.cpp's loop now
+        if close is not None:
+            close()
     tail = "" if stops.stopped else stops.feed(decoder.decode(b"", final=True)) + stops.finish()
     if tail:
         yield Piece(tail)
