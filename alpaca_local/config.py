@@ -37,6 +37,12 @@ class ModelConfig:
     rms_eps: float
     tie_embeddings: bool = False
     explicit_head_dim: bool = False  # config.json named head_dim itself
+    # Rope scaling as config.json gives it ("rope_scaling", or "rope_parameters" in
+    # newer transformers), with "type" copied to "rope_type"; None without scaling.
+    rope_scaling: dict[str, Any] | None = field(default=None, compare=False)
+    sliding_window: int | None = None  # tokens a sliding-window layer attends to
+    attn_softcap: float | None = None  # Gemma 2: tanh soft-capping of attention scores
+    final_softcap: float | None = None  # Gemma 2: tanh soft-capping of the logits
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -79,8 +85,42 @@ def _float_field(cfg: dict, path: Path, name: str, lo: float, hi: float, default
     return float(value)
 
 
-def parse_config(cfg: Any, path: Path, supported: dict[str, str]) -> ModelConfig:
-    """Check a parsed config.json; `supported` maps HF class -> description for the error."""
+def _optional_float(cfg: dict, path: Path, name: str) -> float | None:
+    if cfg.get(name) is None:
+        return None
+    return _float_field(cfg, path, name, 0.0, 1e12, 1.0)
+
+
+def _rope_scaling(cfg: dict, path: Path) -> dict[str, Any] | None:
+    # TextModel.__init__ in the reference converter: rope_parameters, else
+    # rope_scaling; the old "type" key stands for "rope_type".
+    scaling = cfg.get("rope_parameters", cfg.get("rope_scaling"))
+    if not scaling:
+        return None
+    if not isinstance(scaling, dict):
+        raise InputError(f"{path}: rope_scaling = {scaling!r} is not an object")
+    scaling = dict(scaling)
+    if "rope_type" not in scaling and "type" in scaling:
+        scaling["rope_type"] = scaling["type"]
+    kind = scaling.get("rope_type")
+    if kind is not None and not isinstance(kind, str):
+        raise InputError(f"{path}: rope_scaling.rope_type = {kind!r} is not a string")
+    for key, value in scaling.items():
+        if key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings") and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e12
+        ):
+            raise InputError(f"{path}: rope_scaling.{key} = {value!r} is not a positive number")
+    return scaling
+
+
+def parse_config(
+    cfg: Any, path: Path, supported: dict[str, str], defaults: dict[str, dict[str, Any]] | None = None
+) -> ModelConfig:
+    """Check a parsed config.json; `supported` maps HF class -> description for the error.
+
+    `defaults` maps HF class -> values its transformers config class assumes when
+    config.json leaves them out (Gemma 2 ties its embeddings unless told otherwise).
+    """
     if not isinstance(cfg, dict):
         raise InputError(f"{path} is not a JSON object")
     archs = cfg.get("architectures")
@@ -101,7 +141,7 @@ def parse_config(cfg: Any, path: Path, supported: dict[str, str]) -> ModelConfig
         raise InputError(f"{path}: head size {head_dim} is odd; rotary embeddings need an even head size")
     if n_head % n_kv_head:
         raise InputError(f"{path}: num_attention_heads {n_head} is not divisible by num_key_value_heads {n_kv_head}")
-    tie = cfg.get("tie_word_embeddings", False)
+    tie = cfg.get("tie_word_embeddings", (defaults or {}).get(hf_arch, {}).get("tie_word_embeddings", False))
     if not isinstance(tie, bool):
         raise InputError(f"{path}: tie_word_embeddings = {tie!r} is not true or false")
     return ModelConfig(
@@ -118,12 +158,18 @@ def parse_config(cfg: Any, path: Path, supported: dict[str, str]) -> ModelConfig
         rms_eps=_float_field(cfg, path, "rms_norm_eps", 0.0, 1.0, 1e-6),
         tie_embeddings=tie,
         explicit_head_dim=explicit_head_dim,
+        rope_scaling=_rope_scaling(cfg, path),
+        sliding_window=_int_field(cfg, path, ("sliding_window",), 1, MAX_CTX, default=0) or None,
+        attn_softcap=_optional_float(cfg, path, "attn_logit_softcapping"),
+        final_softcap=_optional_float(cfg, path, "final_logit_softcapping"),
         raw=cfg,
     )
 
 
-def load_config(folder: Path, supported: dict[str, str]) -> ModelConfig:
+def load_config(
+    folder: Path, supported: dict[str, str], defaults: dict[str, dict[str, Any]] | None = None
+) -> ModelConfig:
     path = folder / "config.json"
     if not path.is_file():
         raise InputError(f"no config.json in {folder}; point at a Hugging Face model folder")
-    return parse_config(read_json(path, "the model's config"), path, supported)
+    return parse_config(read_json(path, "the model's config"), path, supported, defaults)

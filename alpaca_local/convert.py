@@ -17,16 +17,22 @@ import os
 import resource
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import gguf
 import numpy as np
 
 from . import quant_rules
-from .architectures import ARCHITECTURES, SUPPORTED, Architecture, map_name
+from .architectures import (
+    ARCHITECTURES,
+    CONFIG_DEFAULTS,
+    SUPPORTED,
+    Architecture,
+    map_name,
+)
 from .atomic import atomic_write, check_target
 from .config import ModelConfig, load_config
 from .errors import InputError
@@ -34,7 +40,7 @@ from .ggml import quantize_rows
 from .source import read_weights
 from .template import ALPACA_CHAT_TEMPLATE
 from .tensors import TensorRef
-from .vocab import Vocab, load_vocab
+from .vocab import Vocab, load_bpe_vocab, load_vocab
 
 # About 4 MB of float32 per chunk: big enough that ggml calls dominate,
 # small enough that a few chunks in flight stay far below one large tensor.
@@ -45,12 +51,42 @@ Progress = Callable[[str, int], None]  # (tensor name, source bytes just done)
 
 
 @dataclass(frozen=True)
+class GeneratedTensor:
+    """A tensor computed from the config (e.g. rope_freqs), with TensorRef's reading interface."""
+
+    name: str
+    values: np.ndarray  # float32
+    dtype: str = "F32"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes
+
+    @property
+    def n_rows(self) -> int:
+        return int(np.prod(self.shape[:-1])) if self.shape else 1
+
+    def raw(self) -> np.ndarray:
+        return self.values
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        return self.values.reshape(self.n_rows, -1)[start:stop]
+
+
+@dataclass(frozen=True)
 class TensorJob:
-    source: TensorRef
+    source: TensorRef | GeneratedTensor
     name: str  # GGUF name
     kind: gguf.MODEL_TENSOR
     ggml_type: gguf.GGMLQuantizationType
     rope_head_dim: int | None  # rows are permuted in groups of this size
+    # Added elementwise in the source's precision before quantizing (Gemma's
+    # norm weights: 1 + w); works on any row chunk.
+    offset: float = 0.0
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -104,10 +140,15 @@ def _llama_cpp_order(name: str) -> tuple[int, str]:
     return layer, name
 
 
-def _map_tensors(cfg: ModelConfig, arch: Architecture, refs: dict[str, TensorRef]) -> list[tuple[TensorRef, str, gguf.MODEL_TENSOR]]:
+def _map_tensors(
+    cfg: ModelConfig, arch: Architecture, refs: dict[str, TensorRef]
+) -> list[tuple[TensorRef | GeneratedTensor, str, gguf.MODEL_TENSOR]]:
     name_map = gguf.get_tensor_name_map(arch.gguf_arch, cfg.n_layer)
-    shapes = arch.shapes(cfg)
-    mapped: dict[str, tuple[TensorRef, str, gguf.MODEL_TENSOR]] = {}
+    expected = arch.expected_tensors(cfg)
+    generated = {
+        f"{gguf.TENSOR_NAMES[kind]}.weight": (kind, values) for kind, values in arch.extra_tensors(cfg).items()
+    }
+    mapped: dict[str, tuple[TensorRef | GeneratedTensor, str, gguf.MODEL_TENSOR]] = {}
     for hf_name, ref in refs.items():
         m = map_name(arch, name_map, hf_name)
         if m is None:
@@ -116,28 +157,37 @@ def _map_tensors(cfg: ModelConfig, arch: Architecture, refs: dict[str, TensorRef
             raise InputError(f"tensor {hf_name!r} is for layer {m.layer} but config.json has {cfg.n_layer} layers")
         if m.gguf_name in mapped:
             raise InputError(f"tensors {mapped[m.gguf_name][0].name!r} and {hf_name!r} both map to {m.gguf_name}")
-        expected = shapes.get(m.kind)
-        if expected is None and m.kind == gguf.MODEL_TENSOR.OUTPUT:
-            expected = (cfg.vocab_size, cfg.hidden)  # saved although tied: keep it, as the reference does
-        if expected is None:
+        shape = expected[m.gguf_name][1] if m.gguf_name in expected and m.gguf_name not in generated else None
+        if shape is None and m.gguf_name == "output.weight":
+            shape = (cfg.vocab_size, cfg.hidden)  # saved although tied: keep it, as the reference does
+        if shape is None:
             raise InputError(f"tensor {hf_name!r} ({m.gguf_name}) is not used by {arch.hf_class}")
-        if ref.shape != expected:
+        if ref.shape != shape:
             raise InputError(
-                f"tensor {hf_name!r} has shape {list(ref.shape)} but config.json implies {list(expected)}; "
+                f"tensor {hf_name!r} has shape {list(ref.shape)} but config.json implies {list(shape)}; "
                 "the weights do not match the config"
             )
         mapped[m.gguf_name] = (ref, m.gguf_name, m.kind)
-    missing = []
-    for kind, _ in shapes.items():
-        base = gguf.TENSOR_NAMES[kind]
-        names = [base.format(bid=i) for i in range(cfg.n_layer)] if "{bid}" in base else [base]
-        missing += [f"{n}.weight" for n in names if f"{n}.weight" not in mapped]
+    missing = [name for name in expected if name not in mapped and name not in generated]
     if missing:
         raise InputError(
             f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}; "
             "a shard is missing or the checkpoint is incomplete"
         )
+    for name, (kind, values) in generated.items():
+        mapped[name] = (GeneratedTensor(name, np.ascontiguousarray(values, dtype=np.float32)), name, kind)
     return sorted(mapped.values(), key=lambda t: _llama_cpp_order(t[1]))
+
+
+def _load_vocab(source: Path, arch: Architecture, cfg: ModelConfig) -> Vocab:
+    # LlamaModel.set_vocab / Qwen2Model.set_vocab: SentencePiece when there is a
+    # tokenizer.model, else tokenizer.json's byte-level BPE.
+    if arch.tokenizer == "sentencepiece-or-bpe" and not (source / "tokenizer.model").is_file():
+        vocab = load_bpe_vocab(source, cfg.vocab_size)
+    else:
+        vocab = load_vocab(source, cfg.vocab_size)
+    vocab.add_space_prefix = arch.add_space_prefix(source)
+    return vocab
 
 
 def plan_conversion(source: Path, quant: str) -> ConversionPlan:
@@ -147,17 +197,22 @@ def plan_conversion(source: Path, quant: str) -> ConversionPlan:
     if not source.is_dir():
         raise InputError(f"{source} is not a folder; give the Hugging Face model folder that holds config.json")
     quant_rules.file_type(quant)  # unknown quant names fail before any reading
-    cfg = load_config(source, SUPPORTED)
+    cfg = load_config(source, SUPPORTED, CONFIG_DEFAULTS)
     arch = ARCHITECTURES[cfg.hf_arch]
+    arch.check(cfg)
     tensors = _map_tensors(cfg, arch, read_weights(source))
-    vocab = load_vocab(source, cfg.vocab_size)
+    vocab = _load_vocab(source, arch, cfg)
     if vocab.chat_template is None:
         vocab.chat_template = ALPACA_CHAT_TEMPLATE
     facts = quant_rules.ModelFacts(arch=arch.arch_name, n_layer=cfg.n_layer, n_head=cfg.n_head, n_head_kv=cfg.n_kv_head)
     specs = [quant_rules.TensorSpec(name=f"{name}", shape=ref.shape) for ref, name, _ in tensors]
     types = quant_rules.choose_types(specs, quant, facts)
     jobs = tuple(
-        TensorJob(ref, name, kind, ggml_type, cfg.head_dim if kind in arch.rope_permuted else None)
+        TensorJob(
+            ref, name, kind, ggml_type,
+            rope_head_dim=cfg.head_dim if kind in arch.rope_permuted else None,
+            offset=arch.norm_offset if ref.name.endswith("norm.weight") else 0.0,
+        )
         for (ref, name, kind), ggml_type in zip(tensors, types)
     )
     return ConversionPlan(source, source.resolve().name, quant, cfg, arch, vocab, jobs)
@@ -205,6 +260,14 @@ def _rope_permute(rows: np.ndarray, head_dim: int) -> np.ndarray:
     return rows.reshape(n // head_dim, 2, head_dim // 2, cols).swapaxes(1, 2).reshape(n, cols)
 
 
+def _add_offset(rows: np.ndarray, offset: float, src_dtype: str) -> np.ndarray:
+    """rows + offset as the reference computes it: in float16 for an F16 source
+    (torch adds in the tensor's dtype), in float32 otherwise (BF16 is widened first)."""
+    if src_dtype == "F16":
+        return (rows.astype(np.float16) + np.float16(offset)).astype(np.float32)
+    return rows + np.float32(offset)
+
+
 def _chunks(job: TensorJob) -> Iterator[tuple[int, int]]:
     n_rows, row_len = job.source.n_rows, (job.shape[-1] if job.shape else 1)
     step = max(1, CHUNK_ELEMENTS // max(row_len, 1))
@@ -217,12 +280,14 @@ def _chunks(job: TensorJob) -> Iterator[tuple[int, int]]:
 def _encode(job: TensorJob, start: int, stop: int) -> bytes:
     src = job.source
     same = (src.dtype, job.ggml_type) in (("F16", gguf.GGMLQuantizationType.F16), ("F32", gguf.GGMLQuantizationType.F32))
-    if same and job.rope_head_dim is None:
+    if same and job.rope_head_dim is None and not job.offset:
         raw = src.raw()  # identical bytes: copy, do not round-trip through float32
         row_len = job.shape[-1] if job.shape else 1
         flat = raw.reshape(-1)[start * row_len : stop * row_len]
         return flat.tobytes()
     rows = src.read_rows(start, stop)
+    if job.offset:
+        rows = _add_offset(rows, job.offset, src.dtype)
     if job.rope_head_dim:
         rows = _rope_permute(rows, job.rope_head_dim)
     return quantize_rows(rows, job.ggml_type).tobytes()

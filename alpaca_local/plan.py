@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, replace
 
-import gguf
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import quant_rules
@@ -99,6 +98,7 @@ class ModelShape:
     file_tensors: tuple[PlannedTensor, ...] = ()  # that file's tensors in file order
     file_bytes: int | None = None  # that file's size
     header_bytes: tuple[tuple[str, int], ...] = ()  # (level, exact header size) pairs
+    rope_freqs: bool = False  # llama3 rope scaling: the file has a rope_freqs tensor (head_dim/2 f32)
 
     @property
     def n_kv_gqa(self) -> int:
@@ -151,6 +151,7 @@ def shape_from_config(cfg: ModelConfig, name: str, source: str) -> ModelShape:
         name=name, arch=arch.arch_name, n_layer=cfg.n_layer, hidden=cfg.hidden, n_head=cfg.n_head,
         n_kv_head=cfg.n_kv_head, head_dim=cfg.head_dim, intermediate=cfg.intermediate, vocab=cfg.vocab_size,
         n_ctx_train=cfg.n_ctx, tied_embeddings=cfg.tie_embeddings, source=source,
+        rope_freqs="rope_freqs.weight" in arch.expected_tensors(cfg),
     )
 
 
@@ -182,6 +183,7 @@ def shape_from_gguf(header: GGUFHeader) -> ModelShape:
         n_ctx_train=header.get_int(f"{a}.context_length", 2048), tied_embeddings="output.weight" not in names,
         source="gguf", file_quant=level, file_tensors=tensors, file_bytes=header.file_size,
         header_bytes=((level, header.data_offset),) if level else (),
+        rope_freqs="rope_freqs.weight" in names,
     )
 
 
@@ -195,6 +197,7 @@ def _as_config(shape: ModelShape, arch: Architecture) -> ModelConfig:
         n_kv_head=shape.n_kv_head, head_dim=shape.head_dim, intermediate=shape.intermediate,
         vocab_size=shape.vocab, n_ctx=shape.n_ctx_train, rope_theta=10000.0, rms_eps=1e-6,
         tie_embeddings=shape.tied_embeddings,
+        rope_scaling={"rope_type": "llama3"} if shape.rope_freqs else None,
     )
 
 
@@ -214,11 +217,8 @@ def tensors_for(shape: ModelShape, level: str) -> tuple[PlannedTensor, ...]:
     if arch is None:
         raise InputError(f"architecture {shape.arch!r} is unknown to the planner; only the file's own level can be sized")
     cfg = _as_config(shape, arch)
-    specs = []
-    for kind, tshape in arch.shapes(cfg).items():
-        base = gguf.TENSOR_NAMES[kind]
-        names = [base.format(bid=i) for i in range(cfg.n_layer)] if "{bid}" in base else [base]
-        specs += [quant_rules.TensorSpec(f"{n}.weight", tshape) for n in names]
+    # Every tensor convert writes: weights, biases and generated ones (rope_freqs).
+    specs = [quant_rules.TensorSpec(name, tshape) for name, (_, tshape) in arch.expected_tensors(cfg).items()]
     facts = quant_rules.ModelFacts(arch=arch.arch_name, n_layer=cfg.n_layer, n_head=cfg.n_head, n_head_kv=cfg.n_kv_head)
     types = quant_rules.choose_types(specs, level, facts)
     order = quant_rules.llama_quantize_order([s.name for s in specs])
