@@ -38,6 +38,7 @@ class ModelInfo:
     version: int
     arch: str
     context_length: int | None  # `{arch}.context_length`, the trained context
+    chat_template: str | None = None  # `tokenizer.chat_template`, for --template model
 
 
 def resolve_model(spec: str | None, models_dir: Path = DEFAULT_MODELS_DIR) -> Path:
@@ -84,7 +85,8 @@ def read_model_info(path: Path) -> ModelInfo:
     ctx = header.kv.get(f"{arch}.context_length")
     if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx <= 0):
         raise InputError(f"{path}: metadata {arch}.context_length = {ctx!r} is not a positive integer")
-    return ModelInfo(path, header.version, arch, ctx)
+    template = header.kv.get("tokenizer.chat_template")
+    return ModelInfo(path, header.version, arch, ctx, template if isinstance(template, str) and template else None)
 
 
 def check_context(n_ctx: int, info: ModelInfo) -> None:
@@ -123,6 +125,12 @@ class TokenModel(Protocol):
 
     def tokenize(self, text: str) -> list[int]: ...  # plain text: no BOS, no special tokens
 
+    def tokenize_special(self, text: str) -> list[int]: ...  # template text: special tokens parsed
+
+    def is_special(self, token: int) -> bool: ...
+
+    def token_text(self, token: int) -> str: ...
+
     def piece(self, token: int) -> bytes: ...
 
     def is_eog(self, token: int) -> bool: ...
@@ -143,10 +151,24 @@ class LlamaModel:
         self._is_eog = llama_cpp.llama_vocab_is_eog
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self.bos_id = int(llm.token_bos())
+        self.eos_id = int(llm.token_eos())
         self.n_ctx = int(llm.n_ctx())
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def tokenize_special(self, text: str) -> list[int]:
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def token_text(self, token: int) -> str:
+        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    def is_special(self, token: int) -> bool:
+        """Control and user-defined tokens: the ones llama.cpp matches as whole strings."""
+        import llama_cpp
+
+        attr = llama_cpp.llama_vocab_get_attr(self._vocab, token)
+        return bool(attr & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED))
 
     def piece(self, token: int) -> bytes:
         return self.llm.detokenize([token])
@@ -212,23 +234,72 @@ def prompt_ids(model: TokenModel, prompt: str) -> list[int]:
     return ([model.bos_id] if model.add_bos else []) + model.tokenize(prompt)
 
 
+@dataclass(frozen=True)
+class PromptFormat:
+    """How turns become the text and the token ids the model sees, and where answers stop."""
+
+    name: str
+    text: Callable[[list[Turn], str | None], str]
+    ids: Callable[[TokenModel, list[Turn], str | None], list[int]]
+    markers: tuple[str, ...]
+    count: Callable[[TokenModel, str], int]  # tokens of a rendered prompt, for history trimming
+
+
+ALPACA = PromptFormat(
+    "alpaca", render_prompt, lambda model, turns, system: prompt_ids(model, render_prompt(turns, system)),
+    MARKERS, lambda model, text: len(prompt_ids(model, text)),
+)
+
+
+def model_format(source: str, bos: str, eos: str) -> PromptFormat:
+    """The model's own chat template (sandboxed); stops at end-of-generation tokens only."""
+    from .model_template import fragments, render_segments
+
+    def text(turns: list[Turn], system: str | None) -> str:
+        return "".join(s.text for s in render_segments(source, turns, system, bos, eos))
+
+    def ids(model: TokenModel, turns: list[Turn], system: str | None) -> list[int]:
+        def specials_in(template_text: str) -> dict[str, int]:
+            found = (i for i in model.tokenize_special(template_text) if model.is_special(i))
+            return {model.token_text(i): i for i in found}
+
+        out: list[int] = []
+        for frag in fragments(render_segments(source, turns, system, bos, eos), specials_in):
+            out += [frag] if isinstance(frag, int) else model.tokenize(frag)
+        if model.add_bos and (not out or out[0] != model.bos_id):
+            out.insert(0, model.bos_id)  # templates that do not write {{ bos_token }} themselves
+        return out
+
+    # Counting parses the user's words as special too: close enough to decide which old turns to drop.
+    return PromptFormat("model", text, ids, (), lambda model, t: len(model.tokenize_special(t)) + int(model.add_bos))
+
+
+def prompt_format(name: str, info: ModelInfo, model: LlamaModel) -> PromptFormat:
+    """`--template alpaca` (the default, the toolkit's contract) or `--template model`."""
+    if name == "alpaca":
+        return ALPACA
+    if info.chat_template is None:
+        raise InputError(f"{info.path.name} has no chat template (tokenizer.chat_template); use --template alpaca")
+    return model_format(info.chat_template, model.token_text(model.bos_id), model.token_text(model.eos_id))
+
+
 def fit_history(
     history: list[Turn], current: Turn, system: str | None, count: Callable[[str], int],
-    n_ctx: int, reserve: int,
+    n_ctx: int, reserve: int, render: Callable[[list[Turn], str | None], str] = render_prompt,
 ) -> list[Turn]:
     """Drop the oldest turns until prompt + `reserve` fits in n_ctx; never cut the current turn.
 
     `count` gives a prompt's token count (BOS included). Raises InputError when the
     current instruction alone leaves no room to answer.
     """
-    alone = count(render_prompt([current], system))
+    alone = count(render([current], system))
     if alone >= n_ctx:
         raise InputError(
             f"the instruction is {alone} tokens, the context holds {n_ctx}; "
             "shorten it or give a larger --ctx"
         )
     kept = list(history)
-    while kept and count(render_prompt(kept + [current], system)) + reserve > n_ctx:
+    while kept and count(render(kept + [current], system)) + reserve > n_ctx:
         kept.pop(0)
     return kept + [current]
 
@@ -332,7 +403,7 @@ class StopFilter:
 
 def generate(
     model: TokenModel, ids: list[int], sampling: Sampling = Sampling(),
-    clock: Callable[[], float] = time.perf_counter,
+    clock: Callable[[], float] = time.perf_counter, markers: tuple[str, ...] = MARKERS,
 ) -> Iterator[Piece | Done]:
     """Stream the answer to prompt `ids` as `Piece`s, then one `Done`.
 
@@ -344,7 +415,7 @@ def generate(
         raise InputError(f"the prompt is {len(ids)} tokens, the context holds {model.n_ctx}; give a larger --ctx")
     limit = room if sampling.max_tokens < 0 else min(sampling.max_tokens, room)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
-    stops = StopFilter()
+    stops = StopFilter(markers)
     n, stop = 0, "length"
     start = clock()
     first = last = start

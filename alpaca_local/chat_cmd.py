@@ -61,6 +61,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
                    help="layers to offload to the GPU; -1 all (default: 0)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: llama.cpp's)")
     p.add_argument("--system", metavar="TEXT", help="replace the Alpaca preamble sentence")
+    p.add_argument("--template", choices=("alpaca", "model"), default="alpaca",
+                   help="prompt format: alpaca (Stanford Alpaca, the default) or model (the chat template "
+                        "embedded in the GGUF, for models trained on another format)")
     p.add_argument("--show-prompt", action="store_true",
                    help="print the exact prompt and token ids first (stderr in one-shot mode)")
     p.add_argument("--history", action="store_true",
@@ -69,12 +72,13 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
 
 
 def run(args: argparse.Namespace) -> int:
-    from .chat import load_model, resolve_model
+    from .chat import load_model, prompt_format, read_model_info, resolve_model
 
     sampling = _sampling(args)
     instruction = _one_shot_instruction(args)
     path = resolve_model(args.model)
     model = load_model(path, args.ctx, args.n_gpu_layers, args.threads)
+    args.format = prompt_format(args.template, read_model_info(path), model)
     if instruction is not None:
         return _one_shot(model, instruction, args, sampling, str(path))
     return Repl(model, args, sampling).loop()
@@ -115,16 +119,17 @@ def _one_shot_instruction(args: argparse.Namespace) -> str | None:
 
 
 def _one_shot(model: TokenModel, instruction: str, args: argparse.Namespace, sampling: Sampling, path: str) -> int:
-    from .chat import Done, generate, prompt_ids
-    from .template import Turn, render_prompt
+    from .chat import ALPACA, Done, generate
+    from .template import Turn
 
-    prompt = render_prompt([Turn(instruction, args.input or None)], args.system)
-    ids = prompt_ids(model, prompt)
+    fmt = getattr(args, "format", ALPACA)
+    turns = [Turn(instruction, args.input or None)]
+    prompt, ids = fmt.text(turns, args.system), fmt.ids(model, turns, args.system)
     if args.show_prompt:
         _print_prompt(prompt, ids, sys.stderr)
     done: Done | None = None
     try:
-        for item in generate(model, ids, sampling):
+        for item in generate(model, ids, sampling, markers=fmt.markers):
             if isinstance(item, Done):
                 done = item
             elif not args.json:
@@ -170,7 +175,10 @@ class Repl:
     def __init__(self, model: TokenModel, args: argparse.Namespace, sampling: Sampling) -> None:
         from rich.console import Console
 
+        from .chat import ALPACA
+
         self.model, self.args, self.sampling = model, args, sampling
+        self.format = getattr(args, "format", ALPACA)
         # No highlighting or :emoji: codes: the model's text is shown exactly as generated.
         self.console = Console(highlight=False, emoji=False)
         self.session = Session(pending_input=args.input or None)
@@ -234,20 +242,19 @@ class Repl:
         return True
 
     def _turn(self, instruction: str) -> None:
-        from .chat import generate, prompt_ids
+        from .chat import generate
         from .errors import AlpacaError
-        from .template import Turn, render_prompt
+        from .template import Turn
 
         current = Turn(instruction, self.session.pending_input)
         stream = None
         try:
             turns = self._turns_to_send(current)
-            prompt = render_prompt(turns, self.args.system)
-            ids = prompt_ids(self.model, prompt)
+            prompt, ids = self.format.text(turns, self.args.system), self.format.ids(self.model, turns, self.args.system)
             self.session.pending_input = None  # sent: an input goes with one instruction only
             if self.args.show_prompt:
                 _print_prompt(prompt, ids, sys.stdout)
-            stream = generate(self.model, ids, self.sampling)
+            stream = generate(self.model, ids, self.sampling, markers=self.format.markers)
             done = self._stream(stream)
         except AlpacaError as exc:
             self.console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
@@ -263,17 +270,20 @@ class Repl:
             self.session.history.append(Turn(current.instruction, current.input, done.text))
 
     def _turns_to_send(self, current: Turn) -> list[Turn]:
-        from .chat import fit_history, prompt_ids
+        from .chat import fit_history
 
         if not self.args.history:
             return [current]
+
         def count(prompt: str) -> int:
-            return len(prompt_ids(self.model, prompt))
+            return self.format.count(self.model, prompt)
 
         # Room for the answer: -n tokens, but at most half the context, so a large -n
         # does not push out all history (generation stops at the context's end anyway).
         reserve = min(max(self.sampling.max_tokens, 0), self.model.n_ctx // 2)
-        turns = fit_history(self.session.history, current, self.args.system, count, self.model.n_ctx, reserve)
+        turns = fit_history(
+            self.session.history, current, self.args.system, count, self.model.n_ctx, reserve, self.format.text
+        )
         dropped = len(self.session.history) - (len(turns) - 1)
         if dropped:
             self.console.print(f"[dim]({dropped} oldest turn(s) left out to fit the context)[/dim]")
