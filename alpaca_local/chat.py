@@ -188,30 +188,31 @@ class LlamaModel:
         self.llm.reset()
 
 
+def load_llama(path: Path, n_ctx: int = 2048, cls: type | None = None, **kwargs):
+    """Validate the file (header, trained context), then load it with llama.cpp's logging
+    silenced. `cls` is `llama_cpp.Llama` or a subclass; `kwargs` go to it. The one loader
+    of chat, serve and quality."""
+    info = read_model_info(path)
+    check_context(n_ctx, info)
+    if cls is None:
+        from llama_cpp import Llama as cls
+    silence_llama_cpp()
+    try:
+        return cls(model_path=str(path), n_ctx=n_ctx, verbose=False, **kwargs)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise InputError(f"llama.cpp could not load {path} ({exc}); is it a complete, supported model?") from None
+
+
 def load_model(
     path: Path, n_ctx: int = 2048, n_gpu_layers: int = 0, n_threads: int | None = None
 ) -> LlamaModel:
-    """Validate the file, then load it with llama.cpp's own logging silenced."""
-    info = read_model_info(path)
-    check_context(n_ctx, info)
-    from llama_cpp import Llama
-
-    _silence_llama_cpp()
-
-    try:
-        llm = Llama(
-            model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
-            n_threads=n_threads, verbose=False,
-        )
-    except (ValueError, RuntimeError, OSError) as exc:
-        raise InputError(f"llama.cpp could not load {path} ({exc}); is it a complete, supported model?") from None
-    return LlamaModel(llm)
+    return LlamaModel(load_llama(path, n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads))
 
 
 _quiet_log = None  # the ctypes callback must outlive every call llama.cpp makes to it
 
 
-def _silence_llama_cpp() -> None:
+def silence_llama_cpp() -> None:
     """Drop all of llama.cpp's log lines (stderr must stay clean for pipes).
 
     `verbose=False` is not enough: llama-cpp-python 0.3.x maps ggml's log levels with an

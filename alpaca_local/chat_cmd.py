@@ -126,7 +126,7 @@ def _one_shot(model: TokenModel, instruction: str, args: argparse.Namespace, sam
     turns = [Turn(instruction, args.input or None)]
     prompt, ids = fmt.text(turns, args.system), fmt.ids(model, turns, args.system)
     if args.show_prompt:
-        _print_prompt(prompt, ids, sys.stderr)
+        print_prompt(prompt, ids, sys.stderr)
     done: Done | None = None
     try:
         for item in generate(model, ids, sampling, markers=fmt.markers):
@@ -149,7 +149,7 @@ def _one_shot(model: TokenModel, instruction: str, args: argparse.Namespace, sam
     return 0
 
 
-def _print_prompt(prompt: str, ids: list[int], out: TextIO) -> None:
+def print_prompt(prompt: str, ids: list[int], out: TextIO) -> None:
     print(f"----- prompt ({len(ids)} tokens) -----", file=out)
     print(prompt, file=out)
     print("----- token ids -----", file=out)
@@ -253,7 +253,7 @@ class Repl:
             prompt, ids = self.format.text(turns, self.args.system), self.format.ids(self.model, turns, self.args.system)
             self.session.pending_input = None  # sent: an input goes with one instruction only
             if self.args.show_prompt:
-                _print_prompt(prompt, ids, sys.stdout)
+                print_prompt(prompt, ids, sys.stdout)
             stream = generate(self.model, ids, self.sampling, markers=self.format.markers)
             done = self._stream(stream)
         except AlpacaError as exc:

@@ -295,34 +295,13 @@ def file_facts(path: Path) -> tuple[int, float]:
 # Running the models (llama-cpp-python)
 # --------------------------------------------------------------------------
 
-_quiet_log = None  # the ctypes callback must outlive every call llama.cpp makes to it
-
-
-def _silence_llama_cpp() -> None:
-    """llama.cpp logs to stderr even with verbose=False; stdout/stderr stay ours."""
-    global _quiet_log
-    import llama_cpp
-
-    if _quiet_log is None:
-        _quiet_log = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
-    llama_cpp.llama_log_set(_quiet_log, None)
-
-
 def load(path: Path, n_ctx: int, threads: int | None) -> Llama:
     """A `Llama` returning logits for every position; one decode call per chunk."""
-    from llama_cpp import Llama
+    from .chat import load_llama
 
-    from .chat import check_context, read_model_info
-
-    check_context(n_ctx, read_model_info(path))
-    _silence_llama_cpp()
-    try:
-        return Llama(
-            model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-            n_threads=threads, n_threads_batch=threads, verbose=False,
-        )
-    except (ValueError, RuntimeError, OSError) as exc:
-        raise InputError(f"llama.cpp could not load {path} ({exc}); is it a complete, supported model?") from None
+    return load_llama(
+        path, n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, n_threads=threads, n_threads_batch=threads
+    )
 
 
 def tokenize(llm: Llama, text: str) -> tuple[list[int], int | None]:

@@ -74,3 +74,49 @@ ALPACA_CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
 )
+
+
+def messages_to_turns(messages: list[dict]) -> tuple[list[Turn], str | None]:
+    """OpenAI-style chat messages -> (turns, system), by the same rules as ALPACA_CHAT_TEMPLATE.
+
+    A "system" message replaces the preamble (the last one wins, as in the Jinja
+    template); each "user" message is an instruction, with the optional non-standard
+    "input" field as its Input block; an "assistant" message is the response to the
+    user message before it. The last message must be from the user: it is the
+    instruction to answer. Content is a string or a list of text parts (joined).
+    Raises ValueError naming the bad message.
+    """
+    turns: list[Turn] = []
+    system: str | None = None
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        text = _content_text(m.get("content") if isinstance(m, dict) else None, i)
+        if role == "system":
+            system = text
+        elif role == "user":
+            extra = m.get("input")
+            if extra is not None and not isinstance(extra, str):
+                raise ValueError(f"messages[{i}].input must be a string")
+            turns.append(Turn(text, extra or None))
+        elif role == "assistant":
+            if not turns or turns[-1].response is not None:
+                raise ValueError(f"messages[{i}]: an assistant message must follow a user message")
+            turns[-1] = Turn(turns[-1].instruction, turns[-1].input, text)
+        else:
+            raise ValueError(f"messages[{i}]: role {role!r} is not supported; use system, user or assistant")
+    if not turns or turns[-1].response is not None:
+        raise ValueError("the last message must be from the user: it is the instruction to answer")
+    return turns, system
+
+
+def _content_text(content: object, index: int) -> str:
+    """A message's text: a string, None (empty), or OpenAI text parts joined as one string."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    raise ValueError(f"messages[{index}].content must be text (a string or text parts); images are not supported")
