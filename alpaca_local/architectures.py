@@ -216,7 +216,7 @@ def _tokenizer_config_prefix_space(folder: Path) -> bool | None:
         return None
     try:
         value = json.loads(path.read_text(encoding="utf-8")).get("add_prefix_space")
-    except (ValueError, AttributeError, OSError):
+    except (ValueError, AttributeError, OSError, RecursionError):
         return None  # vocab.py reports a broken file with its own message
     return value if isinstance(value, bool) else None
 

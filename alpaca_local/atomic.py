@@ -13,6 +13,7 @@ import errno
 import os
 import shutil
 import signal
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -28,9 +29,14 @@ def check_target(target: Path, force: bool, need_bytes: int = 0) -> None:
         raise UsageError(f"{target} already exists; pass --force to overwrite it, or choose another name with -o")
     parent = target.parent
     if not parent.is_dir():
+        if parent.exists():
+            raise UsageError(
+                f"{parent} is a file, not a folder, so {target} cannot be created; choose another output with -o"
+            )
         raise UsageError(f"output folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write to {parent}: permission denied; choose another output with -o")
+        why = "read-only filesystem" if os.statvfs(parent).f_flag & os.ST_RDONLY else "permission denied"
+        raise InputError(f"cannot write to {parent}: {why}; choose another output with -o")
     free = shutil.disk_usage(parent).free
     if need_bytes and free < need_bytes:
         raise RuntimeFailure(
@@ -65,6 +71,21 @@ _WRITE_ERRNOS = {
 }
 
 
+def _final_mode(target: Path) -> int:
+    """The permissions a plain open() would give: the old file's with --force, else 0o666 & ~umask.
+
+    mkstemp makes its file 0600, and the rename keeps that: without this a converted
+    model would be unreadable to other users (an Ollama or llama.cpp server account).
+    """
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        pass
+    umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_write(target: Path) -> Iterator[Path]:
     """Yield a temp path beside `target`; it becomes `target` only if the block finishes."""
@@ -91,6 +112,7 @@ def atomic_write(target: Path) -> Iterator[Path]:
                     f"{_WRITE_ERRNOS[exc.errno]} while writing {target}; nothing was written"
                     " (free some space or choose another output with -o)"
                 ) from exc
+            os.chmod(tmp, _final_mode(target))
             os.replace(tmp, target)
             done = True
     finally:

@@ -78,13 +78,13 @@ def read_model_info(path: Path) -> ModelInfo:
     """Check the file is a whole GGUF (magic, version 2/3, every tensor inside the file) and
     read its architecture and trained context, before llama.cpp sees it: llama.cpp's own
     failure on a bad file is a log line we silence and a bare ValueError."""
-    from .gguf_read import read_gguf_header
+    from .gguf_read import printable, read_gguf_header
 
     header = read_gguf_header(path)
     arch = header.arch
     ctx = header.kv.get(f"{arch}.context_length")
     if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx <= 0):
-        raise InputError(f"{path}: metadata {arch}.context_length = {ctx!r} is not a positive integer")
+        raise InputError(f"{path}: metadata {arch}.context_length = {printable(ctx)} is not a positive integer")
     template = header.kv.get("tokenizer.chat_template")
     return ModelInfo(path, header.version, arch, ctx, template if isinstance(template, str) and template else None)
 

@@ -60,8 +60,12 @@ def read_json(path: Path, what: str) -> Any:
         raise InputError(f"cannot read {path}: {exc}") from exc
     try:
         return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); fix or re-download it") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, deep nesting
+        if isinstance(exc, json.JSONDecodeError):
+            where = f"line {exc.lineno}: {exc.msg}"
+        else:
+            where = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:100]
+        raise InputError(f"{path} is not valid JSON ({where}); fix or re-download it") from None
 
 
 def _int_field(cfg: dict, path: Path, names: tuple[str, ...], lo: int, hi: int, default: int | None = None) -> int:

@@ -24,6 +24,7 @@ Layout (gguf.cpp / docs/gguf.md in llama.cpp), all little-endian:
 from __future__ import annotations
 
 import mmap
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,13 @@ _TYPE_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "
 Value = Union[int, float, bool, str, list]
 
 
+def printable(value: object, limit: int = 60) -> str:
+    """A value from the file, fit for a one-line message: repr() escapes newlines and
+    terminal control codes, and a 16 MiB key or token list is cut to `limit` characters."""
+    text = repr(value[:limit + 1] if isinstance(value, (str, list)) else value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -78,6 +86,9 @@ class GGUFHeader:
         arch = self.kv.get("general.architecture")
         if not isinstance(arch, str):
             raise InputError(f"{self.path}: general.architecture is missing; not a model file")
+        # It becomes part of key names and messages: a plain identifier only.
+        if not (0 < len(arch) <= 64 and arch.isascii() and arch.replace("_", "").replace("-", "").isalnum()):
+            raise InputError(f"{self.path}: general.architecture = {printable(arch)} is not an architecture name")
         return arch
 
     def get_int(self, key: str, default: int | None = None) -> int:
@@ -86,7 +97,7 @@ class GGUFHeader:
         if isinstance(value, list) and value:
             value = value[0]
         if value is None or isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{self.path}: metadata {key} = {value!r} is not an integer")
+            raise InputError(f"{self.path}: metadata {key} = {printable(value)} is not an integer")
         return value
 
     @property
@@ -134,27 +145,27 @@ class _Cursor:
         return self.take(n, what).decode("utf-8", errors="replace")
 
 
-def _value(cur: _Cursor, vtype: int, key: str, nested: bool = False) -> Value:
+def _value(cur: _Cursor, vtype: int, label: str, nested: bool = False) -> Value:
     if vtype in _SCALARS:
-        return cur.scalar(_SCALARS[vtype], key)
+        return cur.scalar(_SCALARS[vtype], label)
     if vtype == _STRING:
-        return cur.string(key)
+        return cur.string(label)
     if vtype == _ARRAY and not nested:
-        etype = cur.u32(f"{key} element type")
+        etype = cur.u32(f"{label} element type")
         if etype == _ARRAY:
-            raise cur.fail(f"{key} is an array of arrays")
+            raise cur.fail(f"{label} is an array of arrays")
         min_size = 8 if etype == _STRING else struct.calcsize(_SCALARS.get(etype, "<B"))
         if etype not in _SCALARS and etype != _STRING:
-            raise cur.fail(f"{key} has unknown element type {etype}")
-        n = cur.count(f"{key} array length", MAX_ARRAY, min_size)
+            raise cur.fail(f"{label} has unknown element type {etype}")
+        n = cur.count(f"{label} array length", MAX_ARRAY, min_size)
         if etype == _STRING:
-            return _string_array(cur, n, key)
+            return _string_array(cur, n, label)
         fmt = _SCALARS[etype]
-        return list(struct.unpack(f"<{n}{fmt[1]}", cur.take(n * min_size, key)))
-    raise cur.fail(f"{key} has unknown value type {vtype}")
+        return list(struct.unpack(f"<{n}{fmt[1]}", cur.take(n * min_size, label)))
+    raise cur.fail(f"{label} has unknown value type {vtype}")
 
 
-def _string_array(cur: _Cursor, n: int, key: str) -> list[str]:
+def _string_array(cur: _Cursor, n: int, label: str) -> list[str]:
     """`n` strings (token lists: tens of thousands), each length checked before use; a tight loop."""
     buf, pos, size, out = cur.buf, cur.pos, cur.size, []
     unpack = struct.Struct("<Q").unpack_from
@@ -168,32 +179,35 @@ def _string_array(cur: _Cursor, n: int, key: str) -> list[str]:
         pos += 8 + length
     cur.pos = pos
     if len(out) < n:
-        raise cur.fail(f"truncated: string {len(out)} of {key}")
+        raise cur.fail(f"truncated: string {len(out)} of {label}")
     return out
 
 
 def _tensor_info(cur: _Cursor, index: int) -> tuple[str, tuple[int, ...], GGMLQuantizationType, int]:
     name = cur.string(f"tensor {index} name")
-    n_dims = cur.u32(f"tensor {name!r} n_dims")
+    label = printable(name)
+    n_dims = cur.u32(f"tensor {label} n_dims")
     if not 1 <= n_dims <= MAX_DIMS:
-        raise cur.fail(f"tensor {name!r} has {n_dims} dimensions (ggml allows 1 to {MAX_DIMS})")
-    ne = [cur.u64(f"tensor {name!r} dims") for _ in range(n_dims)]
-    raw_type = cur.u32(f"tensor {name!r} type")
-    offset = cur.u64(f"tensor {name!r} offset")
+        raise cur.fail(f"tensor {label} has {n_dims} dimensions (ggml allows 1 to {MAX_DIMS})")
+    ne = [cur.u64(f"tensor {label} dims") for _ in range(n_dims)]
+    raw_type = cur.u32(f"tensor {label} type")
+    offset = cur.u64(f"tensor {label} offset")
     try:
         ggml_type = GGMLQuantizationType(raw_type)
         GGML_QUANT_SIZES[ggml_type]
     except (ValueError, KeyError):
-        raise cur.fail(f"tensor {name!r} has unknown ggml type {raw_type}") from None
+        raise cur.fail(f"tensor {label} has unknown ggml type {raw_type}") from None
     if any(d == 0 or d >= 1 << 62 for d in ne):
-        raise cur.fail(f"tensor {name!r} has dimensions {ne}")
+        raise cur.fail(f"tensor {label} has dimensions {ne}")
     return name, tuple(reversed(ne)), ggml_type, offset
 
 
 def _nbytes(name: str, shape: tuple[int, ...], ggml_type: GGMLQuantizationType, cur: _Cursor) -> int:
     block, type_size = GGML_QUANT_SIZES[ggml_type]
     if shape[-1] % block:
-        raise cur.fail(f"tensor {name!r} row length {shape[-1]} is not a multiple of {ggml_type.name}'s block {block}")
+        raise cur.fail(
+            f"tensor {printable(name)} row length {shape[-1]} is not a multiple of {ggml_type.name}'s block {block}"
+        )
     n = shape[-1] // block * type_size
     for d in shape[:-1]:
         n *= d
@@ -213,7 +227,8 @@ def _parse(cur: _Cursor) -> tuple[int, dict[str, Value], list, int]:
     kv: dict[str, Value] = {}
     for _ in range(n_kv):
         key = cur.string("metadata key")
-        kv[key] = _value(cur, cur.u32(f"{key} type"), key)
+        label = f"metadata key {printable(key)}"
+        kv[key] = _value(cur, cur.u32(f"{label} type"), label)
     infos = [_tensor_info(cur, i) for i in range(n_tensors)]
     return version, kv, infos, cur.pos
 
@@ -222,6 +237,11 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
     """Read and check a GGUF file's header and tensor table (no tensor data is read)."""
     path = Path(path)
     try:
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(mode):  # opening a FIFO blocks; a device may never end
+            raise InputError(f"{path} is not a regular file, so not a GGUF model")
         with open(path, "rb") as f:
             size = f.seek(0, 2)
             if size < 24:
@@ -242,20 +262,20 @@ def _check_layout(cur: _Cursor, path: Path, version: int, kv: dict, infos: list,
     alignment = kv.get("general.alignment", DEFAULT_ALIGNMENT)
     if isinstance(alignment, bool) or not isinstance(alignment, int) or not 0 < alignment <= MAX_ALIGNMENT \
             or alignment & (alignment - 1):
-        raise InputError(f"{path}: general.alignment = {alignment!r} is not a power of two")
+        raise InputError(f"{path}: general.alignment = {printable(alignment)} is not a power of two")
     data_offset = (end + alignment - 1) // alignment * alignment
     data_size = cur.size - data_offset
     tensors, seen = [], set()
     for name, shape, ggml_type, offset in infos:
         if name in seen:
-            raise InputError(f"{path}: tensor {name!r} appears twice")
+            raise InputError(f"{path}: tensor {printable(name)} appears twice")
         seen.add(name)
         nbytes = _nbytes(name, shape, ggml_type, cur)
         if offset % alignment:
-            raise InputError(f"{path}: tensor {name!r} offset {offset} is not aligned to {alignment}")
+            raise InputError(f"{path}: tensor {printable(name)} offset {offset} is not aligned to {alignment}")
         if offset + nbytes > data_size:
             raise InputError(
-                f"{path}: tensor {name!r} ends at byte {data_offset + offset + nbytes} but the file has "
+                f"{path}: tensor {printable(name)} ends at byte {data_offset + offset + nbytes} but the file has "
                 f"{cur.size} bytes (truncated download?)"
             )
         tensors.append(TensorInfo(name, shape, ggml_type, offset, nbytes))

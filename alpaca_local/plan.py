@@ -22,7 +22,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import quant_rules
 from .architectures import ARCHITECTURES, Architecture
-from .config import ModelConfig
+from .config import MAX_CTX, MAX_DIM, MAX_VOCAB, ModelConfig
 from .errors import InputError, UsageError
 from .gguf_read import GGUFHeader
 
@@ -166,21 +166,32 @@ def _file_level(header: GGUFHeader) -> str | None:
 def shape_from_gguf(header: GGUFHeader) -> ModelShape:
     """Model facts from a GGUF header (llama.cpp's own keys, LLM_KV_* in src/llama-arch.cpp)."""
     a = header.arch
-    n_head = header.get_int(f"{a}.attention.head_count")
-    hidden = header.get_int(f"{a}.embedding_length")
-    if n_head <= 0 or hidden <= 0:
-        raise InputError(f"{header.path}: head_count {n_head} / embedding_length {hidden} must be positive")
+
+    def positive(key: str, default: int | None = None, most: int = MAX_DIM) -> int:
+        # The arithmetic below (and the tensor lists it builds) trusts these: a crafted
+        # header must not make it loop over 2^31 layers or plan with zero heads.
+        value = header.get_int(f"{a}.{key}", default)
+        if not 1 <= value <= most:
+            raise InputError(f"{header.path}: metadata {a}.{key} = {value} is not between 1 and {most}")
+        return value
+
+    n_head = positive("attention.head_count")
+    hidden = positive("embedding_length")
+    n_kv_head = positive("attention.head_count_kv", n_head)
+    if n_head % n_kv_head:
+        raise InputError(f"{header.path}: metadata {a}.attention.head_count {n_head} is not a multiple of "
+                         f"{a}.attention.head_count_kv {n_kv_head}")
     names = {t.name for t in header.tensors}
     tok = header.kv.get("tokenizer.ggml.tokens")
-    vocab = header.get_int(f"{a}.vocab_size", len(tok) if isinstance(tok, list) else None)
+    vocab = positive("vocab_size", len(tok) if isinstance(tok, list) else None, most=MAX_VOCAB)
     tensors = tuple(PlannedTensor(t.name, t.shape, t.ggml_type, t.nbytes) for t in sorted(header.tensors, key=lambda t: t.offset))
     level = _file_level(header)
     return ModelShape(
-        name=header.path.name, arch=a, n_layer=header.get_int(f"{a}.block_count"), hidden=hidden, n_head=n_head,
-        n_kv_head=header.get_int(f"{a}.attention.head_count_kv", n_head),
-        head_dim=header.get_int(f"{a}.attention.key_length", hidden // n_head),
-        intermediate=header.get_int(f"{a}.feed_forward_length"), vocab=vocab,
-        n_ctx_train=header.get_int(f"{a}.context_length", 2048), tied_embeddings="output.weight" not in names,
+        name=header.path.name, arch=a, n_layer=positive("block_count", most=max(1, len(header.tensors))),
+        hidden=hidden, n_head=n_head, n_kv_head=n_kv_head,
+        head_dim=positive("attention.key_length", max(1, hidden // n_head)),
+        intermediate=positive("feed_forward_length", most=16 * MAX_DIM), vocab=vocab,
+        n_ctx_train=positive("context_length", 2048, most=MAX_CTX), tied_embeddings="output.weight" not in names,
         source="gguf", file_quant=level, file_tensors=tensors, file_bytes=header.file_size,
         header_bytes=((level, header.data_offset),) if level else (),
         rope_freqs="rope_freqs.weight" in names,
