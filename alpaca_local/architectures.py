@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace, field
 from pathlib import Path
 from typing import Any
 
@@ -238,18 +238,7 @@ LLAMA = Architecture(
 
 # The reference converter registers MistralForCausalLM on LlamaModel: same
 # tensors, permutation and metadata, SentencePiece vocabulary.
-MISTRAL = Architecture(
-    hf_class="MistralForCausalLM",
-    gguf_arch=gguf.MODEL_ARCH.LLAMA,
-    description="Mistral 7B",
-    skip_suffixes=_LLAMA_SKIP,
-    rope_permuted=frozenset({T.ATTN_Q, T.ATTN_K}),
-    metadata=_llama_metadata,
-    shapes=_llama_shapes,
-    tokenizer="sentencepiece-or-bpe",
-    add_space_prefix=_tokenizer_config_prefix_space,
-    extra_tensors=_llama_extras,
-)
+MISTRAL = replace(LLAMA, hf_class="MistralForCausalLM", description="Mistral 7B")
 
 
 # --------------------------------------------------------------------------

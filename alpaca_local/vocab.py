@@ -158,17 +158,22 @@ def _added_tokens(folder: Path) -> dict[int, tuple[str, bool]]:
     return {i: (c, s) for i, (c, s, _) in found.items()}
 
 
+def _check_fits(named: int, n_vocab: int) -> None:
+    """Every token id must have an embedding row; fewer tokens than rows is padding, more is a mismatch."""
+    if named > n_vocab:
+        raise InputError(
+            f"the tokenizer has {named} tokens but the model's embedding has {n_vocab} rows; "
+            "the tokenizer does not belong to these weights"
+        )
+
+
 def load_vocab(folder: Path, n_vocab: int) -> Vocab:
     """The vocabulary of `folder`, exactly `n_vocab` entries (the embedding rows)."""
     sp = _load_sentencepiece(folder / "tokenizer.model")
     n_sp = sp.vocab_size()
     added = _added_tokens(folder)
     named = max([n_sp - 1, *added]) + 1
-    if named > n_vocab:
-        raise InputError(
-            f"the tokenizer has {named} tokens but the model's embedding has {n_vocab} rows; "
-            "the tokenizer does not belong to these weights"
-        )
+    _check_fits(named, n_vocab)
     tokens: list[str] = []
     scores: list[float] = []
     types: list[int] = []
@@ -290,11 +295,7 @@ def load_bpe_vocab(folder: Path, n_vocab: int) -> Vocab:
         by_id[token_id] = token
     added = _added_tokens(folder)
     named = max([*by_id, *added], default=-1) + 1
-    if named > n_vocab:
-        raise InputError(
-            f"the tokenizer has {named} tokens but the model's embedding has {n_vocab} rows; "
-            "the tokenizer does not belong to these weights"
-        )
+    _check_fits(named, n_vocab)
     tokens: list[str] = []
     types: list[int] = []
     for i in range(n_vocab):
