@@ -157,7 +157,7 @@ def convert_section(r: dict) -> list[str]:
         (f"{r['size']} LLaMA-shaped model with random weights, {src / 1e9:.2f} GB of f16 safetensors. "
          "Reference: vendored `convert_hf_to_gguf.py --outtype f16`, then `llama_model_quantize` "
          "(default parameters); its f16 step counts towards every quant. Same run, same warm page cache. "
-         "Peak memory includes the Python interpreter and libraries (~0.3 GB), which dominate on small models."),
+         "Peak memory is the whole process: for ours, about 50 MB of it is the Python interpreter and libraries."),
         "",
         "| quant | ours s | reference s | time ratio | target | ours peak MB | reference peak MB | peak / f16 size | peak target met |",
         "|---|---:|---:|---:|---|---:|---:|---:|---|",
