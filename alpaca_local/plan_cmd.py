@@ -61,13 +61,13 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
 
 def _settings(args: argparse.Namespace, backend: str):
     from .errors import UsageError
-    from .plan import RunSettings, check_settings
+    from .plan import RunSettings, check_settings, detect_cpu
 
     ctx = args.ctx.strip().lower()
     if ctx != "max" and not ctx.isdigit():
         raise UsageError(f"--ctx {args.ctx!r} is not a number or 'max'")
     s = RunSettings(n_ctx=2048 if ctx == "max" else int(ctx), n_batch=args.batch, cache_type=args.cache_type,
-                    backend=backend)
+                    backend=backend, cpu=detect_cpu())
     check_settings(s)
     return s, ctx == "max"
 

@@ -206,7 +206,8 @@ def accuracy(tmp: Path) -> None:
           f"llama.cpp build: {library_cpu_features()}; repacked types: "
           + ", ".join(f"{t.name} (rows % {n})" for t, n in cpu.repack_rows.items()))
     print("prediction vs llama.cpp (CPU backend), MiB, measured then predicted; model = CPU_Mapped + CPU_REPACK;")
-    print("model bytes exact (=) when sum of ggml_nbytes == llama_model_size")
+    print("model bytes exact (=) when sum of ggml_nbytes == llama_model_size; model err is against the printed\n"
+          "2-decimal buffers, so files of a few MiB show the rounding")
     print(f"  {'file':22s} {'ctx':>5s} {'kv':>5s} | {'CPU_Mapped':>16s} | {'CPU_REPACK':>16s} | {'model err':>9s} | "
           f"{'KV':>15s} | {'compute':>17s} | total err")
     for path in files:

@@ -68,9 +68,9 @@ def test_gqa_shrinks_kv() -> None:
 def test_partial_offload_puts_output_layer_first_and_token_embd_never() -> None:
     tensors = plan.tensors_for(ALPACA, "q4_k_m")
     by_name = {t.name: t for t in tensors}
-    gpu1, _ = plan.weights_split(tensors, ALPACA, 1, "metal")
+    gpu1, _, _ = plan.weights_split(tensors, ALPACA, 1, "metal")
     assert gpu1 == sum(plan._pad(by_name[n].nbytes, 32) for n in ("output.weight", "output_norm.weight"))
-    full_gpu, full_cpu = plan.weights_split(tensors, ALPACA, 33, "metal")
+    full_gpu, full_cpu, _ = plan.weights_split(tensors, ALPACA, 33, "metal")
     assert full_cpu == by_name["token_embd.weight"].nbytes
     assert plan.weights_split(tensors, ALPACA, 0, "cuda")[0] == 0
     per_layer = [plan.weights_split(tensors, ALPACA, n, "cuda")[0] for n in range(34)]
@@ -91,6 +91,77 @@ def test_7b_compute_buffer_matches_llama_cpp_at_2048() -> None:
     assert round(plan.compute_bytes(ALPACA, s) / MiB, 4) == 188.0098
 
 
+# -- CPU_REPACK: ggml-cpu's interleaved copies of some weight types ------------------------
+
+X86_AVX2 = plan.CpuFeatures(("avx2",), "test")
+ARM_DOTPROD = plan.CpuFeatures(("dotprod",), "test")
+T = plan.T
+
+
+@pytest.mark.parametrize("text, features", [
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw\n", ("avx2", "avx512f")),
+    ("flags\t\t: fpu sse2 avx\n", ()),  # no AVX2: nothing is repacked
+    ("Features\t: fp asimd evtstrm aes crc32 atomics fphp asimdhp asimddp i8mm sve\n", ("dotprod", "i8mm")),
+    ("garbage", ()),
+])
+def test_cpu_features_from_cpuinfo(text: str, features: tuple[str, ...]) -> None:
+    assert plan.parse_cpuinfo(text) == features
+
+
+@pytest.mark.parametrize("cpu, ggml_type, rows, repacked", [
+    (X86_AVX2, T.Q4_0, 4096, True),   # repack.cpp:4975 Q4_0 -> q4_0x8 when ne[1] % 8 == 0
+    (X86_AVX2, T.Q4_0, 804, False),   # 804 rows: not a multiple of 8
+    (X86_AVX2, T.Q4_K, 11008, True),  # :5007 Q4_K -> q4_Kx8
+    (X86_AVX2, T.Q6_K, 4096, False),  # Q5_K / Q6_K / Q8_0 repack only on ARM
+    (X86_AVX2, T.Q8_0, 4096, False),
+    (X86_AVX2, T.F16, 4096, False),
+    (ARM_DOTPROD, T.Q4_0, 804, True),  # :4985 NEON dotprod: 4x4, rows % 4
+    (ARM_DOTPROD, T.Q6_K, 4096, True),
+    (ARM_DOTPROD, T.Q8_0, 4096, True),
+    (plan.NO_REPACK, T.Q4_0, 4096, False),
+])
+def test_repack_rule(cpu: plan.CpuFeatures, ggml_type, rows: int, repacked: bool) -> None:
+    t = plan.PlannedTensor("blk.0.ffn_gate.weight", (rows, 4096), ggml_type, 0)
+    assert plan.is_repacked(t, cpu.repack_rows) is repacked
+    # token_embd is read with GET_ROWS, which CPU_REPACK does not support (repack.cpp:5191)
+    assert not plan.is_repacked(replace_name(t, "token_embd.weight"), cpu.repack_rows)
+
+
+def replace_name(t: plan.PlannedTensor, name: str) -> plan.PlannedTensor:
+    return plan.PlannedTensor(name, t.shape, t.ggml_type, t.nbytes)
+
+
+def test_7b_q4_0_on_cpu_adds_every_q4_0_matrix_but_token_embd() -> None:
+    s = plan.RunSettings(backend="cpu", cpu=X86_AVX2)
+    p = plan.plan_level(ALPACA, "q4_0", s)
+    q4 = [t for t in plan.tensors_for(ALPACA, "q4_0") if t.ggml_type == T.Q4_0 and t.name != "token_embd.weight"]
+    assert len(q4) == 32 * 7 and p.repack == sum(plan._pad(t.nbytes, plan.TENSOR_ALIGNMENT) for t in q4)
+    # The copies come on top of the mapped span, which loses only the repacked tensors at its end
+    # (get_mapping_range: first to last tensor still mapped); the 7B layout ends in blk.31's matrices.
+    mapped_only = plan.plan_level(ALPACA, "q4_0", plan.RunSettings(backend="cpu", cpu=plan.NO_REPACK))
+    tail = mapped_only.weights_cpu - (p.weights_cpu - p.repack)
+    assert mapped_only.repack == 0 and p.weights_cpu == p.weights_gpu and 0 < tail < p.repack // 100
+    assert plan.plan_level(ALPACA, "q8_0", s).repack == 0 and plan.plan_level(ALPACA, "q4_k_m", s).repack > 0
+
+
+def test_no_repack_on_cuda_and_only_cpu_layers_on_metal() -> None:
+    # CUDA: its host buffer type comes first and becomes plain CPU under mmap (llama-model-loader.cpp).
+    assert plan.plan_level(ALPACA, "q4_0", plan.RunSettings(backend="cuda", cpu=X86_AVX2), 10).repack == 0
+    metal = [plan.plan_level(ALPACA, "q4_k_m", plan.RunSettings(backend="metal", cpu=ARM_DOTPROD), n).repack
+             for n in (0, 1, 2, 17, 33)]
+    assert metal[1] > metal[2] > metal[3] > metal[4] == 0  # fewer CPU layers, less repacked
+    assert metal[0] == metal[1]  # the Q6_K output has 32001 rows, not a multiple of 8: never repacked
+
+
+def test_tied_output_is_repacked_as_a_second_tensor() -> None:
+    # token_embd stays mapped (GET_ROWS); the tied output is a duplicate used by MUL_MAT.
+    tied = plan.ModelShape("t", "llama", 2, 256, 4, 4, 64, 512, 1000, 2048, True, "catalog")
+    embd = plan.PlannedTensor("token_embd.weight", (1000, 256), T.Q6_K, 1000 * 210)
+    _, mapped, repack = plan.weights_split((embd,), tied, 0, "cpu", ARM_DOTPROD.repack_rows)
+    assert mapped == embd.nbytes and repack == plan._pad(embd.nbytes, plan.TENSOR_ALIGNMENT)
+    assert plan.weights_split((embd,), tied, 0, "cpu", X86_AVX2.repack_rows)[2] == 0  # Q6_K: ARM only
+
+
 # -- accuracy against llama.cpp itself (CPU) ---------------------------------------------
 
 SHAPES = [
@@ -101,26 +172,43 @@ SHAPES = [
 
 
 @pytest.fixture(scope="module", params=range(len(SHAPES)), ids=["gqa-256", "gqa-384", "mha-512"])
-def shaped_gguf(request, tmp_path_factory) -> Path:
+def shaped_hf(request, tmp_path_factory) -> Path:
     import tinymodels
 
     d = tmp_path_factory.mktemp("shape")
-    src = tinymodels.build_llama(d / "hf", **SHAPES[request.param]).path
-    return convert(src, d / "m.Q8_0.gguf", "q8_0").output
+    return tinymodels.build_llama(d / "hf", **SHAPES[request.param]).path
 
 
-@pytest.mark.parametrize("n_ctx", [1000, 2048])
-def test_prediction_matches_llama_cpp(shaped_gguf: Path, n_ctx: int) -> None:
-    r = bench.compare(shaped_gguf, n_ctx)
+def _assert_model_buffers_exact(r: dict) -> None:
     m, p = r["measured"], r["predicted"]
     assert r["model_size"] == r["tensor_bytes"]  # model bytes: exact
-    assert m["model"] == round(p["model"], 2)  # the mapped buffer, as llama.cpp prints it
-    assert m["kv"] == round(p["kv"], 2)  # KV bytes: exact to the printed digits
+    for buffer, (got, predicted) in r["buffers"].items():  # CPU_Mapped and CPU_REPACK
+        assert got == round(predicted, 2), buffer  # as llama.cpp prints them
+    assert r["repacked"] == (r["buffers"]["repack"][1] > 0)
+    assert m["model"] == pytest.approx(p["model"], abs=0.01)
+
+
+@pytest.mark.parametrize("level, n_ctx", [("q8_0", 1000), ("q8_0", 2048), ("q4_k_m", 2048), ("q4_0", 1000)])
+def test_prediction_matches_llama_cpp(shaped_hf: Path, tmp_path: Path, level: str, n_ctx: int) -> None:
+    r = bench.compare(convert(shaped_hf, tmp_path / f"m.{level}.gguf", level).output, n_ctx)
+    _assert_model_buffers_exact(r)
+    assert r["measured"]["kv"] == round(r["predicted"]["kv"], 2)  # KV bytes: exact to the printed digits
     assert abs(r["total_error"]) <= 0.05
 
 
-def test_quantized_cache_prediction_within_tolerance(shaped_gguf: Path) -> None:
-    r = bench.compare(shaped_gguf, 2048, cache="q8_0")
+def test_repack_skips_rows_not_a_multiple_of_the_interleave(tmp_path: Path) -> None:
+    # 804-row ffn_gate/ffn_up: x86 repacks Q4_0 only when rows % 8 == 0 (ARM: % 4).
+    import tinymodels
+
+    src = tinymodels.build_llama(tmp_path / "hf", hidden=256, n_layer=2, n_head=4, n_kv_head=4, intermediate=804).path
+    r = bench.compare(convert(src, tmp_path / "m.q4_0.gguf", "q4_0").output, 1000)
+    _assert_model_buffers_exact(r)
+    assert abs(r["total_error"]) <= 0.05
+
+
+def test_quantized_cache_prediction_within_tolerance(shaped_hf: Path, tmp_path: Path) -> None:
+    r = bench.compare(convert(shaped_hf, tmp_path / "m.q4_k_m.gguf", "q4_k_m").output, 2048, cache="q8_0")
+    _assert_model_buffers_exact(r)
     assert r["measured"]["kv"] == round(r["predicted"]["kv"], 2)
     assert abs(r["total_error"]) <= 0.10  # flash-attention compute buffer is an estimate
 
@@ -155,7 +243,7 @@ def test_json_is_stable(capsys) -> None:
     out = _json(capsys, "llama-7b", "--vram", "24", "--ctx", "4096", "--cache-type", "q8_0")
     assert set(out) == {"model", "device", "settings", "levels", "recommendation"}
     assert set(out["levels"][0]) == {
-        "level", "file_bytes", "file_bytes_exact", "weights_gpu_bytes", "weights_cpu_bytes", "kv_bytes",
+        "level", "file_bytes", "file_bytes_exact", "weights_gpu_bytes", "weights_cpu_bytes", "repack_bytes", "kv_bytes",
         "compute_bytes", "output_bytes", "overhead_bytes", "total_bytes", "fits", "max_ctx", "max_gpu_layers"}
     assert out["settings"]["flash_attn"] and out["model"]["vocab"] == 32000
     assert out["recommendation"]["level"] == "f16"
