@@ -67,6 +67,10 @@ class GeneratedTensor:
         return self.values.nbytes
 
     @property
+    def n_elements(self) -> int:
+        return int(self.values.size)
+
+    @property
     def n_rows(self) -> int:
         return int(np.prod(self.shape[:-1])) if self.shape else 1
 
@@ -228,6 +232,8 @@ def _header_writer(plan: ConversionPlan, path: Path) -> gguf.GGUFWriter:
     w = gguf.GGUFWriter(path, plan.arch.arch_name)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(plan.name)
+    # "7B"-style label that LM Studio and Ollama show; gguf-py's rule, as the reference converter uses.
+    w.add_size_label(gguf.size_label(sum(j.source.n_elements for j in plan.jobs), 0, 0, 0))
     plan.arch.metadata(w, cfg)
     w.add_file_type(quant_rules.file_type(plan.quant))
     if plan.quant != "f16":

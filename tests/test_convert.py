@@ -68,6 +68,7 @@ def test_metadata(tiny_model, tiny_gguf_f16):
     cfg = tiny_model.config
     assert _kv(r, "general.architecture") == "llama"
     assert _kv(r, "general.name") == "tiny-llama"
+    assert _kv(r, "general.size_label") == gguf.size_label(sum(tiny_model.weights[k].size for k in tiny_model.weights), 0, 0, 0)
     assert _kv(r, "llama.block_count") == cfg["num_hidden_layers"]
     assert _kv(r, "llama.context_length") == cfg["max_position_embeddings"]
     assert _kv(r, "llama.embedding_length") == cfg["hidden_size"]
