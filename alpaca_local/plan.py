@@ -82,6 +82,18 @@ SAFETY_MIN = 256 * MiB
 HEADER_BYTES_PER_TOKEN = 8 + 6 + 4 + 4
 HEADER_BYTES_FIXED = 4096
 
+# Architectures whose graph interleaves sliding-window (SWA) and full-attention layers,
+# with llama.cpp's default pattern: layer il slides when il % n < n - 1
+# (llama_hparams::set_swa_pattern, src/llama-hparams.cpp:8-17), so every other layer for 2.
+# Gemma 2: load_swa_pattern(ml, 2) and n_swa 4096 unless the file says otherwise
+# (src/models/gemma2.cpp load_arch_hparams).  Other architectures build a plain KV cache
+# even where config.json has a sliding_window (Mistral v0.1, Qwen2's use_sliding_window).
+SWA_PATTERN = {"gemma2": 2}
+SWA_DEFAULT_WINDOW = {"gemma2": 4096}
+# Gemma 2 keeps sa_out (the residual around the feed-forward block, for its ffn_post_norm)
+# alive through the FFN: one more width of n_embd at that moment (src/models/gemma2.cpp).
+FFN_EXTRA_WIDTHS = {"gemma2": 1}
+
 
 @dataclass(frozen=True)
 class PlannedTensor:
@@ -112,10 +124,22 @@ class ModelShape:
     file_bytes: int | None = None  # that file's size
     header_bytes: tuple[tuple[str, int], ...] = ()  # (level, exact header size) pairs
     rope_freqs: bool = False  # llama3 rope scaling: the file has a rope_freqs tensor (head_dim/2 f32)
+    n_swa: int = 0  # tokens a sliding-window layer sees; 0: no sliding-window layers
+    swa_pattern: int = 0  # layer il slides when il % swa_pattern < swa_pattern - 1 (SWA_PATTERN)
 
     @property
     def n_kv_gqa(self) -> int:
-        return self.n_kv_head * self.head_dim  # hparams.n_embd_k_gqa()
+        # hparams.n_embd_k_gqa(): n_head_kv x n_embd_head_k, and n_embd_head_k is the file's
+        # attention.key_length (Gemma 2: 256 per head whatever hidden / n_head is).
+        return self.n_kv_head * self.head_dim
+
+    @property
+    def n_q(self) -> int:
+        return self.n_head * self.head_dim  # the width of Q and of the attention output
+
+    def is_swa(self, il: int) -> bool:
+        """llama_hparams::is_swa for layer `il` (src/llama-hparams.cpp set_swa_pattern)."""
+        return self.n_swa > 0 and il % self.swa_pattern < self.swa_pattern - 1
 
 
 @dataclass(frozen=True)
@@ -125,6 +149,10 @@ class RunSettings:
     cache_type: str = "f16"
     backend: str = "cuda"  # "cuda", "metal" or "cpu": which overhead and alignment apply
     cpu: CpuFeatures | None = None  # decides CPU_REPACK; None: this machine's (detect_cpu)
+    # Sliding-window layers get a full-size cache: llama_context_default_params has
+    # swa_full = true (src/llama-context.cpp:3788) and llama-cpp-python 0.3.36 keeps it unless
+    # given swa_full= (llama_cpp/llama.py:363).  False: window + ubatch cells (kv_cells).
+    swa_full: bool = True
 
     @property
     def cpu_features(self) -> CpuFeatures:
@@ -166,11 +194,13 @@ class LevelPlan:
 
 def shape_from_config(cfg: ModelConfig, name: str, source: str) -> ModelShape:
     arch = ARCHITECTURES[cfg.hf_arch]
+    pattern = SWA_PATTERN.get(arch.arch_name, 0)
+    n_swa = (cfg.sliding_window or SWA_DEFAULT_WINDOW[arch.arch_name]) if pattern else 0
     return ModelShape(
         name=name, arch=arch.arch_name, n_layer=cfg.n_layer, hidden=cfg.hidden, n_head=cfg.n_head,
         n_kv_head=cfg.n_kv_head, head_dim=cfg.head_dim, intermediate=cfg.intermediate, vocab=cfg.vocab_size,
         n_ctx_train=cfg.n_ctx, tied_embeddings=cfg.tie_embeddings, source=source,
-        rope_freqs="rope_freqs.weight" in arch.expected_tensors(cfg),
+        rope_freqs="rope_freqs.weight" in arch.expected_tensors(cfg), n_swa=n_swa, swa_pattern=pattern,
     )
 
 
@@ -205,6 +235,13 @@ def shape_from_gguf(header: GGUFHeader) -> ModelShape:
     vocab = positive("vocab_size", len(tok) if isinstance(tok, list) else None, most=MAX_VOCAB)
     tensors = tuple(PlannedTensor(t.name, t.shape, t.ggml_type, t.nbytes) for t in sorted(header.tensors, key=lambda t: t.offset))
     level = _file_level(header)
+    pattern = SWA_PATTERN.get(a, 0)
+    if pattern:  # LLM_KV_ATTENTION_SLIDING_WINDOW(_PATTERN), read by load_arch_hparams
+        pattern = header.get_int(f"{a}.attention.sliding_window_pattern", pattern)
+        if not 1 <= pattern <= MAX_DIM:
+            raise InputError(f"{header.path}: metadata {a}.attention.sliding_window_pattern = {pattern} "
+                             f"is not between 1 and {MAX_DIM}")
+    n_swa = positive("attention.sliding_window", SWA_DEFAULT_WINDOW[a], most=MAX_CTX) if pattern else 0
     return ModelShape(
         name=header.path.name, arch=a, n_layer=positive("block_count", most=max(1, len(header.tensors))),
         hidden=hidden, n_head=n_head, n_kv_head=n_kv_head,
@@ -213,7 +250,7 @@ def shape_from_gguf(header: GGUFHeader) -> ModelShape:
         n_ctx_train=positive("context_length", 2048, most=MAX_CTX), tied_embeddings="output.weight" not in names,
         source="gguf", file_quant=level, file_tensors=tensors, file_bytes=header.file_size,
         header_bytes=((level, header.data_offset),) if level else (),
-        rope_freqs="rope_freqs.weight" in names,
+        rope_freqs="rope_freqs.weight" in names, n_swa=n_swa, swa_pattern=pattern,
     )
 
 
@@ -228,6 +265,7 @@ def _as_config(shape: ModelShape, arch: Architecture) -> ModelConfig:
         vocab_size=shape.vocab, n_ctx=shape.n_ctx_train, rope_theta=10000.0, rms_eps=1e-6,
         tie_embeddings=shape.tied_embeddings,
         rope_scaling={"rope_type": "llama3"} if shape.rope_freqs else None,
+        sliding_window=shape.n_swa or None,
     )
 
 
@@ -337,14 +375,27 @@ def weights_split(tensors: tuple[PlannedTensor, ...], shape: ModelShape, ngl: in
     return gpu, cpu, repack
 
 
-def kv_bytes(shape: ModelShape, n_ctx: int, cache_type: str, n_layers: int | None = None) -> int:
+def swa_cells(shape: ModelShape, n_ctx: int, n_ubatch: int = DEFAULT_UBATCH, swa_full: bool = True) -> int:
+    """Cells of the sliding-window layers' cache (llama_kv_cache_iswa, src/llama-kv-cache-iswa.cpp:69-78):
+    the full kv_size with swa_full, else GGML_PAD(min(kv_size, n_swa + n_ubatch), 256)
+    (n_seq_max 1: llama-cpp-python's default)."""
+    kv_size = padded_ctx(n_ctx)
+    return kv_size if swa_full else _pad(min(kv_size, shape.n_swa + n_ubatch), CTX_PAD)
+
+
+def kv_bytes(shape: ModelShape, n_ctx: int, cache_type: str, n_layers: int | None = None,
+             n_ubatch: int = DEFAULT_UBATCH, swa_full: bool = True) -> int:
     """llama_kv_cache (src/llama-kv-cache.cpp:100-260): per layer one K and one V tensor of
-    n_embd_k_gqa x kv_size cells in the cache type; kv_size is n_ctx padded to 256."""
+    n_embd_k_gqa x cells in the cache type; the cells are n_ctx padded to 256, or `swa_cells`
+    for a sliding-window layer (a second cache, llama_kv_cache_iswa).  `n_layers`: the last
+    n_layers layers only (those offloaded)."""
     ggml_type = CACHE_TYPES[cache_type]
     block, type_size = GGML_QUANT_SIZES[ggml_type]
     row = shape.n_kv_gqa // block * type_size  # ggml_row_size
     layers = shape.n_layer if n_layers is None else n_layers
-    return 2 * layers * padded_ctx(n_ctx) * row
+    full, swa = padded_ctx(n_ctx), swa_cells(shape, n_ctx, n_ubatch, swa_full)
+    cells = sum(swa if shape.is_swa(il) else full for il in range(shape.n_layer - layers, shape.n_layer))
+    return 2 * cells * row
 
 
 def compute_bytes(shape: ModelShape, s: RunSettings) -> int:
@@ -355,23 +406,33 @@ def compute_bytes(shape: ModelShape, s: RunSettings) -> int:
     floats per token, at the largest of three moments of one layer's graph
     (build_attn_mha in src/llama-graph.cpp, llm_build_llama in src/models/llama.cpp):
       attention: KQ f32 [n_kv, n_tokens, n_head] + KQ mask f32 [n_kv, n_tokens]
-                 (soft_max runs in place) + ~5 activations of width n_embd +
-                 the V-cache row indices (i64, n_embd_v_gqa per token) + 5 ints of inputs;
+                 (soft_max runs in place) + 3 activations of width n_embd and 2 of
+                 Q's width n_head x head_dim + the V-cache row indices (i64,
+                 n_embd_v_gqa per token) + 5 ints of inputs;
                  with flash attention there is no KQ matrix and the mask is f16;
-      feed-forward: gate, up and their product (n_ff each) + ~6 of width n_embd;
-      output: the logits (n_vocab) + ~7 of width n_embd.
+      feed-forward: gate, up and their product (n_ff each) + 5 of width n_embd
+                 (+ FFN_EXTRA_WIDTHS);
+      output: the logits f32 [n_vocab, n_outputs], n_outputs = n_tokens at reserve
+                 (llama-context.cpp:670 n_outputs_pp) + 3 of width n_embd; the
+                 vocab term dominates for large vocabularies (256000 for Gemma).
+    A model with sliding-window layers (build_attn_inp_kv_iswa, src/llama-graph.cpp:3425)
+    has a second set of inputs alive for the whole graph: its own KQ mask
+    [swa_cells, n_tokens] and its own K/V row indices (i64: 2 x n_embd_v_gqa + 2 per token).
     The widths were calibrated on CPU against llama.cpp's "compute buffer size"
-    (benchmarks/plan.py prints the errors).
+    (benchmarks/plan.py prints the errors; tests/test_plan_archs.py pins them).
     """
     n_tokens = min(s.n_ubatch, padded_ctx(s.n_ctx))
     n_kv, h, kv_w = padded_ctx(s.n_ctx), shape.hidden, shape.n_kv_gqa
+    swa = shape.n_swa > 0
+    n_kv_swa = swa_cells(shape, s.n_ctx, s.n_ubatch, s.swa_full) if swa else 0
+    swa_idxs = 2 * kv_w + 2 if swa else 0
     if s.flash_attn:
-        mask_bytes = 2 * n_kv * n_tokens
-        per_token = max(3 * shape.intermediate + 3 * h, shape.vocab + 2 * h + 2 * kv_w) + 64
+        mask_bytes = 2 * (n_kv + n_kv_swa) * n_tokens
+        per_token = max(3 * shape.intermediate + 3 * h, shape.vocab + 2 * h + 2 * kv_w) + 64 + swa_idxs
         return mask_bytes + 4 * n_tokens * per_token
-    attention = n_kv * (shape.n_head + 1) + 5 * h + 2 * kv_w + 5
-    ffn = 3 * shape.intermediate + 6 * h + 5
-    output = shape.vocab + 7 * h + 5
+    attention = n_kv * (shape.n_head + 1) + n_kv_swa + 3 * h + 2 * shape.n_q + 2 * kv_w + 5 + swa_idxs
+    ffn = 3 * shape.intermediate + (5 + FFN_EXTRA_WIDTHS.get(shape.arch, 0)) * h + 5 + (2 if swa else 0)
+    output = shape.vocab + 3 * h + 5
     return 4 * n_tokens * max(attention, ffn, output)
 
 
@@ -391,10 +452,10 @@ def plan_level(shape: ModelShape, level: str, s: RunSettings, n_gpu_layers: int 
     rows = repack_rows_for(s.backend, s.cpu_features)
     if s.backend == "cpu":
         w_gpu, mapped, repack = weights_split(tensors, shape, 0, "cpu", rows)
-        kv_dev = kv_bytes(shape, s.n_ctx, s.cache_type)
+        kv_dev = kv_bytes(shape, s.n_ctx, s.cache_type, None, s.n_ubatch, s.swa_full)
     else:
         w_gpu, mapped, repack = weights_split(tensors, shape, ngl if on_gpu else 0, s.backend, rows)
-        kv_dev = kv_bytes(shape, s.n_ctx, s.cache_type, gpu_layers)
+        kv_dev = kv_bytes(shape, s.n_ctx, s.cache_type, gpu_layers, s.n_ubatch, s.swa_full)
     w_cpu = mapped + repack
     compute = compute_bytes(shape, s) if (on_gpu or s.backend == "cpu") else 0
     return LevelPlan(
@@ -471,7 +532,10 @@ def recommend(shape: ModelShape, plans: dict[str, LevelPlan], s: RunSettings, bu
         return Recommendation(None, 0, False, 0, 0, "not even one layer fits; run on the CPU (-ngl 0)")
     ngl, level = best
     p = plan_level(shape, level, s, ngl)
-    cpu = p.weights_cpu + p.output + kv_bytes(shape, s.n_ctx, s.cache_type, shape.n_layer - max(ngl - 1, 0))
+    # The KV of the layers left on the CPU: all layers' minus the offloaded (last) ones'.
+    kv_all = kv_bytes(shape, s.n_ctx, s.cache_type, None, s.n_ubatch, s.swa_full)
+    cpu = p.weights_cpu + p.output + kv_all - kv_bytes(shape, s.n_ctx, s.cache_type, max(ngl - 1, 0),
+                                                       s.n_ubatch, s.swa_full)
     return Recommendation(level, ngl, False, p.total_gpu, cpu,
                           f"no level fits fully; {level} puts the most layers ({ngl} of {shape.n_layer + 1}) on the GPU")
 

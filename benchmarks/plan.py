@@ -78,10 +78,11 @@ def write_sparse_gguf(path: Path, shape: plan.ModelShape, level: str) -> Path:
 _PROBE = r"""
 import json, os, sys, tempfile
 import llama_cpp
-path, n_ctx, n_batch, cache = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+path, n_ctx, n_batch, cache, swa_full = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 ctype = getattr(llama_cpp, "GGML_TYPE_" + cache.upper())
 m = llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=0, verbose=True,
-                    type_k=ctype, type_v=ctype, flash_attn=cache != "f16")
+                    type_k=ctype, type_v=ctype, flash_attn=cache != "f16",
+                    swa_full=None if swa_full == "default" else swa_full == "1")
 print(json.dumps({"model_size": llama_cpp.llama_model_size(m.model)}))
 """
 
@@ -96,22 +97,32 @@ _PATTERNS = {
 }
 
 
-def llama_cpp_report(path: Path, n_ctx: int, n_batch: int = 512, cache: str = "f16") -> dict:
+def llama_cpp_report(path: Path, n_ctx: int, n_batch: int = 512, cache: str = "f16",
+                     swa_full: bool | None = None) -> dict:
     """Load `path` in llama-cpp-python (CPU) in a subprocess; the logged buffer sizes in MiB.
+
+    `swa_full`: passed to Llama(); None leaves llama-cpp-python's default.
 
     A subprocess because llama.cpp logs straight to fd 2 and may abort the process on a bad file.
     Returns {"model": {buffer: MiB}, "kv": ..., "compute": ..., "output": ..., "model_size": bytes}.
     """
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(n_ctx), str(n_batch), cache],
+        flag = "default" if swa_full is None else str(int(swa_full))
+        proc = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(n_ctx), str(n_batch), cache, flag],
                               stdout=subprocess.PIPE, stderr=err, timeout=300)
         err.seek(0)
         log = err.read().decode(errors="replace")
     if proc.returncode:
         raise RuntimeError(f"llama.cpp failed on {path}: {log[-2000:]}")
     report = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    # "llama_kv_cache: size =    0.75 MiB (  1024 cells, ...": each cache's cells (two with SWA layers)
+    report["kv_cells"] = [int(n) for n in re.findall(r"llama_kv_cache: size =\s*[\d.]+ MiB \(\s*(\d+) cells", log)]
     for key, pattern in _PATTERNS.items():
-        report[key] = {buf: float(mib) for buf, mib in re.findall(pattern, log)}
+        # Summed per buffer name: a model with sliding-window layers has two KV caches
+        # (llama_kv_cache_iswa: base and SWA), each logging its own "CPU KV buffer size" line.
+        report[key] = {}
+        for buf, size in re.findall(pattern, log):
+            report[key][buf] = report[key].get(buf, 0.0) + float(size)
     return report
 
 
@@ -119,7 +130,7 @@ def mib(n: int, decimals: int) -> float:
     return round(n / MiB, decimals)
 
 
-def compare(path: Path, n_ctx: int, n_batch: int = 512, cache: str = "f16") -> dict:
+def compare(path: Path, n_ctx: int, n_batch: int = 512, cache: str = "f16", swa_full: bool | None = None) -> dict:
     """Prediction vs llama.cpp (CPU backend) for one file: MiB each, plus relative total error.
 
     "model" is all model buffers together; "mapped" (CPU_Mapped) and "repack"
@@ -128,14 +139,16 @@ def compare(path: Path, n_ctx: int, n_batch: int = 512, cache: str = "f16") -> d
     from alpaca_local.gguf_read import read_gguf_header
 
     shape = plan.shape_from_gguf(read_gguf_header(path))
-    s = plan.RunSettings(n_ctx=n_ctx, n_batch=n_batch, cache_type=cache, backend="cpu")
+    s = plan.RunSettings(n_ctx=n_ctx, n_batch=n_batch, cache_type=cache, backend="cpu",
+                         swa_full=plan.RunSettings.swa_full if swa_full is None else swa_full)
     p = plan.plan_level(shape, shape.file_quant, s)
-    got = llama_cpp_report(path, n_ctx, n_batch, cache)
+    got = llama_cpp_report(path, n_ctx, n_batch, cache, swa_full)
     measured = {k: sum(got[k].values()) for k in ("model", "kv", "compute", "output")}
     predicted = {"model": p.weights_cpu / MiB, "kv": p.kv / MiB, "compute": p.compute / MiB, "output": p.output / MiB}
     m_total, p_total = sum(measured.values()), sum(predicted.values())
     return {
-        "file": path.name, "n_ctx": n_ctx, "cache": cache, "measured": measured, "predicted": predicted,
+        "file": path.name, "n_ctx": n_ctx, "cache": cache, "kv_cells": got["kv_cells"],
+        "measured": measured, "predicted": predicted,
         "buffers": {"mapped": (got["model"].get("CPU_Mapped", 0.0), (p.weights_cpu - p.repack) / MiB),
                     "repack": (got["model"].get("CPU_REPACK", 0.0), p.repack / MiB)},
         "model_size": got["model_size"], "tensor_bytes": sum(t.nbytes for t in shape.file_tensors),
@@ -189,6 +202,7 @@ def latency(tmp: Path) -> None:
 
 def accuracy(tmp: Path) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
+    import tinyarch
     import tinymodels
 
     from alpaca_local.convert import convert
@@ -198,6 +212,10 @@ def accuracy(tmp: Path) -> None:
         src = tinymodels.build_llama(tmp / f"hf-{name}", **kw).path
         for level in LEVELS:
             files.append(convert(src, tmp / f"{name}.{level}.gguf", level).output)
+    for arch in tinyarch.ARCHS:  # Mistral, Llama 3 (tied), Qwen2 (biases), Gemma 2 (sliding window)
+        src = tinyarch.BUILDERS[arch](tmp / f"hf-{arch}").path
+        for level in ("f16", "q8_0", "q4_k_m"):
+            files.append(convert(src, tmp / f"{arch}.{level}.gguf", level).output)
     shape7 = plan.shape_from_config(catalog.load("alpaca-7b"), "alpaca-7b", "catalog")
     files.append(write_sparse_gguf(tmp / "alpaca-7b.Q8_0.gguf", shape7, "q8_0"))
     files.append(write_sparse_gguf(tmp / "alpaca-7b.Q4_0.gguf", shape7, "q4_0"))

@@ -1,0 +1,135 @@
+"""The planner per architecture, as a spec: for Mistral, Llama 3 (tied, rope_freqs), Qwen2 (biases)
+and Gemma 2 (sliding window, key_length != hidden / heads, tied), llama.cpp's own reported
+model / KV / compute / output buffers on the CPU against `plan`'s prediction."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import tinyarch
+
+from alpaca_local import plan
+from alpaca_local.convert import convert
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("bench_plan", ROOT / "benchmarks" / "plan.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+MiB = 1 << 20
+LEVELS = ("f16", "q8_0", "q4_k_m")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(arch, level) -> GGUF path, converted once per module."""
+    d = tmp_path_factory.mktemp("archs")
+    files: dict[tuple[str, str], Path] = {}
+
+    def get(arch: str, level: str) -> Path:
+        if (arch, level) not in files:
+            src = d / f"hf-{arch}"
+            if not (src / "config.json").exists():
+                tinyarch.BUILDERS[arch](src)
+            files[arch, level] = convert(src, d / f"{arch}.{level}.gguf", level).output
+        return files[arch, level]
+
+    return get
+
+
+def _assert_exact_and_close(r: dict, kv_cells: list[int], tolerance: float = 0.05) -> None:
+    m, p = r["measured"], r["predicted"]
+    assert r["model_size"] == r["tensor_bytes"]  # every tensor counted (biases, rope_freqs)
+    for buffer, (got, predicted) in r["buffers"].items():  # CPU_Mapped and CPU_REPACK, as printed
+        assert got == round(predicted, 2), buffer
+    assert r["kv_cells"] == kv_cells  # each cache's cells, as llama.cpp logs them
+    assert m["kv"] == pytest.approx(p["kv"], abs=0.006)  # KV: exact to the printed digits (one or two caches)
+    assert abs(r["total_error"]) <= tolerance
+
+
+@pytest.mark.parametrize("n_ctx", [256, 1000, 2048])
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("arch", tinyarch.ARCHS)
+def test_prediction_matches_llama_cpp_per_architecture(converted, arch: str, level: str, n_ctx: int) -> None:
+    path = converted(arch, level)
+    r = bench.compare(path, n_ctx)
+    shape = plan.shape_from_gguf(bench_header(path))
+    cells = plan.padded_ctx(n_ctx)
+    # Gemma 2: a base and a sliding-window cache; llama-cpp-python keeps swa_full = true: both full size.
+    _assert_exact_and_close(r, [cells, cells] if arch == "gemma2" else [cells])
+    assert (shape.n_swa, shape.swa_pattern) == ((4, 2) if arch == "gemma2" else (0, 0))
+    # The compute buffer is calibrated per moment of the graph; on these shapes it is exact.
+    assert r["measured"]["compute"] == pytest.approx(r["predicted"]["compute"], abs=0.0001)
+
+
+def bench_header(path: Path):
+    from alpaca_local.gguf_read import read_gguf_header
+
+    return read_gguf_header(path)
+
+
+def test_architecture_facts_reach_the_plan(converted) -> None:
+    gemma = plan.shape_from_gguf(bench_header(converted("gemma2", "f16")))
+    assert gemma.head_dim == 96 and gemma.n_kv_gqa == 2 * 96 and gemma.n_q == 4 * 96 != gemma.hidden
+    assert gemma.tied_embeddings and [gemma.is_swa(i) for i in range(2)] == [True, False]
+    llama3 = plan.shape_from_gguf(bench_header(converted("llama3", "f16")))
+    assert llama3.tied_embeddings and llama3.rope_freqs
+    qwen2 = plan.shape_from_gguf(bench_header(converted("qwen2", "f16")))
+    assert not qwen2.tied_embeddings and qwen2.n_swa == 0  # use_sliding_window false: a plain cache
+    assert any(t.name.endswith("attn_q.bias") for t in qwen2.file_tensors)
+
+
+@pytest.mark.parametrize("n_ctx, n_batch", [(1000, 512), (2048, 512), (4096, 128)])
+def test_gemma2_without_swa_full_caches_window_plus_ubatch(tmp_path: Path, monkeypatch, n_ctx: int,
+                                                            n_batch: int) -> None:
+    # swa_full=False: the sliding-window layers keep GGML_PAD(min(kv_size, n_swa + n_ubatch), 256)
+    # cells (llama-kv-cache-iswa.cpp:69-78). Three layers, so the SWA mask is still alive at a
+    # full-attention layer, as in every real Gemma 2 (26+ layers). With two layers it dies before
+    # the only full layer and the compute prediction is conservative (up to +10%).
+    base = tinyarch._base_config
+    monkeypatch.setattr(tinyarch, "_base_config", lambda *a, **kw: {**base(*a, **kw), "num_hidden_layers": 3})
+    src = tinyarch.build_gemma2(tmp_path / "hf", sliding_window=64).path
+    path = convert(src, tmp_path / "g.q8_0.gguf", "q8_0").output
+    r = bench.compare(path, n_ctx, n_batch=n_batch, swa_full=False)
+    swa = plan.swa_cells(plan.shape_from_gguf(bench_header(path)), n_ctx, n_batch, swa_full=False)
+    assert swa == plan._pad(min(plan.padded_ctx(n_ctx), 64 + n_batch), 256) < plan.padded_ctx(n_ctx)
+    _assert_exact_and_close(r, [plan.padded_ctx(n_ctx), swa])
+    assert r["measured"]["compute"] == pytest.approx(r["predicted"]["compute"], abs=0.0001)
+
+
+# -- a 256000-token vocabulary (Gemma) -----------------------------------------------------
+
+GEMMA2_2B = plan.ModelShape("gemma-2-2b", "gemma2", 26, 2304, 8, 4, 256, 9216, 256000, 8192, True, "catalog",
+                            n_swa=4096, swa_pattern=2)
+
+
+def test_large_vocab_compute_buffer_is_the_logits() -> None:
+    # With 256000 tokens the output moment (logits f32 [n_vocab, n_tokens] + 3 widths of n_embd)
+    # outweighs attention and the FFN at a 2048 context: 4 x 512 x (256000 + 3 x 2304 + 5) bytes.
+    s = plan.RunSettings(n_ctx=2048, backend="cpu")
+    assert plan.compute_bytes(GEMMA2_2B, s) == 4 * 512 * (256000 + 3 * 2304 + 5)
+    assert plan.compute_bytes(GEMMA2_2B, plan.RunSettings(n_ctx=256, backend="cpu")) == 4 * 256 * (256000 + 6917)
+    assert plan.output_bytes(GEMMA2_2B) == 4 * 256000  # one row of logits for chat
+
+
+def test_gemma2_2b_kv_cache_per_layer_kind() -> None:
+    # 26 layers, 13 sliding; K and V of 4 x 256 per cell in f16.
+    row = 4 * 256 * 2
+    assert plan.kv_bytes(GEMMA2_2B, 8192, "f16") == 2 * 26 * 8192 * row  # swa_full (the default)
+    assert plan.kv_bytes(GEMMA2_2B, 8192, "f16", swa_full=False) == 2 * (13 * 8192 + 13 * 4608) * row
+    # Partial offload takes the last layers: layer 25 is full, layer 24 sliding.
+    assert plan.kv_bytes(GEMMA2_2B, 8192, "f16", 2, swa_full=False) == 2 * (8192 + 4608) * row
+    assert plan.kv_bytes(GEMMA2_2B, 2048, "f16", swa_full=False) == 2 * 26 * 2048 * row  # window > context
+
+
+def test_large_vocab_compute_buffer_matches_llama_cpp(tmp_path: Path) -> None:
+    # A real load of a 256000-token vocabulary: a sparse file (header, then a hole), 2 layers.
+    shape = plan.ModelShape("v", "llama", 2, 256, 4, 2, 64, 512, 256000, 8192, False, "catalog")
+    path = bench.write_sparse_gguf(tmp_path / "v.q8_0.gguf", shape, "q8_0")
+    r = bench.compare(path, 1000)
+    assert r["measured"]["kv"] == round(r["predicted"]["kv"], 2)
+    assert r["measured"]["compute"] == pytest.approx(r["predicted"]["compute"], rel=0.001)  # 501.50 MiB
+    assert r["measured"]["output"] == round(r["predicted"]["output"], 2)
+    assert abs(r["total_error"]) <= 0.01
