@@ -119,14 +119,19 @@ def _rope_scaling_metadata(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
     )
 
 
-def _common_metadata(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
-    # TextModel.set_gguf_parameters, for the keys our configs have.
+def _shape_metadata(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
+    # The size keys every architecture writes (TextModel.set_gguf_parameters).
     w.add_block_count(cfg.n_layer)
     w.add_context_length(cfg.n_ctx)
     w.add_embedding_length(cfg.hidden)
     w.add_feed_forward_length(cfg.intermediate)
     w.add_head_count(cfg.n_head)
     w.add_head_count_kv(cfg.n_kv_head)
+
+
+def _common_metadata(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
+    # TextModel.set_gguf_parameters, for the keys our configs have.
+    _shape_metadata(w, cfg)
     _rope_scaling_metadata(w, cfg)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
@@ -276,12 +281,7 @@ QWEN2 = Architecture(
 def _gemma2_metadata(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
     # Gemma2Model.set_gguf_parameters: no rope base (llama.cpp's 10000 is
     # Gemma 2's), no vocab size; head size, soft-capping and window always.
-    w.add_context_length(cfg.n_ctx)
-    w.add_embedding_length(cfg.hidden)
-    w.add_block_count(cfg.n_layer)
-    w.add_feed_forward_length(cfg.intermediate)
-    w.add_head_count(cfg.n_head)
-    w.add_head_count_kv(cfg.n_kv_head)
+    _shape_metadata(w, cfg)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
