@@ -8,8 +8,9 @@ import struct
 from pathlib import Path
 
 import pytest
-
 import tinymodels
+from helpers import cli, leftovers, one_line, write_config
+
 from alpaca_local.cli import main
 
 
@@ -18,41 +19,11 @@ def model(tmp_path) -> Path:
     return tinymodels.build_llama(tmp_path / "src").path
 
 
-def run_convert(capsys, *args: str) -> tuple[int, str]:
-    rc = main(["convert", *args])
-    err = capsys.readouterr().err
-    return rc, err
-
-
-def assert_one_line_error(rc: int, err: str, code: int, *needles: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert rc == code, err
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
-def assert_nothing_written(folder: Path) -> None:
-    leftovers = [p.name for p in folder.iterdir() if p.suffix in (".gguf", ".partial") or ".partial" in p.name]
-    assert leftovers == [], leftovers
-
-
-def write_config(model: Path, **changes) -> None:
-    cfg = json.loads((model / "config.json").read_text())
-    for key, value in changes.items():
-        if value is None:
-            cfg.pop(key, None)
-        else:
-            cfg[key] = value
-    (model / "config.json").write_text(json.dumps(cfg))
-
-
 def test_unsupported_architecture(model, tmp_path, capsys):
     write_config(model, architectures=["GPTNeoXForCausalLM"])
-    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
-    assert_one_line_error(rc, err, 1, "GPTNeoXForCausalLM", "LlamaForCausalLM")
-    assert_nothing_written(tmp_path)
+    rc, err = cli(capsys, "convert", str(model), "-o", str(tmp_path / "o.gguf"))
+    one_line(rc, err, 1, "GPTNeoXForCausalLM", "LlamaForCausalLM")
+    assert leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize(
@@ -69,34 +40,34 @@ def test_unsupported_architecture(model, tmp_path, capsys):
 )
 def test_bad_config_values(model, tmp_path, capsys, changes, needle):
     write_config(model, **changes)
-    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
-    assert_one_line_error(rc, err, 1, needle)
-    assert_nothing_written(tmp_path)
+    rc, err = cli(capsys, "convert", str(model), "-o", str(tmp_path / "o.gguf"))
+    one_line(rc, err, 1, needle)
+    assert leftovers(tmp_path) == []
 
 
 def test_config_not_json(model, tmp_path, capsys):
     (model / "config.json").write_text("{not json")
-    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
-    assert_one_line_error(rc, err, 1, "config.json", "not valid JSON")
+    rc, err = cli(capsys, "convert", str(model), "-o", str(tmp_path / "o.gguf"))
+    one_line(rc, err, 1, "config.json", "not valid JSON")
 
 
 def test_missing_config(model, tmp_path, capsys):
     (model / "config.json").unlink()
-    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
-    assert_one_line_error(rc, err, 1, "config.json")
+    rc, err = cli(capsys, "convert", str(model), "-o", str(tmp_path / "o.gguf"))
+    one_line(rc, err, 1, "config.json")
 
 
 def test_missing_tokenizer(model, tmp_path, capsys):
     (model / "tokenizer.model").unlink()
-    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
-    assert_one_line_error(rc, err, 1, "tokenizer.model")
-    assert_nothing_written(tmp_path)
+    rc, err = cli(capsys, "convert", str(model), "-o", str(tmp_path / "o.gguf"))
+    one_line(rc, err, 1, "tokenizer.model")
+    assert leftovers(tmp_path) == []
 
 
 def test_corrupt_tokenizer(model, tmp_path, capsys):
     (model / "tokenizer.model").write_bytes(b"\x00garbage" * 10)
-    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
-    assert_one_line_error(rc, err, 1, "SentencePiece")
+    rc, err = cli(capsys, "convert", str(model), "-o", str(tmp_path / "o.gguf"))
+    one_line(rc, err, 1, "SentencePiece")
 
 
 def test_tokenizer_from_another_model(tmp_path, capsys):
@@ -104,21 +75,21 @@ def test_tokenizer_from_another_model(tmp_path, capsys):
     small = tinymodels.build_llama(tmp_path / "small", sp_vocab_size=480).path
     big = tinymodels.build_llama(tmp_path / "big", sp_vocab_size=512).path
     shutil.copy(big / "tokenizer.model", small / "tokenizer.model")
-    rc, err = run_convert(capsys, str(small), "-o", str(tmp_path / "o.gguf"))
-    assert_one_line_error(rc, err, 1, "tokenizer", "rows")
+    rc, err = cli(capsys, "convert", str(small), "-o", str(tmp_path / "o.gguf"))
+    one_line(rc, err, 1, "tokenizer", "rows")
 
 
 def test_added_tokens_collide(model, tmp_path, capsys):
     (model / "added_tokens.json").write_text(json.dumps({"[PAD]": 512, "[OTHER]": 512}))
-    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
-    assert_one_line_error(rc, err, 1, "512")
+    rc, err = cli(capsys, "convert", str(model), "-o", str(tmp_path / "o.gguf"))
+    one_line(rc, err, 1, "512")
 
 
 def test_added_tokens_leave_gap(tmp_path, capsys):
     model = tinymodels.build_llama(tmp_path / "m").path
     (model / "added_tokens.json").write_text(json.dumps({"[PAD]": 512, "[X]": 514}))
     write_config(model)  # unchanged: embedding still 513 rows -> too many tokens
-    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
+    rc, err = cli(capsys, "convert", str(model), "-o", str(tmp_path / "o.gguf"))
     assert rc == 1 and "Traceback" not in err
 
 
@@ -126,9 +97,9 @@ def test_truncated_safetensors(model, tmp_path, capsys):
     f = model / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
-    assert_one_line_error(rc, err, 1, "model.safetensors")
-    assert_nothing_written(tmp_path)
+    rc, err = cli(capsys, "convert", str(model), "-o", str(tmp_path / "o.gguf"))
+    one_line(rc, err, 1, "model.safetensors")
+    assert leftovers(tmp_path) == []
 
 
 def test_safetensors_header_not_json(model, tmp_path, capsys):
@@ -136,8 +107,8 @@ def test_safetensors_header_not_json(model, tmp_path, capsys):
     data = bytearray(f.read_bytes())
     data[8:12] = b"@@@@"
     f.write_bytes(bytes(data))
-    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
-    assert_one_line_error(rc, err, 1, "not valid JSON")
+    rc, err = cli(capsys, "convert", str(model), "-o", str(tmp_path / "o.gguf"))
+    one_line(rc, err, 1, "not valid JSON")
 
 
 def test_safetensors_header_length_absurd(model, tmp_path, capsys):
@@ -145,15 +116,15 @@ def test_safetensors_header_length_absurd(model, tmp_path, capsys):
     data = bytearray(f.read_bytes())
     data[:8] = struct.pack("<Q", 1 << 60)
     f.write_bytes(bytes(data))
-    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
-    assert_one_line_error(rc, err, 1, "header")
+    rc, err = cli(capsys, "convert", str(model), "-o", str(tmp_path / "o.gguf"))
+    one_line(rc, err, 1, "header")
 
 
 def test_missing_shard(tmp_path, capsys):
     model = tinymodels.build_llama(tmp_path / "m", shards=3).path
     (model / "model-00002-of-00003.safetensors").unlink()
-    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
-    assert_one_line_error(rc, err, 1, "model-00002-of-00003.safetensors", "missing")
+    rc, err = cli(capsys, "convert", str(model), "-o", str(tmp_path / "o.gguf"))
+    one_line(rc, err, 1, "model-00002-of-00003.safetensors", "missing")
 
 
 def test_index_names_tensor_in_no_shard(tmp_path, capsys):
@@ -161,8 +132,8 @@ def test_index_names_tensor_in_no_shard(tmp_path, capsys):
     index = json.loads((model / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = "model-00001-of-00002.safetensors"
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
-    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
-    assert_one_line_error(rc, err, 1, "no shard")
+    rc, err = cli(capsys, "convert", str(model), "-o", str(tmp_path / "o.gguf"))
+    one_line(rc, err, 1, "no shard")
 
 
 def test_malicious_pickle_is_refused(tmp_path, capsys):
@@ -173,35 +144,35 @@ def test_malicious_pickle_is_refused(tmp_path, capsys):
     (model / "model.safetensors").unlink()
     marker = tmp_path / "pwned"
     torchbin_writer.write_malicious_bin(model / "pytorch_model.bin", "os.system", marker)
-    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
-    assert_one_line_error(rc, err, 1, "refusing")
+    rc, err = cli(capsys, "convert", str(model), "-o", str(tmp_path / "o.gguf"))
+    one_line(rc, err, 1, "refusing")
     assert not marker.exists()
-    assert_nothing_written(tmp_path)
+    assert leftovers(tmp_path) == []
 
 
 def test_existing_output_needs_force(model, tmp_path, capsys):
     out = tmp_path / "o.gguf"
     out.write_bytes(b"precious")
-    rc, err = run_convert(capsys, str(model), "-o", str(out))
-    assert_one_line_error(rc, err, 2, "--force")
+    rc, err = cli(capsys, "convert", str(model), "-o", str(out))
+    one_line(rc, err, 2, "--force")
     assert out.read_bytes() == b"precious"
     assert main(["convert", str(model), "-o", str(out), "--force", "--json"]) == 0
     assert out.read_bytes()[:4] == b"GGUF"
 
 
 def test_output_is_directory(model, tmp_path, capsys):
-    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path))
-    assert_one_line_error(rc, err, 2, "directory")
+    rc, err = cli(capsys, "convert", str(model), "-o", str(tmp_path))
+    one_line(rc, err, 2, "directory")
 
 
 def test_source_does_not_exist(tmp_path, capsys):
-    rc, err = run_convert(capsys, str(tmp_path / "nope"), "-o", str(tmp_path / "o.gguf"))
-    assert_one_line_error(rc, err, 1, "does not exist")
+    rc, err = cli(capsys, "convert", str(tmp_path / "nope"), "-o", str(tmp_path / "o.gguf"))
+    one_line(rc, err, 1, "does not exist")
 
 
 def test_unknown_quant(model, tmp_path, capsys):
-    rc, err = run_convert(capsys, str(model), "--quant", "q3_k_xl")
-    assert_one_line_error(rc, err, 2, "q3_k_xl")
+    rc, err = cli(capsys, "convert", str(model), "--quant", "q3_k_xl")
+    one_line(rc, err, 2, "q3_k_xl")
 
 
 def test_interrupt_leaves_nothing_and_keeps_old_file(model, tmp_path, capsys, monkeypatch):
@@ -240,9 +211,9 @@ def test_disk_full_leaves_nothing(model, tmp_path, capsys, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(conv, "_write_tensor_data", full)
-    rc, err = run_convert(capsys, str(model), "-o", str(tmp_path / "o.gguf"))
-    assert_one_line_error(rc, err, 1, "disk full")
-    assert_nothing_written(tmp_path)
+    rc, err = cli(capsys, "convert", str(model), "-o", str(tmp_path / "o.gguf"))
+    one_line(rc, err, 1, "disk full")
+    assert leftovers(tmp_path) == []
     assert real_write is not None
 
 

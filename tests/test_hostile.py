@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import tinymodels
+from helpers import cli, leftovers, one_line, write_config
 
 from alpaca_local.cli import main
 
@@ -32,26 +33,6 @@ ROOT = os.geteuid() == 0
 # ---------------------------------------------------------------------------------------
 # The contract, and helpers
 # ---------------------------------------------------------------------------------------
-
-
-def one_line(rc: int, err: str, code: int, *needles: str) -> str:
-    """Assert the error contract; return the line."""
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert rc == code, f"exit {rc}, wanted {code}: {err}"
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
-def cli(capsys, *argv: str) -> tuple[int, str]:
-    rc = main(list(argv))
-    return rc, capsys.readouterr().err
-
-
-def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if ".partial" in p.name or p.name.endswith(".gguf"))
 
 
 def run_child(argv: list[str], *, limit_as: int | None = None, limit_fsize: int | None = None,
@@ -79,16 +60,6 @@ def convert_cli(capsys, model: Path, out: Path, *extra: str) -> tuple[int, str]:
     return cli(capsys, "convert", str(model), "-o", str(out), "--json", *extra)
 
 
-def write_config(model: Path, **changes) -> None:
-    cfg = json.loads((model / "config.json").read_text())
-    for key, value in changes.items():
-        if value is None:
-            cfg.pop(key, None)
-        else:
-            cfg[key] = value
-    (model / "config.json").write_text(json.dumps(cfg))
-
-
 # ---------------------------------------------------------------------------------------
 # safetensors (header not JSON, absurd length, truncated data, missing shard, tensor in no
 # shard: test_convert_errors)
@@ -106,9 +77,7 @@ def replace_weights(model: Path, tensors: dict[str, dict], data: bytes) -> None:
 
 
 def real_header(model: Path) -> tuple[dict, bytes]:
-    blob = (model / "model.safetensors").read_bytes()
-    (n,) = struct.unpack_from("<Q", blob)
-    return json.loads(blob[8 : 8 + n]), blob[8 + n :]
+    return real_header_of(model / "model.safetensors")
 
 
 SAFETENSORS_CASES = {

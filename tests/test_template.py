@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import STANFORD_NO_INPUT, STANFORD_WITH_INPUT
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from alpaca_local.template import (
@@ -12,18 +13,6 @@ from alpaca_local.template import (
     PREAMBLE_WITH_INPUT,
     Turn,
     render_prompt,
-)
-
-# Written out literally from Stanford Alpaca's train.py (PROMPT_DICT), not built from our constants.
-STANFORD_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:"
-)
-STANFORD_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
 )
 
 
