@@ -16,9 +16,10 @@ import functools
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
 from .errors import AlpacaError
+from .quant_rules import row_nbytes
 
 # Types this module may be asked for; all need no importance matrix.
 SUPPORTED = {
@@ -68,14 +69,6 @@ def _lib() -> ctypes.CDLL:
         lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
         return lib
     raise GGMLUnavailable(f"no ggml library with ggml_quantize_chunk found in {lib_dir}; reinstall llama-cpp-python")
-
-
-def row_nbytes(ggml_type: GGMLQuantizationType, n_per_row: int) -> int:
-    """Bytes of one row of `n_per_row` values in `ggml_type` (gguf's table, checked against ggml)."""
-    block, type_size = GGML_QUANT_SIZES[ggml_type]
-    if n_per_row % block:
-        raise ValueError(f"row of {n_per_row} values is not a multiple of the {ggml_type.name} block size {block}")
-    return n_per_row // block * type_size
 
 
 def quantize_rows(values: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:

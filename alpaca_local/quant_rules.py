@@ -154,22 +154,28 @@ def file_type(quant: str) -> LlamaFileType:
         raise UsageError(f"unknown quant type {quant!r}; choose one of: {valid}") from None
 
 
+def row_nbytes(ggml_type: GGMLQuantizationType, n_per_row: int) -> int:
+    """Bytes of one row of `n_per_row` values, as ggml_row_size computes it.
+
+    Raises ValueError when `n_per_row` is not a multiple of the type's block size.
+    """
+    ggml_type = GGMLQuantizationType(ggml_type)
+    block, type_size = GGML_QUANT_SIZES[ggml_type]
+    if n_per_row % block:
+        raise ValueError(f"row length {n_per_row} is not a multiple of {ggml_type.name}'s block size {block}")
+    return n_per_row // block * type_size
+
+
 def tensor_nbytes(shape: tuple[int, ...], ggml_type: GGMLQuantizationType) -> int:
     """Bytes of a tensor's data (no padding), as ggml_nbytes computes it.
 
     Raises ValueError when the row length (shape[-1]) is not a multiple of
     the type's block size.
     """
-    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-    row = shape[-1] if shape else 1
-    if row % block:
-        raise ValueError(
-            f"row length {row} is not a multiple of {GGMLQuantizationType(ggml_type).name}'s block size {block}"
-        )
     n_rows = 1
     for dim in shape[:-1]:
         n_rows *= dim
-    return n_rows * (row // block) * type_size
+    return n_rows * row_nbytes(ggml_type, shape[-1] if shape else 1)
 
 
 def llama_quantize_order(names: Sequence[str]) -> list[int]:
