@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from alpaca_local import chat
+from alpaca_local.run import chat
 from alpaca_local.template import Turn, render_prompt
 
 INSTRUCTION = "Write a short poem about llamas."

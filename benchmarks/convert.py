@@ -100,7 +100,7 @@ def measure(cmd: list[str]) -> tuple[float, int]:
 
 QUANTIZE = """
 import sys, llama_cpp
-from alpaca_local.quant_rules import QUANTS
+from alpaca_local.convert.quant_rules import QUANTS
 p = llama_cpp.llama_model_quantize_default_params()
 p.ftype = int(QUANTS[sys.argv[3]])
 sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))

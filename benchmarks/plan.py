@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 import gguf  # noqa: E402
 
-from alpaca_local import catalog, plan  # noqa: E402
-from alpaca_local.architectures import LLAMA  # noqa: E402
+from alpaca_local.plan import catalog  # noqa: E402
+from alpaca_local.plan import memory as plan  # noqa: E402
+from alpaca_local.convert.architectures import LLAMA  # noqa: E402
 
 MiB = 1 << 20
 
@@ -50,11 +51,11 @@ def write_sparse_gguf(path: Path, shape: plan.ModelShape, level: str) -> Path:
     w.add_file_type(int(plan.quant_rules.file_type(level)))
     n_special, n_bytes = 3, 256
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(n_bytes)]
-    tokens += [f"\u2581t{i}" for i in range(shape.vocab - len(tokens))]
-    types = [2, 3, 3] + [6] * n_bytes + [1] * (shape.vocab - n_special - n_bytes)
+    tokens += [f"\u2581t{i}" for i in range(shape.vocab_size - len(tokens))]
+    types = [2, 3, 3] + [6] * n_bytes + [1] * (shape.vocab_size - n_special - n_bytes)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
-    w.add_token_scores([0.0] * shape.vocab)
+    w.add_token_scores([0.0] * shape.vocab_size)
     w.add_token_types(types)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
@@ -136,7 +137,7 @@ def compare(path: Path, n_ctx: int, n_batch: int = 512, cache: str = "f16", swa_
     "model" is all model buffers together; "mapped" (CPU_Mapped) and "repack"
     (CPU_REPACK, ggml-cpu's interleaved copies) are its two parts.
     """
-    from alpaca_local.gguf_read import read_gguf_header
+    from alpaca_local.convert.gguf_read import read_gguf_header
 
     shape = plan.shape_from_gguf(read_gguf_header(path))
     s = plan.RunSettings(n_ctx=n_ctx, n_batch=n_batch, cache_type=cache, backend="cpu",
@@ -191,7 +192,7 @@ def latency(tmp: Path) -> None:
                              cwd=ROOT, capture_output=True, text=True, check=True)
         wall = time.perf_counter() - t0
         t0 = time.perf_counter()
-        from alpaca_local.gguf_read import read_gguf_header
+        from alpaca_local.convert.gguf_read import read_gguf_header
 
         read_gguf_header(path)
         read = time.perf_counter() - t0
@@ -205,7 +206,7 @@ def accuracy(tmp: Path) -> None:
     import tinyarch
     import tinymodels
 
-    from alpaca_local.convert import convert
+    from alpaca_local.convert.pipeline import convert
 
     files = []
     for name, kw in SHAPES.items():

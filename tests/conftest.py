@@ -26,7 +26,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tinymodels.TinyLlama
 @pytest.fixture(scope="session")
 def tiny_gguf(tiny_model: tinymodels.TinyLlama, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`tiny_model` converted by our converter at q8_0 (loads in llama-cpp-python)."""
-    from alpaca_local.convert import convert
+    from alpaca_local.convert.pipeline import convert
 
     out = tmp_path_factory.mktemp("gguf") / "tiny-llama.Q8_0.gguf"
     convert(tiny_model.path, out, "q8_0")
@@ -35,7 +35,7 @@ def tiny_gguf(tiny_model: tinymodels.TinyLlama, tmp_path_factory: pytest.TempPat
 
 @pytest.fixture(scope="session")
 def tiny_gguf_f16(tiny_model: tinymodels.TinyLlama, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from alpaca_local.convert import convert
+    from alpaca_local.convert.pipeline import convert
 
     out = tmp_path_factory.mktemp("gguf") / "tiny-llama.F16.gguf"
     convert(tiny_model.path, out, "f16")

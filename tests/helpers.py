@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alpaca_local.cli import main
+from alpaca_local.cli.main import main
 
 # Written out literally from Stanford Alpaca's train.py (PROMPT_DICT), not built from our constants.
 STANFORD_NO_INPUT = (

@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 import pytest
 
-from alpaca_local.quant_rules import QUANTS
+from alpaca_local.convert.quant_rules import QUANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_CPP_VERSION = "0.3.36"

@@ -16,9 +16,9 @@ import reference
 import tinyarch
 import tinymodels
 
-from alpaca_local.architectures import ARCHITECTURES, llama3_rope_factors
-from alpaca_local.config import parse_config
-from alpaca_local.convert import convert, plan_conversion
+from alpaca_local.convert.architectures import ARCHITECTURES, llama3_rope_factors
+from alpaca_local.source.config import parse_config
+from alpaca_local.convert.pipeline import convert, plan_conversion
 from alpaca_local.errors import InputError, UnsupportedError
 
 QUANTS = ["f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m"]
@@ -278,15 +278,15 @@ def test_qwen2_missing_bias_is_an_error(tmp_path):
 def test_planner_predicts_the_written_size(arch_model, level):
     """plan's size for the HF folder (biases, rope_freqs and tied embeddings included)
     equals the file convert writes, and reading that file back gives the same tensors."""
-    from alpaca_local import plan
-    from alpaca_local.gguf_read import read_gguf_header
+    from alpaca_local.plan import memory as plan
+    from alpaca_local.convert.gguf_read import read_gguf_header
 
     model, work = arch_model
     shape = plan.shape_from_hf(model.path)
     out = convert(model.path, work / f"size.{level}.gguf", level, force=True).output
     assert plan.file_size(shape, level) == (out.stat().st_size, True)
     from_file = plan.shape_from_gguf(read_gguf_header(out))
-    assert from_file.tied_embeddings == shape.tied_embeddings and from_file.rope_freqs == shape.rope_freqs
+    assert from_file.tie_embeddings == shape.tie_embeddings and from_file.rope_freqs == shape.rope_freqs
     other = "q8_0"
     predicted = [(t.name, t.ggml_type, t.nbytes) for t in plan.tensors_for(from_file, other)]
     assert predicted == [(t.name, t.ggml_type, t.nbytes) for t in plan.tensors_for(shape, other)]

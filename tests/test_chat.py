@@ -22,8 +22,8 @@ import pytest
 import sentencepiece as spm
 from helpers import STANFORD_NO_INPUT, STANFORD_WITH_INPUT
 
-from alpaca_local import chat
-from alpaca_local.chat import (
+from alpaca_local.run import chat
+from alpaca_local.run.chat import (
     Done,
     Piece,
     Sampling,
@@ -32,7 +32,7 @@ from alpaca_local.chat import (
     generate,
     prompt_ids,
 )
-from alpaca_local.cli import main
+from alpaca_local.cli.main import main
 from alpaca_local.errors import InputError, UsageError
 from alpaca_local.template import Turn, render_prompt
 
@@ -434,7 +434,7 @@ def test_fit_history_never_cuts_the_current_instruction(llama) -> None:
 def _repl(model: FakeModel, lines: list[str], monkeypatch, *flags: str) -> int:
     import argparse
 
-    from alpaca_local.chat_cmd import Repl, _sampling, add_parser
+    from alpaca_local.cli.chat_cmd import Repl, _sampling, add_parser
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(), "chat", "")
@@ -511,7 +511,7 @@ def _read_until(fd: int, pattern: str, seen: list[str], timeout: float = 20.0) -
 SLOW_TOKENS = """\
 # Test-only: 20 ms per token, so a Ctrl-C surely lands during generation.
 import time
-from alpaca_local import chat
+from alpaca_local.run import chat
 
 _piece = chat.LlamaModel.piece
 

@@ -12,8 +12,8 @@ import pytest
 import numpy_llama
 import reference
 import tinymodels
-from alpaca_local.cli import main
-from alpaca_local.convert import convert, plan_conversion
+from alpaca_local.cli.main import main
+from alpaca_local.convert.pipeline import convert, plan_conversion
 from alpaca_local.template import ALPACA_CHAT_TEMPLATE
 
 QUANTS = ["f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m"]
@@ -166,7 +166,7 @@ def test_quantized_logits_stay_close(tiny_model, tmp_path, quant):
 @pytest.mark.parametrize("dtype", ["F32", "BF16"])
 def test_full_precision_sources_quantize_from_full_precision(tmp_path, dtype):
     """f32/bf16 sources are quantized from their own values, not from an f16 copy."""
-    from alpaca_local.ggml import quantize_rows
+    from alpaca_local.convert.ggml import quantize_rows
 
     model = tinymodels.build_llama(tmp_path / "m", dtype=dtype)
     out = convert(model.path, tmp_path / "m.gguf", "q8_0").output

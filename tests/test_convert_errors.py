@@ -11,7 +11,7 @@ import pytest
 import tinymodels
 from helpers import cli, leftovers, one_line, write_config
 
-from alpaca_local.cli import main
+from alpaca_local.cli.main import main
 
 
 @pytest.fixture
@@ -177,7 +177,7 @@ def test_unknown_quant(model, tmp_path, capsys):
 
 def test_interrupt_leaves_nothing_and_keeps_old_file(model, tmp_path, capsys, monkeypatch):
     """Ctrl-C in the middle of writing: no partial file, the old target untouched."""
-    import alpaca_local.convert as conv
+    import alpaca_local.convert.pipeline as conv
 
     out = tmp_path / "o.gguf"
     out.write_bytes(b"old model")
@@ -201,7 +201,7 @@ def test_disk_full_leaves_nothing(model, tmp_path, capsys, monkeypatch):
     """ENOSPC while writing tensors: one line, exit 1, temp file removed."""
     import errno
 
-    import alpaca_local.convert as conv
+    import alpaca_local.convert.pipeline as conv
 
     real_write = conv._write_tensor_data
 
@@ -226,7 +226,7 @@ def _write_index(folder: Path, weight_map: object) -> Path:
 @pytest.mark.parametrize("shard", ["../outside.bin", "/etc/passwd", "sub/x.bin", "..", "", 3, "a\\b.bin"])
 def test_index_refuses_paths_outside_the_folder(tmp_path, shard):
     from alpaca_local.errors import InputError
-    from alpaca_local.source import read_index
+    from alpaca_local.source.weights import read_index
 
     with pytest.raises(InputError, match="not a plain file name"):
         read_index(_write_index(tmp_path, {"a": shard}))
@@ -235,7 +235,7 @@ def test_index_refuses_paths_outside_the_folder(tmp_path, shard):
 @pytest.mark.parametrize("text", ["{not json", "[]", '{"weight_map": []}', '{"weight_map": {}}'])
 def test_index_malformed(tmp_path, text):
     from alpaca_local.errors import InputError
-    from alpaca_local.source import read_index
+    from alpaca_local.source.weights import read_index
 
     index = tmp_path / "pytorch_model.bin.index.json"
     index.write_text(text)

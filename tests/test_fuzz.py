@@ -178,7 +178,7 @@ def gguf_length_fields(data: bytes) -> tuple[list[tuple[int, int]], int]:
 
 
 def test_gguf_walker_agrees_with_the_reader(tiny_gguf: Path) -> None:
-    from alpaca_local.gguf_read import read_gguf_header
+    from alpaca_local.convert.gguf_read import read_gguf_header
 
     data = tiny_gguf.read_bytes()
     fields, end = gguf_length_fields(data)
@@ -188,8 +188,8 @@ def test_gguf_walker_agrees_with_the_reader(tiny_gguf: Path) -> None:
 
 
 def test_fuzz_gguf_header_and_chat_check(tiny_gguf: Path, tmp_path: Path) -> None:
-    from alpaca_local.chat import read_model_info
-    from alpaca_local.gguf_read import read_gguf_header
+    from alpaca_local.run.chat import read_model_info
+    from alpaca_local.convert.gguf_read import read_gguf_header
 
     data = tiny_gguf.read_bytes()
     fields, end = gguf_length_fields(data)
@@ -261,8 +261,8 @@ def _json_mutations(data: bytes, seed: int) -> Iterator[tuple[str, bytes]]:
 
 
 def test_fuzz_safetensors_reader_and_plan(tiny_model, tmp_path: Path) -> None:
-    from alpaca_local.convert import plan_conversion
-    from alpaca_local.safetensors_io import read_safetensors
+    from alpaca_local.convert.pipeline import plan_conversion
+    from alpaca_local.source.safetensors_io import read_safetensors
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model.path, folder)

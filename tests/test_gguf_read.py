@@ -11,7 +11,7 @@ import gguf
 import pytest
 
 from alpaca_local.errors import InputError
-from alpaca_local.gguf_read import read_gguf_header
+from alpaca_local.convert.gguf_read import read_gguf_header
 
 
 def test_matches_gguf_py_on_a_converted_file(tiny_gguf: Path) -> None:

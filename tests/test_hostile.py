@@ -25,7 +25,7 @@ import pytest
 import tinymodels
 from helpers import cli, leftovers, one_line, write_config
 
-from alpaca_local.cli import main
+from alpaca_local.cli.main import main
 
 ROOT = os.geteuid() == 0
 
@@ -111,7 +111,7 @@ def test_safetensors_header_lies(name: str, model: Path, tmp_path: Path, capsys)
 def test_safetensors_overlap_hidden_behind_an_empty_tensor(tmp_path: Path) -> None:
     """Neighbour-only checking missed (0,100) vs (50,70) when an empty (10,10) sorted between."""
     from alpaca_local.errors import InputError
-    from alpaca_local.safetensors_io import read_safetensors
+    from alpaca_local.source.safetensors_io import read_safetensors
 
     path = tmp_path / "x.safetensors"
     path.write_bytes(st_bytes({
@@ -133,7 +133,7 @@ def test_safetensors_overlap_hidden_behind_an_empty_tensor(tmp_path: Path) -> No
 def test_safetensors_header_tricks(raw: bytes, needle: str, tmp_path: Path) -> None:
     """Duplicate names (two readers, two models), parser-stack and int-size bombs, huge names."""
     from alpaca_local.errors import InputError
-    from alpaca_local.safetensors_io import read_safetensors
+    from alpaca_local.source.safetensors_io import read_safetensors
 
     path = tmp_path / "x.safetensors"
     path.write_bytes(st_bytes({}, b"\0" * 8, raw_header=raw))
@@ -155,7 +155,7 @@ def test_safetensors_header_over_the_sane_limit_in_a_file_that_holds_it(tmp_path
     """A file really as big as its header claims: the 100 MB limit, not the size check, refuses
     it, before reading a byte of the "JSON" (sparse file: no disk used)."""
     from alpaca_local.errors import InputError
-    from alpaca_local.safetensors_io import MAX_HEADER_BYTES, read_safetensors
+    from alpaca_local.source.safetensors_io import MAX_HEADER_BYTES, read_safetensors
 
     path = tmp_path / "big.safetensors"
     with open(path, "wb") as f:
@@ -190,7 +190,7 @@ def real_header_of(path: Path) -> tuple[dict, bytes]:
 def test_weights_file_is_a_fifo(tmp_path: Path) -> None:
     """Opening a FIFO blocks for ever: refused by type before open()."""
     from alpaca_local.errors import InputError
-    from alpaca_local.safetensors_io import read_safetensors
+    from alpaca_local.source.safetensors_io import read_safetensors
 
     fifo = tmp_path / "model.safetensors"
     os.mkfifo(fifo)
@@ -475,7 +475,7 @@ def _in_tmpfs(mount_opts: str, folder: Path, argv: list[str]) -> tuple[subproces
 def test_disk_full_on_a_real_small_filesystem(tiny_model, tmp_path: Path) -> None:
     """A tmpfs with room for the tensor data (so the early space check passes) but not for
     the header too: ENOSPC arrives mid-write."""
-    from alpaca_local.convert import header_nbytes, plan_conversion
+    from alpaca_local.convert.pipeline import header_nbytes, plan_conversion
 
     plan = plan_conversion(tiny_model.path, "q8_0")
     page = 4096
@@ -509,7 +509,7 @@ def test_file_size_limit_mid_write(tiny_model, tmp_path: Path) -> None:
 def test_output_permissions_follow_the_umask(model: Path, tmp_path: Path) -> None:
     """mkstemp's 0600 must not survive the rename: a model is read by other accounts
     (an Ollama service user); with --force the old file's mode is kept."""
-    from alpaca_local.convert import convert
+    from alpaca_local.convert.pipeline import convert
 
     out = tmp_path / "o.gguf"
     old = os.umask(0o022)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 import tinymodels
-from alpaca_local.chat import ALPACA, ModelInfo, load_model, model_format, prompt_format, read_model_info
-from alpaca_local.cli import main
-from alpaca_local.convert import convert
+from alpaca_local.run.chat import ALPACA, ModelInfo, load_model, model_format, prompt_format, read_model_info
+from alpaca_local.cli.main import main
+from alpaca_local.convert.pipeline import convert
 from alpaca_local.errors import InputError
-from alpaca_local.model_template import render_segments
+from alpaca_local.run.model_template import render_segments
 from alpaca_local.template import Turn
 
 CHATML_LIKE = (

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from alpaca_local.cli import main
-from alpaca_local.gguf_read import read_gguf_header
-from alpaca_local.modelfile import OLLAMA_TEMPLATE, render_modelfile
+from alpaca_local.cli.main import main
+from alpaca_local.convert.gguf_read import read_gguf_header
+from alpaca_local.run.modelfile import OLLAMA_TEMPLATE, render_modelfile
 from alpaca_local.template import Turn, messages_to_turns, render_prompt
 
 # ---------------------------------------------------------------------------------------

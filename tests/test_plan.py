@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from alpaca_local import catalog, gpu, plan
-from alpaca_local.cli import main
-from alpaca_local.convert import convert
-from alpaca_local.gguf_read import read_gguf_header
+from alpaca_local.plan import catalog
+from alpaca_local.plan import gpu
+from alpaca_local.plan import memory as plan
+from alpaca_local.cli.main import main
+from alpaca_local.convert.pipeline import convert
+from alpaca_local.convert.gguf_read import read_gguf_header
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench_plan", ROOT / "benchmarks" / "plan.py")
@@ -61,7 +63,8 @@ def test_kv_cache_formula(n_ctx: int, cache: str, expected: int) -> None:
 
 
 def test_gqa_shrinks_kv() -> None:
-    gqa = plan.ModelShape("g", "llama", 32, 4096, 32, 8, 128, 14336, 32000, 8192, False, "catalog")
+    gqa = plan.ModelShape(name="g", arch="llama", n_layer=32, hidden=4096, n_head=32, n_kv_head=8, head_dim=128,
+                          intermediate=14336, vocab_size=32000, n_ctx=8192, tie_embeddings=False, source="catalog")
     assert plan.kv_bytes(gqa, 2048, "f16") == plan.kv_bytes(ALPACA, 2048, "f16") // 4
 
 
@@ -155,7 +158,8 @@ def test_no_repack_on_cuda_and_only_cpu_layers_on_metal() -> None:
 
 def test_tied_output_is_repacked_as_a_second_tensor() -> None:
     # token_embd stays mapped (GET_ROWS); the tied output is a duplicate used by MUL_MAT.
-    tied = plan.ModelShape("t", "llama", 2, 256, 4, 4, 64, 512, 1000, 2048, True, "catalog")
+    tied = plan.ModelShape(name="t", arch="llama", n_layer=2, hidden=256, n_head=4, n_kv_head=4, head_dim=64,
+                           intermediate=512, vocab_size=1000, n_ctx=2048, tie_embeddings=True, source="catalog")
     embd = plan.PlannedTensor("token_embd.weight", (1000, 256), T.Q6_K, 1000 * 210)
     _, mapped, repack = plan.weights_split((embd,), tied, 0, "cpu", ARM_DOTPROD.repack_rows)
     assert mapped == embd.nbytes and repack == plan._pad(embd.nbytes, plan.TENSOR_ALIGNMENT)
@@ -317,3 +321,15 @@ def test_parse_nvidia_smi_and_meminfo() -> None:
 def test_detect_always_answers() -> None:
     dev = gpu.detect()
     assert dev.backend in ("cuda", "metal", "cpu") and dev.note
+
+
+def test_recommendation_says_what_is_left_not_the_margin(capsys) -> None:
+    # `plan --vram 8`: q5_k_m needs 5.87 GiB, so 2.13 GiB are left; the 0.40 GiB safety
+    # margin is a separate number (issue 12: it used to be printed as what was "to spare").
+    out = _json(capsys, "--vram", "8")
+    rec, budget = out["recommendation"], out["device"]["budget_bytes"]
+    left = (budget - rec["gpu_bytes"]) / 2**30
+    margin = (budget - out["device"]["usable_bytes"]) / 2**30
+    assert f"leaving {left:.2f} GiB free" in rec["reason"]
+    assert f"safety margin {margin:.2f} GiB" in rec["reason"]
+    assert round(left, 2) != round(margin, 2)

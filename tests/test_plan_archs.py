@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import tinyarch
 
-from alpaca_local import plan
-from alpaca_local.convert import convert
+from alpaca_local.plan import memory as plan
+from alpaca_local.convert.pipeline import convert
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench_plan", ROOT / "benchmarks" / "plan.py")
@@ -65,7 +65,7 @@ def test_prediction_matches_llama_cpp_per_architecture(converted, arch: str, lev
 
 
 def bench_header(path: Path):
-    from alpaca_local.gguf_read import read_gguf_header
+    from alpaca_local.convert.gguf_read import read_gguf_header
 
     return read_gguf_header(path)
 
@@ -73,11 +73,11 @@ def bench_header(path: Path):
 def test_architecture_facts_reach_the_plan(converted) -> None:
     gemma = plan.shape_from_gguf(bench_header(converted("gemma2", "f16")))
     assert gemma.head_dim == 96 and gemma.n_kv_gqa == 2 * 96 and gemma.n_q == 4 * 96 != gemma.hidden
-    assert gemma.tied_embeddings and [gemma.is_swa(i) for i in range(2)] == [True, False]
+    assert gemma.tie_embeddings and [gemma.is_swa(i) for i in range(2)] == [True, False]
     llama3 = plan.shape_from_gguf(bench_header(converted("llama3", "f16")))
-    assert llama3.tied_embeddings and llama3.rope_freqs
+    assert llama3.tie_embeddings and llama3.rope_freqs
     qwen2 = plan.shape_from_gguf(bench_header(converted("qwen2", "f16")))
-    assert not qwen2.tied_embeddings and qwen2.n_swa == 0  # use_sliding_window false: a plain cache
+    assert not qwen2.tie_embeddings and qwen2.n_swa == 0  # use_sliding_window false: a plain cache
     assert any(t.name.endswith("attn_q.bias") for t in qwen2.file_tensors)
 
 
@@ -101,7 +101,9 @@ def test_gemma2_without_swa_full_caches_window_plus_ubatch(tmp_path: Path, monke
 
 # -- a 256000-token vocabulary (Gemma) -----------------------------------------------------
 
-GEMMA2_2B = plan.ModelShape("gemma-2-2b", "gemma2", 26, 2304, 8, 4, 256, 9216, 256000, 8192, True, "catalog",
+GEMMA2_2B = plan.ModelShape(name="gemma-2-2b", arch="gemma2", n_layer=26, hidden=2304, n_head=8, n_kv_head=4,
+                            head_dim=256, intermediate=9216, vocab_size=256000, n_ctx=8192, tie_embeddings=True,
+                            source="catalog",
                             n_swa=4096, swa_pattern=2)
 
 
@@ -126,7 +128,8 @@ def test_gemma2_2b_kv_cache_per_layer_kind() -> None:
 
 def test_large_vocab_compute_buffer_matches_llama_cpp(tmp_path: Path) -> None:
     # A real load of a 256000-token vocabulary: a sparse file (header, then a hole), 2 layers.
-    shape = plan.ModelShape("v", "llama", 2, 256, 4, 2, 64, 512, 256000, 8192, False, "catalog")
+    shape = plan.ModelShape(name="v", arch="llama", n_layer=2, hidden=256, n_head=4, n_kv_head=2, head_dim=64,
+                            intermediate=512, vocab_size=256000, n_ctx=8192, tie_embeddings=False, source="catalog")
     path = bench.write_sparse_gguf(tmp_path / "v.q8_0.gguf", shape, "q8_0")
     r = bench.compare(path, 1000)
     assert r["measured"]["kv"] == round(r["predicted"]["kv"], 2)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alpaca_local import quality
-from alpaca_local.cli import main
+from alpaca_local.measure import quality
+from alpaca_local.cli.main import main
 
 CTX = 32
 TEXT = (

@@ -14,7 +14,7 @@ from gguf.constants import GGMLQuantizationType as T
 from gguf.constants import LlamaFileType as F
 
 from alpaca_local.errors import UsageError
-from alpaca_local.quant_rules import (
+from alpaca_local.convert.quant_rules import (
     QUANT_FILE_SUFFIX,
     QUANTS,
     ModelFacts,

@@ -23,8 +23,8 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from alpaca_local import chat  # noqa: E402
-from alpaca_local.serve import MAX_BODY_BYTES, RequestGuard, chat_chunks, chat_response  # noqa: E402
+from alpaca_local.run import chat  # noqa: E402
+from alpaca_local.run.serve import MAX_BODY_BYTES, RequestGuard, chat_chunks, chat_response  # noqa: E402
 from alpaca_local.template import Turn, render_prompt  # noqa: E402
 
 KEY = "test-key-123"

@@ -28,7 +28,7 @@ from torchbin_writer import (
 )
 
 from alpaca_local.errors import InputError, UnsupportedError
-from alpaca_local.torch_bin import read_torch_bin
+from alpaca_local.source.torch_bin import read_torch_bin
 
 RNG = np.random.default_rng(0)
 

@@ -1,0 +1,207 @@
+"""`alpaca-local plan`: which quant level fits this GPU, and the memory each level takes.
+
+`--json` prints one object (sizes in bytes; stable, additions only):
+
+    {
+      "model": {"name", "source": "gguf"|"hf"|"catalog", "arch", "n_layer", "hidden",
+                "n_head", "n_kv_head", "head_dim", "intermediate", "vocab", "n_ctx_train"},
+      "device": {"backend": "cuda"|"metal"|"cpu", "budget_bytes", "usable_bytes",
+                 "from": "--vram"|"detected", "note", "gpus": [{"name", "total_bytes", "free_bytes"}],
+                 "cpu": {"features": [str], "from": str, "repack_types": {ggml type name: row multiple}}},
+      "settings": {"n_ctx", "n_ctx_padded", "n_batch", "n_ubatch", "cache_type", "flash_attn"},
+      "levels": [{"level", "file_bytes", "file_bytes_exact", "weights_gpu_bytes", "weights_cpu_bytes",
+                  "repack_bytes", "kv_bytes", "compute_bytes", "output_bytes", "overhead_bytes", "total_bytes",
+                  "fits": bool, "max_ctx": int|null (only with --ctx max), "max_gpu_layers"}],
+      "recommendation": {"level": str|null, "full_offload": bool, "n_gpu_layers",
+                         "gpu_bytes", "cpu_bytes", "reason"}
+    }
+With `--ctx max`, each level's row is planned at its own largest context.
+"repack_bytes" is the part of weights_cpu_bytes (and, on the cpu backend, of
+weights_gpu_bytes) that llama.cpp's CPU_REPACK buffer adds: weights of the types in
+device.cpu.repack_types copied into an interleaved layout next to the mapped file
+(none on cuda; see plan.REPACK_RULES).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+DESCRIPTION = """Say which quant level of a model fits your GPU, with the memory llama.cpp will
+really take: weights on the GPU, KV cache at your context, compute buffer and
+runtime overhead. MODEL is a GGUF file (only its header is read), a Hugging
+Face folder (sizes predicted with the converter's own rules) or a catalog name
+(default: alpaca-7b). Sizes are GiB (2^30 bytes), as GPU memory is sold."""
+
+EXAMPLES = """examples:
+  alpaca-local plan --vram 8                     # Alpaca 7B on an 8 GB GPU
+  alpaca-local plan models/alpaca-7b.Q4_K_M.gguf # detect the GPU, read the file's header
+  alpaca-local plan ./alpaca-7b --ctx max --vram 12
+  alpaca-local plan llama-7b --cache-type q8_0 --json
+
+exit codes: 0 done, 1 bad model file, 2 usage error."""
+
+MAX_VRAM_GB = 4096.0
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text, description=DESCRIPTION, epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                   help="GGUF file, Hugging Face folder or catalog name (default: alpaca-7b)")
+    p.add_argument("--vram", metavar="GB", type=float, default=None,
+                   help="GPU memory in GiB (default: detect; CPU RAM when there is no GPU)")
+    p.add_argument("--ctx", metavar="N|max", default="2048", help="context length, or 'max' for the largest that fits")
+    p.add_argument("--cache-type", default="f16", type=str.lower, metavar="TYPE",
+                   help="KV cache type: f16, q8_0, q4_0 (quantized caches use flash attention)")
+    p.add_argument("--batch", type=int, default=512, metavar="N", help="n_batch (default 512; n_ubatch is min(N, 512))")
+    p.add_argument("--cpu", action="store_true", help="plan for CPU RAM even if a GPU is found")
+    p.add_argument("--json", action="store_true", help="print a JSON object (see module docs) instead of a table")
+
+
+def _settings(args: argparse.Namespace, backend: str):
+    from alpaca_local.errors import UsageError
+    from alpaca_local.plan.memory import RunSettings, check_settings, detect_cpu
+
+    ctx = args.ctx.strip().lower()
+    if ctx != "max" and not ctx.isdigit():
+        raise UsageError(f"--ctx {args.ctx!r} is not a number or 'max'")
+    s = RunSettings(n_ctx=2048 if ctx == "max" else int(ctx), n_batch=args.batch, cache_type=args.cache_type,
+                    backend=backend, cpu=detect_cpu())
+    check_settings(s)
+    return s, ctx == "max"
+
+
+def _device(args: argparse.Namespace):
+    from alpaca_local.errors import UsageError
+    from alpaca_local.plan.gpu import GPU, Device, detect
+
+    if args.vram is not None:
+        if not 0.1 <= args.vram <= MAX_VRAM_GB:
+            raise UsageError(f"--vram {args.vram:g} is out of range; give GiB between 0.1 and {MAX_VRAM_GB:g}")
+        size = int(args.vram * (1 << 30))
+        backend = "cpu" if args.cpu else "cuda"
+        return Device(backend, (GPU("--vram", size, size),), "from --vram"), "--vram"
+    dev = detect()
+    if args.cpu and dev.backend != "cpu":
+        from alpaca_local.plan.gpu import parse_meminfo
+
+        with open("/proc/meminfo", encoding="ascii") as f:
+            ram = parse_meminfo(f.read())
+        dev = Device("cpu", (ram,) if ram else (), "planning for CPU RAM (--cpu)")
+    if not dev.gpus:
+        raise UsageError("cannot tell how much memory this machine has; give --vram GB")
+    return dev, "detected"
+
+
+def build_report(args: argparse.Namespace) -> dict:
+    from alpaca_local.plan import memory as plan
+
+    dev, origin = _device(args)
+    s, ctx_max = _settings(args, dev.backend)
+    shape = plan.load_shape(args.model)
+    budget = dev.budget
+    levels = plan.levels_for(shape)
+    rows, plans = [], {}
+    cpu = s.cpu_features
+    for level in levels:
+        ls = s
+        best_ctx = None
+        if ctx_max:
+            best_ctx = plan.max_context(shape, level, s, budget)
+            ls = replace(s, n_ctx=best_ctx or plan.CTX_PAD)
+        p = plan.plan_level(shape, level, ls)
+        plans[level] = p
+        fits = plan.fits(p, budget)
+        ngl = shape.n_layer + 1 if fits else plan.max_gpu_layers(shape, level, ls, budget)
+        rows.append(_row(p, fits, best_ctx, ngl))
+    rec = plan.recommend(shape, plans, s, budget) if not ctx_max else _ctx_max_recommendation(shape, plans, rows, budget)
+    return {
+        "model": {**{k: getattr(shape, k) for k in ("name", "source", "arch", "n_layer", "hidden", "n_head",
+                                                    "n_kv_head", "head_dim", "intermediate")},
+                  "vocab": shape.vocab_size, "n_ctx_train": shape.n_ctx},
+        "device": {"backend": dev.backend, "budget_bytes": budget, "usable_bytes": plan.usable(budget), "from": origin,
+                   "note": dev.note, "gpus": [{"name": g.name, "total_bytes": g.total, "free_bytes": g.free} for g in dev.gpus],
+                   "cpu": {"features": list(cpu.features), "from": cpu.source,
+                           "repack_types": {t.name: n for t, n in plan.repack_rows_for(dev.backend, cpu).items()}}},
+        "settings": {"n_ctx": "max" if ctx_max else s.n_ctx, "n_ctx_padded": None if ctx_max else plan.padded_ctx(s.n_ctx),
+                     "n_batch": s.n_batch, "n_ubatch": s.n_ubatch, "cache_type": s.cache_type, "flash_attn": s.flash_attn},
+        "levels": rows,
+        "recommendation": {"level": rec.level, "full_offload": rec.full, "n_gpu_layers": rec.n_gpu_layers,
+                           "gpu_bytes": rec.gpu_bytes, "cpu_bytes": rec.cpu_bytes, "reason": rec.reason},
+    }
+
+
+def _row(p, fits: bool, max_ctx: int | None, max_ngl: int) -> dict:
+    return {
+        "level": p.level, "file_bytes": p.file_bytes, "file_bytes_exact": p.exact_file,
+        "weights_gpu_bytes": p.weights_gpu, "weights_cpu_bytes": p.weights_cpu, "repack_bytes": p.repack, "kv_bytes": p.kv,
+        "compute_bytes": p.compute, "output_bytes": p.output, "overhead_bytes": p.overhead,
+        "total_bytes": p.total_gpu, "fits": fits, "max_ctx": max_ctx, "max_gpu_layers": max_ngl,
+    }
+
+
+def _ctx_max_recommendation(shape, plans: dict, rows: list[dict], budget: int):
+    from alpaca_local.plan.memory import Recommendation, fmt_gib
+
+    for row in rows:
+        if row["max_ctx"]:
+            p = plans[row["level"]]
+            return Recommendation(row["level"], shape.n_layer + 1, True, p.total_gpu, p.weights_cpu + p.output,
+                                  f"highest quality that fits; up to {row['max_ctx']} tokens of context "
+                                  f"({fmt_gib(budget)} budget)")
+    return Recommendation(None, 0, False, 0, 0, "no level fits fully even at 256 tokens of context")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = build_report(args)
+    if args.json:
+        import json
+
+        print(json.dumps(report, indent=2))
+    else:
+        _print(report)
+    return 0
+
+
+def _print(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    gib = lambda n: f"{n / (1 << 30):.2f}"  # noqa: E731
+    m, d, s = report["model"], report["device"], report["settings"]
+    where = "VRAM" if d["backend"] != "cpu" else "RAM"
+    title = (f"{m['name']} ({m['arch']}, {m['n_layer']} layers) - ctx {s['n_ctx']}, KV {s['cache_type']}, "
+             f"batch {s['n_batch']} - {where} {gib(d['budget_bytes'])} GiB ({d['from']})")
+    t = Table(title=title, title_justify="left")
+    # On the CPU, the repacked copies are part of "weights in RAM"; the column says how much.
+    repack = d["backend"] == "cpu" and any(r["repack_bytes"] for r in report["levels"])
+    for col in ("level", "file", f"weights in {where}", *(("of which repack",) if repack else ()), "KV", "compute",
+                "overhead", "total", "fits"):
+        t.add_column(col, justify="left" if col == "level" else "right")
+    if s["n_ctx"] == "max":
+        t.add_column("max ctx", justify="right")
+    for r in report["levels"]:
+        cells = [r["level"], gib(r["file_bytes"]) + ("" if r["file_bytes_exact"] else "~"), gib(r["weights_gpu_bytes"]),
+                 *((gib(r["repack_bytes"]),) if repack else ()),
+                 gib(r["kv_bytes"]), gib(r["compute_bytes"]), gib(r["overhead_bytes"]), gib(r["total_bytes"]),
+                 "[green]yes[/]" if r["fits"] else f"[red]no[/] ({r['max_gpu_layers']} layers)"]
+        if s["n_ctx"] == "max":
+            cells.append(str(r["max_ctx"] or "-"))
+        t.add_row(*cells)
+    console = Console()
+    console.print(t)
+    console.print(f"sizes in GiB; ~ = header size estimated; usable {gib(d['usable_bytes'])} GiB after the safety margin. {d['note']}")
+    if repack:
+        c = d["cpu"]
+        console.print(f"repack: llama.cpp copies {', '.join(c['repack_types'])} weights into an interleaved layout "
+                      f"beside the mapped file (CPU features {', '.join(c['features'])}, from {c['from']}).")
+    rec = report["recommendation"]
+    if rec["level"] and rec["full_offload"]:
+        console.print(f"[bold]recommended: {rec['level']}[/] - {rec['reason']}; "
+                      f"needs {gib(rec['gpu_bytes'])} GiB of {gib(d['budget_bytes'])} GiB.")
+    elif rec["level"]:
+        console.print(f"[bold]recommended: {rec['level']} with -ngl {rec['n_gpu_layers']}[/] (n_gpu_layers) - {rec['reason']}; "
+                      f"GPU {gib(rec['gpu_bytes'])} GiB, CPU RAM {gib(rec['cpu_bytes'])} GiB.")
+    else:
+        console.print(f"[bold]recommended: none[/] - {rec['reason']}")

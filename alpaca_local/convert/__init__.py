@@ -1,0 +1,10 @@
+"""The GGUF side: map a source model to GGUF, choose per-tensor types, quantize, write.
+
+Holds: `architectures` (one table entry per architecture: names, shapes, metadata),
+`quant_rules` (llama.cpp's per-tensor type choice and byte sizes, shared with `plan`),
+`ggml` (ggml's quantizers through ctypes), `pipeline` (plan a conversion, stream
+chunks, write the file), `atomic` (temp file + rename, --force, disk-space checks),
+`gguf_read` (bounds-checked GGUF header reader for files we did not write).
+
+May import: `alpaca_local.source`, `alpaca_local.errors`, `alpaca_local.template`.
+"""

@@ -1,0 +1,94 @@
+"""ggml's own quantizers, called through ctypes from the library llama-cpp-python ships.
+
+Why ggml and not numpy: the quantized bytes must equal what llama.cpp's
+quantize writes, and the K-quant search is ggml's code, not a formula. ctypes
+drops the GIL for the duration of each call, so quantizing chunks from several
+threads uses every core.
+
+ggml aborts the whole process (GGML_ASSERT) on a bad shape, so `quantize_rows`
+checks every argument before the call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from alpaca_local.errors import AlpacaError
+from alpaca_local.convert.quant_rules import row_nbytes
+
+# Types this module may be asked for; all need no importance matrix.
+SUPPORTED = {
+    GGMLQuantizationType.F32,
+    GGMLQuantizationType.F16,
+    GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.Q4_1,
+    GGMLQuantizationType.Q5_0,
+    GGMLQuantizationType.Q5_1,
+    GGMLQuantizationType.Q8_0,
+    GGMLQuantizationType.Q2_K,
+    GGMLQuantizationType.Q3_K,
+    GGMLQuantizationType.Q4_K,
+    GGMLQuantizationType.Q5_K,
+    GGMLQuantizationType.Q6_K,
+}
+
+
+class GGMLUnavailable(AlpacaError):
+    """llama-cpp-python (which ships ggml) is missing or too old."""
+
+
+@functools.lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL:
+    try:
+        import llama_cpp  # noqa: F401  (loads libggml and its dependencies)
+    except ImportError as exc:
+        raise GGMLUnavailable(
+            "llama-cpp-python is not installed; install alpaca-local with `pip install -e .` (see README)"
+        ) from exc
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    candidates = sorted(lib_dir.glob("libggml-base.*")) + sorted(lib_dir.glob("libggml.*"))
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(str(path))
+            lib.ggml_quantize_chunk  # noqa: B018  (probe the symbol)
+        except (OSError, AttributeError):
+            continue
+        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+        lib.ggml_quantize_chunk.argtypes = [
+            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+        ]
+        lib.ggml_row_size.restype = ctypes.c_size_t
+        lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+        lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+        lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+        return lib
+    raise GGMLUnavailable(f"no ggml library with ggml_quantize_chunk found in {lib_dir}; reinstall llama-cpp-python")
+
+
+def quantize_rows(values: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
+    """Quantize a 2-D float32 array row by row into ggml's byte layout (uint8, rows × row bytes)."""
+    if ggml_type not in SUPPORTED:
+        raise ValueError(f"quantizing to {ggml_type.name} is not supported")
+    if values.ndim != 2 or values.dtype != np.float32:
+        raise ValueError(f"expected a 2-D float32 array, got {values.ndim}-D {values.dtype}")
+    n_rows, n_per_row = values.shape
+    row_bytes = row_nbytes(ggml_type, n_per_row)  # raises before ggml could abort
+    src = np.ascontiguousarray(values)
+    out = np.empty((n_rows, row_bytes), dtype=np.uint8)
+    if n_rows == 0 or n_per_row == 0:
+        return out
+    lib = _lib()
+    if lib.ggml_row_size(int(ggml_type), n_per_row) != row_bytes:
+        raise GGMLUnavailable(f"ggml disagrees with gguf on the size of {ggml_type.name}; versions do not match")
+    written = lib.ggml_quantize_chunk(
+        int(ggml_type), src.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, None
+    )
+    if written != out.nbytes:
+        raise RuntimeError(f"ggml wrote {written} bytes for {ggml_type.name}, expected {out.nbytes}")
+    return out

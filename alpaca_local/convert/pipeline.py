@@ -1,0 +1,360 @@
+"""Hugging Face folder -> one GGUF file, in one streaming pass.
+
+Stages, each its own module: read the source (`config`, `source`, `vocab`)
+→ map names (`architectures`) → choose types (`quant_rules`) → quantize
+(`ggml`) → write (`atomic` + gguf-py's writer for the header).
+
+`plan_conversion` does everything but the data: it checks the whole input and
+knows every output tensor's name, type and byte size before a byte is written.
+`convert` then streams tensor chunks through a small thread pool (ggml drops
+the GIL) and appends them in order, so memory stays near a few chunks
+whatever the model size.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from alpaca_local.convert import quant_rules
+from alpaca_local.convert.architectures import (
+    ARCHITECTURES,
+    CONFIG_DEFAULTS,
+    SUPPORTED,
+    Architecture,
+    map_name,
+)
+from alpaca_local.convert.atomic import atomic_write, check_target
+from alpaca_local.source.config import ModelConfig, load_config
+from alpaca_local.errors import InputError
+from alpaca_local.convert.ggml import quantize_rows
+from alpaca_local.source.weights import read_weights
+from alpaca_local.template import ALPACA_CHAT_TEMPLATE
+from alpaca_local.source.tensors import TensorRef
+from alpaca_local.source.vocab import Vocab, load_bpe_vocab, load_vocab
+
+# About 4 MB of float32 per chunk: big enough that ggml calls dominate,
+# small enough that a few chunks in flight stay far below one large tensor.
+CHUNK_ELEMENTS = 1024 * 1024
+ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT
+
+Progress = Callable[[str, int], None]  # (tensor name, source bytes just done)
+
+
+@dataclass(frozen=True)
+class GeneratedTensor:
+    """A tensor computed from the config (e.g. rope_freqs), with TensorRef's reading interface."""
+
+    name: str
+    values: np.ndarray  # float32
+    dtype: str = "F32"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes
+
+    @property
+    def n_elements(self) -> int:
+        return int(self.values.size)
+
+    @property
+    def n_rows(self) -> int:
+        return int(np.prod(self.shape[:-1])) if self.shape else 1
+
+    def raw(self) -> np.ndarray:
+        return self.values
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        return self.values.reshape(self.n_rows, -1)[start:stop]
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    source: TensorRef | GeneratedTensor
+    name: str  # GGUF name
+    kind: gguf.MODEL_TENSOR
+    ggml_type: gguf.GGMLQuantizationType
+    rope_head_dim: int | None  # rows are permuted in groups of this size
+    # Added elementwise in the source's precision before quantizing (Gemma's
+    # norm weights: 1 + w); works on any row chunk.
+    offset: float = 0.0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape
+
+    @property
+    def nbytes(self) -> int:
+        return quant_rules.tensor_nbytes(self.shape, self.ggml_type)
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    source: Path
+    name: str
+    quant: str
+    config: ModelConfig
+    arch: Architecture
+    vocab: Vocab
+    jobs: tuple[TensorJob, ...]
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(_padded(j.nbytes) for j in self.jobs)
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(j.source.nbytes for j in self.jobs)
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    output: Path
+    quant: str
+    n_tensors: int
+    file_bytes: int
+    seconds: float
+    peak_rss_bytes: int
+
+
+def _padded(n: int) -> int:
+    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+def _llama_cpp_order(name: str) -> tuple[int, str]:
+    """llama.cpp's weight_name_comparer: layer number (-1 outside blocks), then name.
+
+    quantize walks (and writes) tensors in this order, and its per-layer
+    counters depend on it, so types are chosen in the same order.
+    """
+    layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
+    return layer, name
+
+
+def _map_tensors(
+    cfg: ModelConfig, arch: Architecture, refs: dict[str, TensorRef]
+) -> list[tuple[TensorRef | GeneratedTensor, str, gguf.MODEL_TENSOR]]:
+    name_map = gguf.get_tensor_name_map(arch.gguf_arch, cfg.n_layer)
+    expected = arch.expected_tensors(cfg)
+    generated = {
+        f"{gguf.TENSOR_NAMES[kind]}.weight": (kind, values) for kind, values in arch.extra_tensors(cfg).items()
+    }
+    mapped: dict[str, tuple[TensorRef | GeneratedTensor, str, gguf.MODEL_TENSOR]] = {}
+    for hf_name, ref in refs.items():
+        m = map_name(arch, name_map, hf_name)
+        if m is None:
+            continue
+        if m.layer is not None and not 0 <= m.layer < cfg.n_layer:
+            raise InputError(f"tensor {hf_name!r} is for layer {m.layer} but config.json has {cfg.n_layer} layers")
+        if m.gguf_name in mapped:
+            raise InputError(f"tensors {mapped[m.gguf_name][0].name!r} and {hf_name!r} both map to {m.gguf_name}")
+        shape = expected[m.gguf_name][1] if m.gguf_name in expected and m.gguf_name not in generated else None
+        if shape is None and m.gguf_name == "output.weight":
+            shape = (cfg.vocab_size, cfg.hidden)  # saved although tied: keep it, as the reference does
+        if shape is None:
+            raise InputError(f"tensor {hf_name!r} ({m.gguf_name}) is not used by {arch.hf_class}")
+        if ref.shape != shape:
+            raise InputError(
+                f"tensor {hf_name!r} has shape {list(ref.shape)} but config.json implies {list(shape)}; "
+                "the weights do not match the config"
+            )
+        mapped[m.gguf_name] = (ref, m.gguf_name, m.kind)
+    missing = [name for name in expected if name not in mapped and name not in generated]
+    if missing:
+        raise InputError(
+            f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}; "
+            "a shard is missing or the checkpoint is incomplete"
+        )
+    for name, (kind, values) in generated.items():
+        mapped[name] = (GeneratedTensor(name, np.ascontiguousarray(values, dtype=np.float32)), name, kind)
+    return sorted(mapped.values(), key=lambda t: _llama_cpp_order(t[1]))
+
+
+def _load_vocab(source: Path, arch: Architecture, cfg: ModelConfig) -> Vocab:
+    # LlamaModel.set_vocab / Qwen2Model.set_vocab: SentencePiece when there is a
+    # tokenizer.model, else tokenizer.json's byte-level BPE.
+    if arch.tokenizer == "sentencepiece-or-bpe" and not (source / "tokenizer.model").is_file():
+        vocab = load_bpe_vocab(source, cfg.vocab_size)
+    else:
+        vocab = load_vocab(source, cfg.vocab_size)
+    vocab.add_space_prefix = arch.add_space_prefix(source)
+    return vocab
+
+
+def plan_conversion(source: Path, quant: str) -> ConversionPlan:
+    """Check the whole input and decide every output tensor, without touching the data."""
+    if not source.exists():
+        raise InputError(f"{source} does not exist; give the path of a Hugging Face model folder")
+    if not source.is_dir():
+        raise InputError(f"{source} is not a folder; give the Hugging Face model folder that holds config.json")
+    quant_rules.file_type(quant)  # unknown quant names fail before any reading
+    cfg = load_config(source, SUPPORTED, CONFIG_DEFAULTS)
+    arch = ARCHITECTURES[cfg.hf_arch]
+    arch.check(cfg)
+    tensors = _map_tensors(cfg, arch, read_weights(source))
+    vocab = _load_vocab(source, arch, cfg)
+    if vocab.chat_template is None:
+        vocab.chat_template = ALPACA_CHAT_TEMPLATE
+    facts = quant_rules.ModelFacts(arch=arch.arch_name, n_layer=cfg.n_layer, n_head=cfg.n_head, n_head_kv=cfg.n_kv_head)
+    specs = [quant_rules.TensorSpec(name=f"{name}", shape=ref.shape) for ref, name, _ in tensors]
+    types = quant_rules.choose_types(specs, quant, facts)
+    jobs = tuple(
+        TensorJob(
+            ref, name, kind, ggml_type,
+            rope_head_dim=cfg.head_dim if kind in arch.rope_permuted else None,
+            offset=arch.norm_offset if ref.name.endswith("norm.weight") else 0.0,
+        )
+        for (ref, name, kind), ggml_type in zip(tensors, types)
+    )
+    return ConversionPlan(source, source.resolve().name, quant, cfg, arch, vocab, jobs)
+
+
+def default_output(plan: ConversionPlan, models_dir: Path) -> Path:
+    """models/<name>.<QUANT>.gguf, e.g. models/alpaca-7b.Q4_K_M.gguf."""
+    return models_dir / f"{plan.name}.{quant_rules.QUANT_FILE_SUFFIX[plan.quant]}.gguf"
+
+
+def _header_writer(plan: ConversionPlan, path: Path) -> gguf.GGUFWriter:
+    cfg = plan.config
+    w = gguf.GGUFWriter(path, plan.arch.arch_name)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(plan.name)
+    # "7B"-style label that LM Studio and Ollama show; gguf-py's rule, as the reference converter uses.
+    w.add_size_label(gguf.size_label(sum(j.source.n_elements for j in plan.jobs), 0, 0, 0))
+    plan.arch.metadata(w, cfg)
+    w.add_file_type(quant_rules.file_type(plan.quant))
+    if plan.quant != "f16":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    plan.vocab.add_to(w)
+    for job in plan.jobs:
+        # A float dtype makes gguf-py take `shape` as the element shape (uint8 would mean bytes).
+        w.add_tensor_info(job.name, job.shape, np.dtype(np.float32), job.nbytes, raw_dtype=job.ggml_type)
+    return w
+
+
+def header_nbytes(plan: ConversionPlan) -> int:
+    """Bytes before the tensor data (header, metadata, tensor table, padding) of the file
+    `convert` writes for `plan`: gguf-py writes it to a scratch file, so the count is exact."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "header.gguf"
+        writer = _header_writer(plan, path)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        return _padded(path.stat().st_size)
+
+
+def _rope_permute(rows: np.ndarray, head_dim: int) -> np.ndarray:
+    """HF rotate-half rows -> llama.cpp interleaved rows, per head (LlamaModel.permute)."""
+    n, cols = rows.shape
+    return rows.reshape(n // head_dim, 2, head_dim // 2, cols).swapaxes(1, 2).reshape(n, cols)
+
+
+def _add_offset(rows: np.ndarray, offset: float, src_dtype: str) -> np.ndarray:
+    """rows + offset as the reference computes it: in float16 for an F16 source
+    (torch adds in the tensor's dtype), in float32 otherwise (BF16 is widened first)."""
+    if src_dtype == "F16":
+        return (rows.astype(np.float16) + np.float16(offset)).astype(np.float32)
+    return rows + np.float32(offset)
+
+
+def _chunks(job: TensorJob) -> Iterator[tuple[int, int]]:
+    n_rows, row_len = job.source.n_rows, (job.shape[-1] if job.shape else 1)
+    step = max(1, CHUNK_ELEMENTS // max(row_len, 1))
+    if job.rope_head_dim:
+        step = max(job.rope_head_dim, step // job.rope_head_dim * job.rope_head_dim)
+    for start in range(0, n_rows, step):
+        yield start, min(n_rows, start + step)
+
+
+def _encode(job: TensorJob, start: int, stop: int) -> bytes:
+    src = job.source
+    same = (src.dtype, job.ggml_type) in (("F16", gguf.GGMLQuantizationType.F16), ("F32", gguf.GGMLQuantizationType.F32))
+    if same and job.rope_head_dim is None and not job.offset:
+        raw = src.raw()  # identical bytes: copy, do not round-trip through float32
+        row_len = job.shape[-1] if job.shape else 1
+        flat = raw.reshape(-1)[start * row_len : stop * row_len]
+        return flat.tobytes()
+    rows = src.read_rows(start, stop)
+    if job.offset:
+        rows = _add_offset(rows, job.offset, src.dtype)
+    if job.rope_head_dim:
+        rows = _rope_permute(rows, job.rope_head_dim)
+    return quantize_rows(rows, job.ggml_type).tobytes()
+
+
+def _write_tensor_data(plan: ConversionPlan, path: Path, progress: Progress | None, workers: int) -> None:
+    """Append every tensor, in plan order, each padded to the GGUF alignment."""
+    with open(path, "r+b") as f:
+        f.seek(0, os.SEEK_END)
+        f.write(b"\0" * (_padded(f.tell()) - f.tell()))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending: deque[tuple[TensorJob, int, int, Future[bytes]]] = deque()
+            window = 2 * workers
+
+            def drain_one() -> None:
+                job, start, stop, fut = pending.popleft()
+                data = fut.result()
+                f.write(data)
+                if stop == job.source.n_rows:
+                    f.write(b"\0" * (_padded(job.nbytes) - job.nbytes))
+                if progress:
+                    per_row = job.source.nbytes // max(job.source.n_rows, 1)
+                    progress(job.name, (stop - start) * per_row)
+
+            try:
+                for job in plan.jobs:
+                    for start, stop in _chunks(job):
+                        pending.append((job, start, stop, pool.submit(_encode, job, start, stop)))
+                        while len(pending) >= window:
+                            drain_one()
+                while pending:
+                    drain_one()
+            finally:
+                for *_, fut in pending:
+                    fut.cancel()
+
+
+def convert(
+    source: Path,
+    output: Path | None = None,
+    quant: str = "q4_k_m",
+    force: bool = False,
+    models_dir: Path = Path("models"),
+    progress: Progress | None = None,
+    workers: int | None = None,
+    plan: ConversionPlan | None = None,
+) -> ConvertResult:
+    """Convert `source` into one GGUF file; the output appears only when complete."""
+    t0 = time.perf_counter()
+    plan = plan or plan_conversion(source, quant)
+    if output is None:
+        output = default_output(plan, models_dir)
+        output.parent.mkdir(parents=True, exist_ok=True)
+    check_target(output, force, need_bytes=plan.tensor_bytes)
+    with atomic_write(output) as tmp:
+        writer = _header_writer(plan, tmp)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        _write_tensor_data(plan, tmp, progress, workers or os.cpu_count() or 1)
+        size = tmp.stat().st_size
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return ConvertResult(output, plan.quant, len(plan.jobs), size, time.perf_counter() - t0, peak)

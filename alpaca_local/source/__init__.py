@@ -1,0 +1,9 @@
+"""Read a Hugging Face model folder: config.json, the weight index, tensors, the tokenizer.
+
+Holds: `config` (config.json → ModelConfig), `weights` (find safetensors / .bin files,
+single or sharded), `safetensors_io` and `torch_bin` (headers → located tensors, never
+executing a pickle), `tensors` (a tensor located in a file, read in row chunks), `vocab`
+(SentencePiece or BPE tokenizer → GGUF vocabulary).
+
+May import: `alpaca_local.errors` only. Nothing here knows about GGUF or llama.cpp.
+"""

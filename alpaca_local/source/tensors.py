@@ -1,0 +1,75 @@
+"""A tensor in a source file, located but not loaded.
+
+Every reader (safetensors, pytorch zip) turns a checkpoint into `TensorRef`s:
+a contiguous little-endian byte range in a file. Loading maps just that range,
+so peak memory follows the tensor being converted, not the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from alpaca_local.errors import InputError
+
+# Source dtypes we read, with their item size. BF16 has no numpy dtype: it is
+# read as uint16 and widened to float32 by a shift (exact).
+DTYPE_ITEMSIZE: dict[str, int] = {"F32": 4, "F16": 2, "BF16": 2}
+_NUMPY_DTYPE = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    name: str
+    dtype: str  # one of DTYPE_ITEMSIZE
+    shape: tuple[int, ...]  # numpy order: the last dimension is contiguous
+    path: Path
+    offset: int  # absolute byte offset of the first element in `path`
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_elements * DTYPE_ITEMSIZE[self.dtype]
+
+    def raw(self) -> np.ndarray:
+        """The stored values, memory-mapped (F32/F16 as floats, BF16 as uint16)."""
+        if self.n_elements == 0:
+            return np.zeros(self.shape, dtype=_NUMPY_DTYPE[self.dtype])
+        return np.memmap(
+            self.path, dtype=_NUMPY_DTYPE[self.dtype], mode="r", offset=self.offset, shape=self.shape
+        )
+
+    @property
+    def n_rows(self) -> int:
+        """Rows in ggml's sense: everything but the last (contiguous) dimension."""
+        return math.prod(self.shape[:-1]) if self.shape else 1
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as float32, shape (stop - start, row length).
+
+        A plain read, not a memory map: mapped pages would count towards our
+        resident memory for as long as the map lives.
+        """
+        row_len = self.shape[-1] if self.shape else 1
+        dtype = _NUMPY_DTYPE[self.dtype]
+        count = (stop - start) * row_len
+        data = np.fromfile(self.path, dtype=dtype, count=count, offset=self.offset + start * row_len * dtype.itemsize)
+        if data.size != count:
+            raise InputError(f"{self.path} ended early while reading {self.name}; the file is truncated, re-download it")
+        return _widen(data, self.dtype).reshape(stop - start, row_len)
+
+    def to_f32(self) -> np.ndarray:
+        """The values as float32 (exact for every source dtype)."""
+        return _widen(self.raw(), self.dtype)
+
+
+def _widen(data: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (data.astype(np.uint32) << 16).view(np.float32)
+    return data.astype(np.float32)

@@ -1,0 +1,71 @@
+"""Build llama.cpp's own tools (llama-imatrix, llama-server, llama-quantize, llama-perplexity)
+from the sources vendored in the pinned llama-cpp-python sdist: the runtime reference.
+
+One shared CMake build, cached outside the clone and keyed by the pinned version
+(`$ALPACA_LOCAL_TOOLS_CACHE`, default `~/.cache/alpaca-local/llama.cpp-<version>`), so a
+fresh CI machine builds it once (a few minutes on 2 cores) and later runs reuse it. A file
+lock makes parallel test processes wait for one build instead of starting their own.
+
+    from tests.llama_tools import llama_tool
+    exe = llama_tool("llama-imatrix")   # builds on first use; fails loudly without the vendor tree
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+from pathlib import Path
+
+from reference import LLAMA_CPP_VERSION, vendor_dir
+
+TOOLS = ("llama-imatrix", "llama-server", "llama-quantize", "llama-perplexity")
+
+
+def cache_dir() -> Path:
+    default = Path.home() / ".cache" / "alpaca-local" / f"llama.cpp-{LLAMA_CPP_VERSION}"
+    return Path(os.environ.get("ALPACA_LOCAL_TOOLS_CACHE", default))
+
+
+def _configure_args(src: Path, build: Path) -> list[str]:
+    return [
+        "cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+        "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_APP=OFF",
+        # No network at build time: no web UI download, no HTTPS client.
+        "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF",
+        "-DGGML_NATIVE=ON", "-DGGML_CCACHE=OFF",
+    ]
+
+
+def build_tools(vendor: Path | None = None) -> Path:
+    """Build every tool in TOOLS once; return the folder that holds the executables."""
+    src = Path(vendor) if vendor else vendor_dir()
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    build, done = root / "build", root / "built.ok"
+    bin_dir = build / "bin"
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; the others wait, then reuse it
+        if done.exists() and all((bin_dir / t).exists() for t in TOOLS):
+            return bin_dir
+        log = root / "build.log"
+        with open(log, "w") as out:
+            jobs = str(os.cpu_count() or 2)
+            for cmd in (_configure_args(src, build),
+                        ["cmake", "--build", str(build), "--config", "Release", "-j", jobs, "--target", *TOOLS]):
+                if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode:
+                    raise RuntimeError(f"building llama.cpp's tools failed: {' '.join(cmd[:3])}...; see {log}")
+        done.write_text(LLAMA_CPP_VERSION)
+    return bin_dir
+
+
+def llama_tool(name: str) -> Path:
+    """Path to one of llama.cpp's tools, building them on first use."""
+    if name not in TOOLS:
+        raise ValueError(f"{name} is not one of {TOOLS}")
+    return build_tools() / name
+
+
+if __name__ == "__main__":  # `python tests/llama_tools.py`: warm the cache by hand
+    print(build_tools())
