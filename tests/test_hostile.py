@@ -280,16 +280,27 @@ def test_json_bombs(file: str, text, model: Path, tmp_path: Path, capsys) -> Non
 
 
 @pytest.mark.parametrize("decoder, needles", [
-    ({"600": {"content": "[X]", "special": True}}, ("601 tokens", "513 rows")),  # id gap 513..599
+    ({"600": {"content": "[X]", "special": True}}, ("601 tokens", "513 rows")),  # more ids than rows
     ({"512": {"content": "<s>", "special": True}}, ("512", "disagree")),  # id 512 is [PAD] already
 ])
-def test_added_token_ids_that_collide_or_leave_gaps(decoder: dict, needles, model: Path, tmp_path: Path,
-                                                    capsys) -> None:
+def test_added_token_ids_that_collide_or_outgrow_the_embedding(decoder: dict, needles, model: Path,
+                                                               tmp_path: Path, capsys) -> None:
     cfg = json.loads((model / "tokenizer_config.json").read_text())
     cfg["added_tokens_decoder"] = {**cfg["added_tokens_decoder"], **decoder}
     (model / "tokenizer_config.json").write_text(json.dumps(cfg))
     rc, err = convert_cli(capsys, model, tmp_path / "o.gguf")
     one_line(rc, err, 1, *needles)
+
+
+def test_added_token_ids_that_leave_a_gap(tmp_path: Path, capsys) -> None:
+    """Ids 513..599 named by nobody, in an embedding big enough for id 600: only the gap is wrong."""
+    model = tinymodels.build_llama(tmp_path / "src", vocab_size=640).path
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["added_tokens_decoder"]["600"] = {"content": "[X]", "special": True}
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    rc, err = convert_cli(capsys, model, tmp_path / "o.gguf")
+    one_line(rc, err, 1, "token id 513 is missing", "jump to 600")
+    assert leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("tokens, needle", [({"[PAD]": -1}, "-1"), ({"[PAD]": "512"}, "'512'")])

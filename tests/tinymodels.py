@@ -391,8 +391,12 @@ def build_llama(
     chat_template: str | None = None,
     name: str = "tiny-llama",
     sp_vocab_size: int = 512,
+    vocab_size: int | None = None,
 ) -> TinyLlama:
-    """Write a tiny LlamaForCausalLM folder into `dirpath` (created if needed)."""
+    """Write a tiny LlamaForCausalLM folder into `dirpath` (created if needed).
+
+    `vocab_size`: embedding rows (default: the SentencePiece pieces plus [PAD]); more rows than
+    tokens is padding, as real checkpoints round the vocabulary up."""
     if dtype not in _TORCH_DTYPE:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(_TORCH_DTYPE)}")
     if hidden % n_head or n_head % n_kv_head:
@@ -401,7 +405,7 @@ def build_llama(
     dirpath.mkdir(parents=True, exist_ok=True)
     train_sentencepiece(dirpath, sp_vocab_size)
     pad_id = sp_vocab_size if add_pad else None
-    vocab = sp_vocab_size + (1 if add_pad else 0)
+    vocab = vocab_size or sp_vocab_size + (1 if add_pad else 0)
 
     config = {
         "_name_or_path": name,
