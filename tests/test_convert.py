@@ -163,17 +163,40 @@ def test_quantized_logits_stay_close(tiny_model, tmp_path, quant):
     assert rel_rms < QUANT_REL_RMS[quant]
 
 
-@pytest.mark.parametrize("dtype", ["F32", "BF16"])
-def test_full_precision_sources_quantize_from_full_precision(tmp_path, dtype):
-    """f32/bf16 sources are quantized from their own values, not from an f16 copy."""
-    from alpaca_local.convert.ggml import quantize_rows
+def _weights_f16_cannot_hold(make_weights, dtype: str):
+    """`tinymodels.make_weights` with rows of ffn_down that float16 cannot hold exactly:
+    row 0 tiny (~4e-6: f16 subnormal, 2**-24 steps, keeps fewer bits than bf16's 8),
+    row 1 huge (~4e5: past f16's 65504, inf). Rounded to `dtype` as stored."""
 
+    def patched(config: dict, seed: int = 0, dtype: str = dtype) -> dict[str, np.ndarray]:
+        weights = make_weights(config, seed=seed, dtype=dtype)
+        w = weights["model.layers.0.mlp.down_proj.weight"].copy()
+        w[0] *= 1e-4
+        w[1] *= 1e7
+        weights["model.layers.0.mlp.down_proj.weight"] = tinymodels.decode_dtype(tinymodels.encode_dtype(w, dtype), dtype)
+        return weights
+
+    return patched
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_full_precision_sources_quantize_from_full_precision(tmp_path, dtype, monkeypatch):
+    """f32/bf16 sources are quantized from their own values, not from an f16 copy: the bytes equal
+    gguf-py's Q8_0 of the source values (what `convert_hf_to_gguf.py --outtype q8_0` writes) and
+    differ from the f16-first route (convert to f16, then quantize)."""
+    monkeypatch.setattr(tinymodels, "make_weights", _weights_f16_cannot_hold(tinymodels.make_weights, dtype))
     model = tinymodels.build_llama(tmp_path / "m", dtype=dtype)
     out = convert(model.path, tmp_path / "m.gguf", "q8_0").output
     tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
-    src = model.weights["model.layers.0.mlp.down_proj.weight"]
-    expected = quantize_rows(src.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
-    assert np.asarray(tensors["blk.0.ffn_down.weight"].data).tobytes() == expected.tobytes()
+    got = np.asarray(tensors["blk.0.ffn_down.weight"].data).tobytes()
+    src = model.weights["model.layers.0.mlp.down_proj.weight"].astype(np.float32)
+    with np.errstate(over="ignore"):
+        via_f16 = src.astype(np.float16).astype(np.float32)
+    assert not np.array_equal(via_f16, src)  # the case can tell the two routes apart
+    q8_0 = gguf.GGMLQuantizationType.Q8_0
+    assert got == gguf.quants.quantize(src, q8_0).tobytes()
+    with np.errstate(invalid="ignore", over="ignore"):
+        assert got != gguf.quants.quantize(via_f16, q8_0).tobytes()
 
 
 def test_bin_and_safetensors_give_identical_files(tmp_path):
