@@ -19,10 +19,15 @@ CHATML_LIKE = (
 
 
 @pytest.fixture(scope="module")
-def chatml_model(tmp_path_factory):
+def chatml_gguf(tmp_path_factory):
     work = tmp_path_factory.mktemp("chatml")
     src = tinymodels.build_llama(work / "m", chat_template=CHATML_LIKE)
-    return load_model(convert(src.path, work / "m.gguf", "q8_0").output, n_ctx=256)
+    return convert(src.path, work / "m.gguf", "q8_0").output
+
+
+@pytest.fixture(scope="module")
+def chatml_model(chatml_gguf):
+    return load_model(chatml_gguf, n_ctx=256)
 
 
 def test_embedded_alpaca_template_gives_the_same_ids(tiny_gguf):
@@ -72,8 +77,12 @@ def test_no_template_in_file(tmp_path):
         prompt_format("model", info, model=None)  # type: ignore[arg-type]
 
 
-def test_cli_template_model_one_shot(tiny_gguf, capsys):
-    rc = main(["chat", str(tiny_gguf), "-p", "hello", "-n", "4", "--seed", "1", "--template", "model", "--show-prompt"])
-    captured = capsys.readouterr()
-    assert rc == 0
-    assert "### Instruction:\nhello\n\n### Response:" in captured.err
+def test_cli_template_model_one_shot(chatml_gguf, capsys):
+    """--template model renders the GGUF's own template (not Alpaca's); the default stays Alpaca."""
+    args = ["chat", str(chatml_gguf), "-p", "hello", "-n", "4", "--seed", "1", "--show-prompt"]
+    assert main([*args, "--template", "model"]) == 0
+    err = capsys.readouterr().err
+    assert "<s>user\nhello</s>\n<s>assistant\n" in err
+    assert "### Instruction:" not in err
+    assert main(args) == 0
+    assert "### Instruction:\nhello\n\n### Response:" in capsys.readouterr().err
