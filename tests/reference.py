@@ -65,6 +65,28 @@ def reference_file(src: Path, workdir: Path, quant: str) -> Path:
     return out
 
 
+def tensor_layout(path: Path) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """The tensor infos in file order: (name, type name, ggml shape, data offset from the start of
+    the data section). llama.cpp's loader reads these; two files with the same tensors but another
+    order or padding are different files."""
+    reader = gguf.GGUFReader(path)
+    return [
+        (t.name, t.tensor_type.name, tuple(int(x) for x in t.shape), int(t.data_offset) - int(reader.data_offset))
+        for t in reader.tensors
+    ]
+
+
+def assert_same_tensors(ours: Path, ref: Path) -> None:
+    """`ours` holds the reference's tensors in its order, at its offsets, byte for byte."""
+    a, b = tensor_layout(ours), tensor_layout(ref)
+    assert [x[0] for x in a] == [x[0] for x in b], "tensor order differs from the reference"
+    moved = [(x, y) for x, y in zip(a, b) if x != y]
+    assert not moved, f"type, shape or offset differs (ours, reference): {moved[:4]}"
+    ta, tb = tensor_table(ours), tensor_table(ref)
+    mismatched = [(n, tb[n][:2]) for n in tb if ta[n] != tb[n]]
+    assert not mismatched, f"bytes differ: {mismatched}"
+
+
 def tensor_table(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
     """name -> (type name, ggml shape, raw bytes) of a GGUF file we trust."""
     reader = gguf.GGUFReader(path)

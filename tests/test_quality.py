@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import reference
+
 from alpaca_local.measure import quality
 from alpaca_local.cli.main import main
 
@@ -204,12 +206,17 @@ def test_end_to_end_from_hf_folder(tiny_model, text_file: Path, tmp_path: Path, 
 
 def test_end_to_end_from_f16_gguf_uses_llama_cpp_quantize(tiny_gguf_f16: Path, tiny_gguf: Path, text_file: Path,
                                                         tmp_path: Path, capsys) -> None:
-    report = _run_json(capsys, str(tiny_gguf_f16), "--quants", "q8_0", "--text", str(text_file),
-                       "--work", str(tmp_path))
-    q8 = report["levels"][1]
-    assert Path(q8["path"]).parent == tmp_path
-    # llama.cpp's quantize and our converter give the same tensors, hence the same bits per weight.
-    assert q8["bits_per_weight"] == pytest.approx(round(quality.file_facts(tiny_gguf)[1], 4))
+    """From an f16 GGUF each level is llama.cpp's quantize with default parameters: tensor for
+    tensor the same bytes as `reference.reference_quantize` (llama_model_quantize, as llama-quantize)."""
+    report = _run_json(capsys, str(tiny_gguf_f16), "--quants", "q8_0,q4_k_m", "--text", str(text_file),
+                       "--work", str(tmp_path / "work"))
+    for level in report["levels"][1:]:
+        path = Path(level["path"])
+        assert path.parent == tmp_path / "work"
+        ref = reference.reference_quantize(tiny_gguf_f16, tmp_path / f"ref.{level['quant']}.gguf", level["quant"])
+        reference.assert_same_tensors(path, ref)
+    # and llama.cpp's q8_0 equals our converter's q8_0 of the same source, hence the same bits per weight
+    assert report["levels"][1]["bits_per_weight"] == pytest.approx(round(quality.file_facts(tiny_gguf)[1], 4))
 
 
 def test_table_output(tiny_model, text_file: Path, tmp_path: Path, capsys) -> None:
