@@ -178,9 +178,11 @@ def _map_tensors(
             f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}; "
             "a shard is missing or the checkpoint is incomplete"
         )
-    for name, (kind, values) in generated.items():
-        mapped[name] = (GeneratedTensor(name, np.ascontiguousarray(values, dtype=np.float32)), name, kind)
-    return sorted(mapped.values(), key=lambda t: _llama_cpp_order(t[1]))
+    extra = [(GeneratedTensor(name, np.ascontiguousarray(values, dtype=np.float32)), name, kind)
+             for name, (kind, values) in generated.items()]
+    # The converter's order (an f16 file is its output): generated tensors first, then the source
+    # in reading order (conversion/base.py:1057, chain(generate_extra_tensors(), get_tensors())).
+    return [*extra, *mapped.values()]
 
 
 def _load_vocab(source: Path, arch: Architecture, cfg: ModelConfig) -> Vocab:
@@ -211,15 +213,17 @@ def plan_conversion(source: Path, quant: str) -> ConversionPlan:
     facts = quant_rules.ModelFacts(arch=arch.arch_name, n_layer=cfg.n_layer, n_head=cfg.n_head, n_head_kv=cfg.n_kv_head)
     specs = [quant_rules.TensorSpec(name=f"{name}", shape=ref.shape) for ref, name, _ in tensors]
     types = quant_rules.choose_types(specs, quant, facts)
-    jobs = tuple(
+    jobs = [
         TensorJob(
             ref, name, kind, ggml_type,
             rope_head_dim=cfg.head_dim if kind in arch.rope_permuted else None,
             offset=arch.norm_offset if ref.name.endswith("norm.weight") else 0.0,
         )
         for (ref, name, kind), ggml_type in zip(tensors, types)
-    )
-    return ConversionPlan(source, source.resolve().name, quant, cfg, arch, vocab, jobs)
+    ]
+    if quant != "f16":  # an f16 file is the converter's output; quantize rewrites it in its own order
+        jobs.sort(key=lambda job: _llama_cpp_order(job.name))
+    return ConversionPlan(source, source.resolve().name, quant, cfg, arch, vocab, tuple(jobs))
 
 
 def default_output(plan: ConversionPlan, models_dir: Path) -> Path:
