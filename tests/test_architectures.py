@@ -4,6 +4,7 @@ loads, tokenizes like the source tokenizer and computes like a numpy forward pas
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,15 +21,46 @@ from alpaca_local.convert.architectures import ARCHITECTURES, llama3_rope_factor
 from alpaca_local.source.config import parse_config
 from alpaca_local.convert.pipeline import convert, plan_conversion
 from alpaca_local.errors import InputError, UnsupportedError
+from alpaca_local.template import ALPACA_CHAT_TEMPLATE
 
 QUANTS = ["f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m"]
 
-# Keys where our SentencePiece path knowingly differs from the reference
-# (unchanged LLaMA behaviour, not specific to these architectures): the reference
-# re-scores every token in added_tokens_decoder to -1000 and retypes <unk> as
-# CONTROL; we keep the SentencePiece score/type when the added token is the
-# same piece, and write SentencePiece's unk id when the JSON files name none.
-SP_KNOWN_DIFFERENCES = {"tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.unknown_token_id"}
+# Where our files knowingly differ from the reference's f16 file, pinned by value: {key: (ours,
+# reference)}, for lists {index: (ours, reference)}. general.name: we name the model after its
+# folder, the reference prettifies it. general.quantization_version: the reference writes it into
+# f16 files too. SentencePiece: the reference re-scores every token in added_tokens_decoder to
+# -1000 and retypes <unk> as CONTROL; we keep the SentencePiece score/type when the added token is
+# the same piece, and write SentencePiece's unk id when the JSON files name none. BPE: the
+# reference cannot name the pre-tokenizer of a tiny trained vocabulary (it hashes the tokens of a
+# check string, known only for released vocabularies), so it runs with UNNAMED_PRE and our name is
+# checked against llama.cpp's own regex table in test_bpe_pre_name_selects_the_tokenizers_regex.
+UNNAMED_PRE = "not-named-by-the-reference"
+_SP_ADDED = (0.0, -1000.0)
+KNOWN_DIFFERENCES: dict[str, dict[str, object]] = {
+    "llama": {  # the Alpaca path: [PAD] added at 512, our Alpaca chat template embedded
+        "general.name": ("tiny-llama", "Tiny Llama"),
+        "tokenizer.chat_template": (ALPACA_CHAT_TEMPLATE, None),
+        "tokenizer.ggml.scores": {i: _SP_ADDED for i in (0, 1, 2)},
+        "tokenizer.ggml.token_type": {0: (gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL)},
+        "tokenizer.ggml.unknown_token_id": (0, None),
+    },
+    "mistral": {
+        "general.name": ("tiny-mistral", "Tiny Mistral"),
+        "tokenizer.ggml.scores": {i: _SP_ADDED for i in range(10)},
+        "tokenizer.ggml.token_type": {0: (gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL)},
+        "tokenizer.ggml.unknown_token_id": (0, None),
+    },
+    "llama3": {"general.name": ("tiny-llama3", "Tiny Llama3"), "tokenizer.ggml.pre": ("llama-bpe", UNNAMED_PRE)},
+    "qwen2": {"general.name": ("tiny-qwen2", "Tiny Qwen2"), "tokenizer.ggml.pre": ("qwen2", UNNAMED_PRE)},
+    "gemma2": {
+        "general.name": ("tiny-gemma2", "Tiny Gemma2"),
+        "tokenizer.ggml.scores": {i: _SP_ADDED for i in (0, 3, 4, 5, 6, 7)},
+        "tokenizer.ggml.token_type": {3: (gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL)},
+        "tokenizer.ggml.unknown_token_id": (3, None),
+    },
+}
+for _known in KNOWN_DIFFERENCES.values():
+    _known["general.quantization_version"] = (None, gguf.GGML_QUANT_VERSION)
 
 
 @pytest.fixture(scope="module", params=tinyarch.ARCHS)
@@ -50,14 +82,15 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def _reference_file(model: tinyarch.TinyModel, work: Path, quant: str) -> Path:
+def _reference_file(model: tinyarch.TinyModel | tinymodels.TinyLlama, work: Path, quant: str) -> Path:
     """The reference route's file. For BPE the reference names the pre-tokenizer by
     hashing the tokens of a check string, which only knows the released vocabularies;
-    on a tiny trained vocabulary it refuses, so it runs with the name we expect."""
+    on a tiny trained vocabulary it refuses, so it runs with UNNAMED_PRE (a pinned
+    difference, never our own answer)."""
     f16 = work / "ref.F16.gguf"
-    if model.pre is not None and not f16.exists():
+    if getattr(model, "pre", None) is not None and not f16.exists():
         proc = subprocess.run(
-            [sys.executable, "-c", _REFERENCE_WITH_PRE, str(reference.vendor_dir()), model.pre,
+            [sys.executable, "-c", _REFERENCE_WITH_PRE, str(reference.vendor_dir()), UNNAMED_PRE,
              str(model.path), "--outtype", "f16", "--outfile", str(f16)],
             capture_output=True, text=True, timeout=600, check=False,
         )
@@ -67,7 +100,21 @@ def _reference_file(model: tinyarch.TinyModel, work: Path, quant: str) -> Path:
 
 def _kv(path: Path) -> dict:
     fields = gguf.GGUFReader(path).fields
-    return {k: f.contents() for k, f in fields.items() if not k.startswith(("GGUF.", "general."))}
+    return {k: f.contents() for k, f in fields.items() if not k.startswith("GGUF.")}
+
+
+def _differences(ours: dict, ref: dict) -> dict[str, object]:
+    """{key: (ours, reference)}; for lists of equal length {index: (ours, reference)}."""
+    out: dict[str, object] = {}
+    for key in sorted(set(ours) | set(ref)):
+        a, b = ours.get(key), ref.get(key)
+        if a == b:
+            continue
+        if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            out[key] = {i: (x, y) for i, (x, y) in enumerate(zip(a, b)) if x != y}
+        else:
+            out[key] = (a, b)
+    return out
 
 
 @pytest.mark.reference
@@ -81,15 +128,60 @@ def test_tensors_equal_reference_pipeline(arch_model, quant):
     reference.assert_same_tensors(ours, ref)
 
 
+@pytest.fixture(scope="module", params=["llama", *tinyarch.ARCHS])
+def any_model(request, tmp_path_factory) -> tuple[str, tinyarch.TinyModel | tinymodels.TinyLlama, Path]:
+    """Plain LLaMA with [PAD] (the Alpaca path) and every tinyarch architecture."""
+    work = tmp_path_factory.mktemp(f"meta-{request.param}")
+    if request.param == "llama":
+        return request.param, tinymodels.build_llama(work / "tiny-llama"), work
+    return request.param, tinyarch.BUILDERS[request.param](work / f"tiny-{request.param}"), work
+
+
 @pytest.mark.reference
-def test_metadata_equals_reference(arch_model):
-    """Architecture and tokenizer metadata equal the reference's (general.* aside)."""
-    model, work = arch_model
+def test_metadata_equals_reference(any_model):
+    """Every metadata key equals the reference's, except the differences pinned by value above."""
+    kind, model, work = any_model
     ref = _kv(_reference_file(model, work, "f16"))
     ours = _kv(convert(model.path, work / "ours.f16.gguf", "f16", force=True).output)
-    skip = SP_KNOWN_DIFFERENCES if model.tokenizer == "sentencepiece" else set()
-    differing = sorted(k for k in set(ref) | set(ours) if k not in skip and ref.get(k) != ours.get(k))
-    assert not differing, [(k, str(ours.get(k))[:80], str(ref.get(k))[:80]) for k in differing]
+    assert _differences(ours, ref) == KNOWN_DIFFERENCES[kind]
+
+
+def _c_string(literal: str) -> str:
+    """The text of a C string literal's body (only the escapes the regex table uses)."""
+    return literal.replace("\\\\", "\\").replace('\\"', '"')
+
+
+def _llama_cpp_pre_regexes(vendor: Path) -> dict[str, str]:
+    """tokenizer.ggml.pre name -> the "original regex from tokenizer.json" llama.cpp quotes for the
+    pre-type that name selects, read from the vendored src/llama-vocab.cpp."""
+    src = (vendor / "src" / "llama-vocab.cpp").read_text()
+    by_type: dict[str, str] = {}
+    for block in re.finditer(r"((?:case LLAMA_VOCAB_PRE_TYPE_\w+:\s*)+)regex_exprs = \{(.*?)\};", src, re.S):
+        original = re.search(r"original regex from tokenizer\.json\s*//\s*\"(.*)\",?\s*$", block[2], re.M)
+        for case in re.findall(r"LLAMA_VOCAB_PRE_TYPE_(\w+)", block[1]):
+            if original:
+                by_type[case] = _c_string(original[1])
+    names: dict[str, str] = {}
+    for chain in re.finditer(r"((?:tokenizer_pre == \"[^\"]+\"\s*\|*\s*)+)\)\s*\{\s*pre_type = LLAMA_VOCAB_PRE_TYPE_(\w+);", src):
+        for name in re.findall(r'tokenizer_pre == "([^"]+)"', chain[1]):
+            if chain[2] in by_type:
+                names[name] = by_type[chain[2]]
+    return names
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen2"])
+def test_bpe_pre_name_selects_the_tokenizers_regex(kind, tmp_path):
+    """tokenizer.ggml.pre makes llama.cpp split text with the tokenizer.json's own regex (its table
+    in src/llama-vocab.cpp), and is a name the reference gives a released model."""
+    model = tinyarch.BUILDERS[kind](tmp_path / f"tiny-{kind}")
+    pre = _kv(convert(model.path, tmp_path / "o.gguf", "q8_0").output)["tokenizer.ggml.pre"]
+    tok = json.loads((model.path / "tokenizer.json").read_text())
+    split = next(p for p in tok["pre_tokenizer"]["pretokenizers"] if p["type"] == "Split")
+    vendor = reference.vendor_dir()
+    regexes = _llama_cpp_pre_regexes(vendor)
+    assert len(regexes) > 20 and regexes["llama-bpe"] != regexes["qwen2"]  # the parse found the table
+    assert regexes[pre] == split["pattern"]["Regex"]
+    assert f'res = "{pre}"' in (vendor / "conversion" / "base.py").read_text()
 
 
 def test_expected_metadata(arch_model):
