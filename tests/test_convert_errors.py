@@ -198,24 +198,52 @@ def test_interrupt_leaves_nothing_and_keeps_old_file(model, tmp_path, capsys, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.gguf", "src"]
 
 
+class _FullDisk:
+    """A file whose writes fail with ENOSPC once `room` bytes are used, as a full disk's do
+    (a short write first, then the error)."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data: bytes) -> int:
+        import errno
+
+        if len(data) > self.room:
+            self.f.write(data[: self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self.f, name)
+
+    def __enter__(self) -> "_FullDisk":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+
 def test_disk_full_leaves_nothing(model, tmp_path, capsys, monkeypatch):
-    """ENOSPC while writing tensors: one line, exit 1, temp file removed."""
-    import errno
+    """ENOSPC in the middle of the tensor data, raised from the real writer's own file (the real
+    disk-full test on a small tmpfs is in test_hostile): one line, exit 1, temp file removed."""
+    import builtins
 
     import alpaca_local.convert.pipeline as conv
 
-    real_write = conv._write_tensor_data
+    room = conv.plan_conversion(model, "q8_0").tensor_bytes // 2
+    opened: list[_FullDisk] = []
 
-    def full(plan, path, progress, workers):
-        with open(path, "ab") as f:
-            f.write(b"x" * 1000)
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):
+        opened.append(_FullDisk(builtins.open(path, mode, *args, **kwargs), room))
+        return opened[-1]
 
-    monkeypatch.setattr(conv, "_write_tensor_data", full)
-    rc, err = cli(capsys, "convert", str(model), "-o", str(tmp_path / "o.gguf"))
-    one_line(rc, err, 1, "disk full")
+    monkeypatch.setattr(conv, "open", open_on_a_full_disk, raising=False)
+    rc, err = cli(capsys, "convert", str(model), "-o", str(tmp_path / "o.gguf"), "-q", "q8_0")
+    one_line(rc, err, 1, "disk full", "nothing was written")
     assert leftovers(tmp_path) == []
-    assert real_write is not None
+    assert len(opened) == 1 and opened[0].room == 0  # the writer really met the full disk
 
 
 def _write_index(folder: Path, weight_map: object) -> Path:

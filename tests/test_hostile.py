@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import tinymodels
-from helpers import cli, leftovers, one_line, write_config
+from helpers import cli, leftovers, one_line, skip_or_fail, write_config
 
 from alpaca_local.cli.main import main
 
@@ -440,7 +440,7 @@ def test_output_folder_not_writable(model: Path, tmp_path: Path, capsys) -> None
     locked.mkdir()
     if ROOT:
         if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(locked)], check=False).returncode != 0:
-            pytest.skip("running as root and this filesystem has no immutable flag: cannot make a folder unwritable")
+            skip_or_fail("running as root and this filesystem has no immutable flag: cannot make a folder unwritable")
         undo = ["chattr", "-i", str(locked)]
     else:
         locked.chmod(0o555)
@@ -462,8 +462,12 @@ def _unshare_works() -> bool:
     return probe.returncode == 0
 
 
-NEEDS_MOUNT = pytest.mark.skipif(not _unshare_works(), reason="needs root and mount namespaces (unshare -m) "
-                                 "to mount a small tmpfs; the RLIMIT_FSIZE and chattr cases cover the rest")
+@pytest.fixture
+def mount_namespace() -> None:
+    """Skip without root and `unshare -m` (a user's machine); CI is root, so there it must run."""
+    if not _unshare_works():
+        skip_or_fail("needs root and mount namespaces (unshare -m) to mount a small tmpfs; "
+                     "the RLIMIT_FSIZE and chattr cases cover the rest")
 
 
 def _in_tmpfs(mount_opts: str, folder: Path, argv: list[str]) -> tuple[subprocess.CompletedProcess, list[str]]:
@@ -482,7 +486,7 @@ def _in_tmpfs(mount_opts: str, folder: Path, argv: list[str]) -> tuple[subproces
     return proc, left
 
 
-@NEEDS_MOUNT
+@pytest.mark.usefixtures("mount_namespace")
 def test_disk_full_on_a_real_small_filesystem(tiny_model, tmp_path: Path) -> None:
     """A tmpfs with room for the tensor data (so the early space check passes) but not for
     the header too: ENOSPC arrives mid-write."""
@@ -499,7 +503,7 @@ def test_disk_full_on_a_real_small_filesystem(tiny_model, tmp_path: Path) -> Non
     assert left == []
 
 
-@NEEDS_MOUNT
+@pytest.mark.usefixtures("mount_namespace")
 def test_read_only_filesystem(tiny_model, tmp_path: Path) -> None:
     mnt = tmp_path / "ro"
     proc, left = _in_tmpfs("ro,size=1m", mnt, ["convert", str(tiny_model.path), "-o", str(mnt / "o.gguf"), "--json"])
