@@ -284,11 +284,13 @@ def test_one_shot_with_input_and_system(tiny_gguf, capfd, spy, sp) -> None:
 
 
 def test_same_seed_same_answer(tiny_gguf, capfd) -> None:
+    """--seed fixes the sampled text; another seed (the negative control) gives other text."""
     outs = []
-    for _ in range(2):
-        assert chat_cli(str(tiny_gguf), "-p", "Count.", "-n", "16", "--seed", "42", "--temp", "1.0") == 0
+    for seed in ("42", "42", "7"):
+        assert chat_cli(str(tiny_gguf), "-p", "Count.", "-n", "16", "--seed", seed, "--temp", "1.0") == 0
         outs.append(capfd.readouterr().out)
     assert outs[0] == outs[1]
+    assert outs[2] != outs[0]
 
 
 def test_show_prompt_goes_to_stderr(tiny_gguf, capfd, sp) -> None:
