@@ -198,7 +198,10 @@ def test_prediction_matches_llama_cpp(shaped_hf: Path, tmp_path: Path, level: st
     r = bench.compare(convert(shaped_hf, tmp_path / f"m.{level}.gguf", level).output, n_ctx)
     _assert_model_buffers_exact(r)
     assert r["measured"]["kv"] == round(r["predicted"]["kv"], 2)  # KV bytes: exact to the printed digits
-    assert abs(r["total_error"]) <= 0.05
+    # The compute term on its own: llama.cpp prints it to 4 decimals (e.g. 13.0098 MiB) and we match them.
+    assert r["measured"]["compute"] == round(r["predicted"]["compute"], 4)
+    # Measured |total error| at most 3.5e-4 over these 12 cases (benchmarks/plan.py); bound ~1.5x that.
+    assert abs(r["total_error"]) <= 5.5e-4
 
 
 def test_repack_skips_rows_not_a_multiple_of_the_interleave(tmp_path: Path) -> None:
@@ -215,7 +218,11 @@ def test_quantized_cache_prediction_within_tolerance(shaped_hf: Path, tmp_path: 
     r = bench.compare(convert(shaped_hf, tmp_path / "m.q4_k_m.gguf", "q4_k_m").output, 2048, cache="q8_0")
     _assert_model_buffers_exact(r)
     assert r["measured"]["kv"] == round(r["predicted"]["kv"], 2)
-    assert abs(r["total_error"]) <= 0.10  # flash-attention compute buffer is an estimate
+    # The flash-attention compute buffer is an estimate, on the safe side: measured +0.6% to +1.2%
+    # (6.5449 MiB measured, 6.625 predicted on gqa-256), total +0.3% to +1.0%; bounds ~1.5x those.
+    compute_error = r["predicted"]["compute"] / r["measured"]["compute"] - 1
+    assert 0 <= compute_error <= 0.0185
+    assert 0 <= r["total_error"] <= 0.015
 
 
 # -- the command ---------------------------------------------------------------------------

@@ -111,10 +111,12 @@ def test_agrees_with_llama_cpp_uint16_route(logits) -> None:
     ours = quality.score_chunk(base, q, targets)
     kld, nll, top = _llama_cpp_kld(base, q, targets)
     np.testing.assert_allclose(ours.nll, nll, rtol=1e-5)
-    # uint16 storage rounds log p by at most 16/65535/2 nats per entry.
-    np.testing.assert_allclose(ours.kld, kld, atol=2e-4)
-    assert abs(ours.kld.mean() - kld.mean()) < 0.02 * kld.mean()
-    assert np.mean(ours.same_top == top) >= 0.9  # only near-ties may flip after rounding
+    # uint16 storage rounds each log p by up to 16/65535/2 nats (perplexity.cpp:79), which moves
+    # each row's KLD relative to its size: measured at most 1.16% per row (the KLDs are ~8e-4)
+    # and 0.1% on the mean over these 15 rows; bounds ~1.5x those.
+    np.testing.assert_allclose(ours.kld, kld, rtol=0.0175, atol=0)
+    assert abs(ours.kld.mean() - kld.mean()) < 0.0015 * kld.mean()
+    assert np.array_equal(ours.same_top, top)  # measured: all 15 agree (no near-tie here)
 
 
 def test_same_top_matches_direct(logits) -> None:
