@@ -81,11 +81,14 @@ def test_partial_offload_puts_output_layer_first_and_token_embd_never() -> None:
     assert per_layer == sorted(per_layer)
 
 
-def test_overhead_constants_are_named_and_sane() -> None:
-    assert 128 * MiB <= plan.CUDA_OVERHEAD <= 1 * GiB
+def test_safety_margin_is_5_percent_but_at_least_256_mib() -> None:
+    # Values, not the formula again: `plan --vram 8` keeps 0.40 GiB back; 1 GiB keeps the 256 MiB
+    # floor; at 5 GiB both rules give 256 MiB.
+    assert plan.usable(8 * GiB) == 8_160_437_863  # 8 GiB - 429_496_729 (5%, rounded down)
+    assert plan.usable(1 * GiB) == 768 * MiB
+    assert plan.usable(5 * GiB) == 5 * GiB - 256 * MiB
+    assert plan.usable(6 * GiB) == 6 * GiB - int(0.3 * GiB)
     assert plan.OVERHEAD == {"cuda": plan.CUDA_OVERHEAD, "metal": plan.METAL_OVERHEAD, "cpu": plan.CPU_OVERHEAD}
-    assert plan.usable(8 * GiB) == 8 * GiB - int(8 * GiB * plan.SAFETY_FRACTION)
-    assert plan.usable(1 * GiB) == 1 * GiB - plan.SAFETY_MIN
 
 
 def test_7b_compute_buffer_matches_llama_cpp_at_2048() -> None:
@@ -326,9 +329,23 @@ def test_parse_nvidia_smi_and_meminfo() -> None:
     assert gpu.parse_meminfo("garbage") is None
 
 
-def test_detect_always_answers() -> None:
-    dev = gpu.detect()
-    assert dev.backend in ("cuda", "metal", "cpu") and dev.note
+def test_detect_falls_back_in_order(monkeypatch) -> None:
+    """NVML, then nvidia-smi, then Apple, then CPU RAM; each answer names what it found."""
+    a100 = gpu.GPU("NVIDIA A100", 80 * GiB, 78 * GiB)
+    m2 = gpu.GPU("Apple M2", 16 * GiB, 12 * GiB)
+    probes = {"_nvml": (), "_nvidia_smi": (), "_apple": None}
+    for name in probes:
+        monkeypatch.setattr(gpu, name, lambda name=name: probes[name])
+    cpu = gpu.detect()
+    ram = gpu.parse_meminfo(Path("/proc/meminfo").read_text()) if Path("/proc/meminfo").exists() else None
+    assert (cpu.backend, cpu.gpus) == ("cpu", (ram,) if ram else ())
+    assert "no GPU found" in cpu.note and "--vram" in cpu.note
+    probes["_apple"] = m2
+    metal = gpu.detect()
+    assert (metal.backend, metal.gpus) == ("metal", (m2,)) and "Apple" in metal.note
+    probes["_nvidia_smi"] = (a100, a100)
+    nvidia = gpu.detect()
+    assert (nvidia.backend, nvidia.gpus) == ("cuda", (a100, a100)) and nvidia.note.startswith("2 NVIDIA GPU(s)")
 
 
 def test_recommendation_says_what_is_left_not_the_margin(capsys) -> None:

@@ -262,6 +262,23 @@ def test_plot_writes_png(tiny_model, text_file: Path, tmp_path: Path, capsys) ->
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_default_text_is_packaged() -> None:
-    text = quality.default_text()
-    assert len(text) > 8000 and "\ufffd" not in text
+def test_default_text_is_packaged(tmp_path: Path) -> None:
+    """The evaluation text ships in the built wheel (package-data), not only in the source tree
+    that an editable install reads, and default_text() returns that file."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # a clean copy: the build writes build/ and *.egg-info beside it
+    shutil.copytree(root / "alpaca_local", src / "alpaca_local", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    build = "import setuptools.build_meta as b, sys; print(b.build_wheel(sys.argv[1]))"
+    proc = subprocess.run([sys.executable, "-c", build, str(tmp_path / "dist")], cwd=src,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with zipfile.ZipFile(tmp_path / "dist" / proc.stdout.split()[-1]) as wheel:
+        shipped = wheel.read("alpaca_local/measure/data/eval.txt").decode("utf-8")
+    assert shipped == quality.default_text()
+    assert len(shipped) > 8000 and "\ufffd" not in shipped
