@@ -15,7 +15,7 @@ GEMMA_GGUF := models/gemma-3-270m-q4_k_m.gguf
 # llama-cpp-python compiles llama.cpp (~5 minutes on 2 cores): use every core.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install test test-integration demo bench clean
+.PHONY: install test test-integration ci llama-tools demo bench clean
 
 install: $(STAMP)
 
@@ -40,6 +40,17 @@ test: $(STAMP) $(VENDOR)/convert_hf_to_gguf.py
 
 test-integration: $(STAMP) $(VENDOR)/convert_hf_to_gguf.py
 	LLAMA_CPP_VENDOR=$(VENDOR) $(PY) -m pytest -q -m integration
+
+# llama.cpp's own tools (llama-server, llama-quantize, ...) from the vendored sources, cached in
+# ~/.cache/alpaca-local: a few minutes once per machine. The venv's bin/ comes first on PATH so a
+# cmake installed there (pip install cmake) is found.
+llama-tools: $(STAMP) $(VENDOR)/convert_hf_to_gguf.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" LLAMA_CPP_VENDOR=$(VENDOR) $(PY) tests/llama_tools.py
+
+# What CI runs (.ci/run): the fast suite and the integration tests (real models, llama.cpp's
+# tools) in one session. CI=true makes any skip not on tests/ci_allowed_skips.txt a failure.
+ci: llama-tools
+	CI=true PATH="$(CURDIR)/$(VENV)/bin:$$PATH" LLAMA_CPP_VENDOR=$(VENDOR) $(PY) -m pytest -q --durations=25
 
 demo: $(STAMP)
 	$(PY) tests/tinymodels.py $(DEMO_SRC)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+from ci_skips import in_ci
 
 from alpaca_local.cli.main import main
 
@@ -54,11 +54,6 @@ def write_config(model: Path, **changes) -> None:
         else:
             cfg[key] = value
     (model / "config.json").write_text(json.dumps(cfg))
-
-
-def in_ci() -> bool:
-    """CI=true (as GitHub Actions, GitLab and `make ci` set it): skips are failures there."""
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
 def skip_or_fail(reason: str) -> None:
