@@ -36,10 +36,10 @@ $(VENDOR)/convert_hf_to_gguf.py: $(SDIST)
 	touch $@
 
 test: $(STAMP) $(VENDOR)/convert_hf_to_gguf.py
-	LLAMA_CPP_VENDOR=$(VENDOR) $(PY) -m pytest -q -m "not integration"
+	LLAMA_CPP_VENDOR=$(VENDOR) $(PY) -m pytest -q -m "not integration" $(PYTEST_ARGS)
 
 test-integration: $(STAMP) $(VENDOR)/convert_hf_to_gguf.py
-	LLAMA_CPP_VENDOR=$(VENDOR) $(PY) -m pytest -q -m integration
+	LLAMA_CPP_VENDOR=$(VENDOR) $(PY) -m pytest -q -m integration $(PYTEST_ARGS)
 
 # llama.cpp's own tools (llama-server, llama-quantize, ...) from the vendored sources, cached in
 # ~/.cache/alpaca-local: a few minutes once per machine. The venv's bin/ comes first on PATH so a
@@ -47,10 +47,11 @@ test-integration: $(STAMP) $(VENDOR)/convert_hf_to_gguf.py
 llama-tools: $(STAMP) $(VENDOR)/convert_hf_to_gguf.py
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" LLAMA_CPP_VENDOR=$(VENDOR) $(PY) tests/llama_tools.py
 
-# What CI runs (.ci/run): the fast suite and the integration tests (real models, llama.cpp's
-# tools) in one session. CI=true makes any skip not on tests/ci_allowed_skips.txt a failure.
+# What CI runs (.ci/run): the README's `make test` (the fast suite), then the integration tests
+# (real models, llama.cpp's tools). CI=true makes any skip not on tests/ci_allowed_skips.txt a failure.
 ci: llama-tools
-	CI=true PATH="$(CURDIR)/$(VENV)/bin:$$PATH" LLAMA_CPP_VENDOR=$(VENDOR) $(PY) -m pytest -q --durations=25
+	CI=true PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(MAKE) test PYTEST_ARGS="--durations=15"
+	CI=true PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(MAKE) test-integration PYTEST_ARGS="--durations=15"
 
 demo: $(STAMP)
 	$(PY) tests/tinymodels.py $(DEMO_SRC)
