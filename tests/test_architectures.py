@@ -1,4 +1,4 @@
-"""convert for Mistral, Llama 3, Qwen2 and Gemma 2: exact against llama.cpp's own pipeline,
+"""convert for Mistral, Llama 3, Qwen2, Qwen3, Gemma 2 and Gemma 3: exact against llama.cpp's own pipeline,
 loads, tokenizes like the source tokenizer and computes like a numpy forward pass."""
 
 from __future__ import annotations
@@ -89,6 +89,19 @@ def test_metadata_equals_reference(arch_model):
     ref = _kv(_reference_file(model, work, "f16"))
     ours = _kv(convert(model.path, work / "ours.f16.gguf", "f16", force=True).output)
     skip = SP_KNOWN_DIFFERENCES if model.tokenizer == "sentencepiece" else set()
+    if model.tokenizer == "sentencepiece":
+        # Without a tokenizer.json the reference takes bos/eos ids from config.json only,
+        # and Gemma 3 4B's names none there (eos_token_id is a list): it writes none and
+        # llama.cpp would fall back to SentencePiece-LLaMA's 1/2, swapped for Gemma. We
+        # write the SentencePiece model's own ids, as for unk.
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(model.path / "tokenizer.model"))
+        for kind, sp_id in (("bos", sp.bos_id()), ("eos", sp.eos_id())):
+            key = f"tokenizer.ggml.{kind}_token_id"
+            if key not in ref:
+                assert ours[key] == sp_id
+                skip = skip | {key}
     differing = sorted(k for k in set(ref) | set(ours) if k not in skip and ref.get(k) != ours.get(k))
     assert not differing, [(k, str(ours.get(k))[:80], str(ref.get(k))[:80]) for k in differing]
 
@@ -102,7 +115,8 @@ def test_expected_metadata(arch_model):
     reader = gguf.GGUFReader(out)
     arch = reader.fields["general.architecture"].contents()
     names = {t.name for t in reader.tensors}
-    expected_arch = {"mistral": "llama", "llama3": "llama", "qwen2": "qwen2", "gemma2": "gemma2"}
+    expected_arch = {"mistral": "llama", "llama3": "llama", "qwen2": "qwen2", "gemma2": "gemma2",
+                     "qwen3": "qwen3", "gemma3": "gemma3", "gemma3mm": "gemma3"}
     kind = model.path.name.removeprefix("tiny-")
     assert arch == expected_arch[kind]
     assert kv[f"{arch}.attention.head_count_kv"] == cfg["num_key_value_heads"]
@@ -125,6 +139,27 @@ def test_expected_metadata(arch_model):
         norm = next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.attn_norm.weight")
         stored = model.weights["model.layers.0.input_layernorm.weight"]
         assert np.array_equal(np.asarray(norm.data), (stored.astype(np.float16) + np.float16(1)).astype(np.float32))
+    if kind == "qwen3":
+        assert kv["tokenizer.ggml.pre"] == "qwen2" and "blk.0.attn_q.bias" not in names
+        assert "output.weight" not in names and kv["qwen3.attention.key_length"] == cfg["head_dim"]
+        assert [t.shape.tolist() for t in reader.tensors if t.name == "blk.1.attn_k_norm.weight"] == [[cfg["head_dim"]]]
+        think = kv["tokenizer.ggml.tokens"].index("<think>")
+        assert kv["tokenizer.ggml.token_type"][think] == gguf.TokenType.USER_DEFINED
+    if kind in ("gemma3", "gemma3mm"):
+        assert kv["gemma3.attention.sliding_window"] == cfg["sliding_window"]
+        assert kv["gemma3.rope.freq_base"] == 1_000_000.0 and kv["gemma3.rope.freq_base_swa"] == 10000.0
+        assert kv["gemma3.attention.key_length"] == cfg["head_dim"] and "gemma3.final_logit_softcapping" not in kv
+        assert "output.weight" not in names and not any("vision" in n or "mm_" in n for n in names)
+        assert len([n for n in names if n.endswith("attn_q_norm.weight")]) == cfg["num_hidden_layers"]
+        q_norm = next(t for t in reader.tensors if t.name == "blk.0.attn_q_norm.weight")
+        stored = model.weights["model.layers.0.self_attn.q_norm.weight"]
+        assert np.array_equal(np.asarray(q_norm.data), stored + np.float32(1))  # BF16 source: 1 + w in f32
+        # Gemma's whitespace runs: non-special added tokens, written as llama.cpp's route does
+        tokens, types = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"]
+        for run in tinyarch.GEMMA3_WHITESPACE:
+            assert types[tokens.index(run.replace("\u2581", " "))] == gguf.TokenType.USER_DEFINED
+    if kind == "gemma3mm":
+        assert kv["gemma3.rope.scaling.type"] == "linear" and kv["gemma3.rope.scaling.factor"] == 8.0
     if kind == "mistral":
         assert kv["tokenizer.ggml.model"] == "llama"
         assert kv["tokenizer.ggml.token_type"][3] == gguf.TokenType.CONTROL  # [INST]
@@ -141,6 +176,9 @@ SPECIAL_TEXT = {
     "qwen2": "<|im_start|>user\nHi <tool_call>{}</tool_call><|im_end|>\n<|fim_prefix|>",
     # user-defined pieces in tokenizer.model, special in tokenizer_config: CONTROL in the file
     "gemma2": "<start_of_turn>user\nhello<end_of_turn>",
+    "qwen3": "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nHello",
+    "gemma3": "<start_of_turn>user\n  two  spaces\n\n\nnewlines<end_of_turn>\n<start_of_turn>model\n",
+    "gemma3mm": "<start_of_turn>user\nhello<end_of_turn>",
 }
 
 
@@ -179,8 +217,8 @@ def test_logits_match_numpy_forward(arch_model):
     llm = _load(convert(model.path, work / "logits.f16.gguf", "f16", force=True).output, logits_all=True)
     text = "Below is an instruction. Say hello, llama! 123 The quick brown fox jumps over the lazy dog"
     ids = llm.tokenize(text.encode(), add_bos=True)
-    if model.config["architectures"] == ["Gemma2ForCausalLM"]:
-        assert len(ids) > 2 * model.config["sliding_window"]  # the window cuts in on even layers
+    if model.config["architectures"][0].startswith("Gemma"):
+        assert len(ids) > 2 * model.config["sliding_window"]  # the window cuts in on the sliding layers
     llm.eval(ids)
     got = np.array(llm.scores[: len(ids)], dtype=np.float64)
     want = numpy_archs.forward(model.weights, model.config, ids)
