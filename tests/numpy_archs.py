@@ -112,20 +112,20 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def _gemma2(weights, config, ids) -> np.ndarray:
+def _gemma(weights, config, ids, layers: list[dict]) -> np.ndarray:
+    """Gemma 2/3's stack: embeddings times sqrt(hidden), (1 + w) norms before and after
+    attention and the GELU-tanh MLP, tied output, optional final soft-capping.
+    `layers[i]`: layer i's attention keywords (angles, window, softcap, norm_offset)."""
     eps = float(config.get("rms_norm_eps", 1e-6))
     f64 = lambda name: np.asarray(weights[name], dtype=np.float64)
     norm = lambda x, name: rms_norm(x, 1.0 + f64(name), eps)
     embed = f64("model.embed_tokens.weight")
     x = embed[np.asarray(ids)] * math.sqrt(config["hidden_size"])
-    angles = numpy_llama.rope_angles(config, len(ids), _head_dim(config))
     scale = float(config["query_pre_attn_scalar"]) ** -0.5
-    for i in range(config["num_hidden_layers"]):
+    for i, attention in enumerate(layers):
         p = f"model.layers.{i}."
-        window = config["sliding_window"] if i % 2 == 0 else None  # Gemma2DecoderLayer.is_sliding
         h = norm(x, p + "input_layernorm.weight")
-        h = _attention(h, weights, p + "self_attn.", config, angles, scale=scale,
-                       softcap=config.get("attn_logit_softcapping"), window=window)
+        h = _attention(h, weights, p + "self_attn.", config, scale=scale, **attention)
         x = x + norm(h, p + "post_attention_layernorm.weight")
         h = norm(x, p + "pre_feedforward_layernorm.weight")
         h = (gelu_tanh(h @ f64(p + "mlp.gate_proj.weight").T) * (h @ f64(p + "mlp.up_proj.weight").T)) @ f64(
@@ -137,33 +137,31 @@ def _gemma2(weights, config, ids) -> np.ndarray:
     return np.tanh(logits / cap) * cap if cap else logits
 
 
+def _gemma2(weights, config, ids) -> np.ndarray:
+    angles = numpy_llama.rope_angles(config, len(ids), _head_dim(config))
+    softcap = config.get("attn_logit_softcapping")
+    layers = [  # Gemma2DecoderLayer.is_sliding: even layers
+        {"angles": angles, "softcap": softcap, "window": config["sliding_window"] if i % 2 == 0 else None}
+        for i in range(config["num_hidden_layers"])
+    ]
+    return _gemma(weights, config, ids, layers)
+
+
 def _gemma3(weights, config, ids) -> np.ndarray:
     """modeling_gemma3: Gemma 2's block without soft-capping, plus q/k norms (1 + w);
     layer_types picks sliding layers, which use rope_local_base_freq unscaled, while
     global layers use rope_theta with rope_scaling."""
     config = {"rope_theta": 1_000_000.0, **config}  # Gemma3TextConfig's default
-    eps = float(config.get("rms_norm_eps", 1e-6))
-    f64 = lambda name: np.asarray(weights[name], dtype=np.float64)
-    norm = lambda x, name: rms_norm(x, 1.0 + f64(name), eps)
-    embed = f64("model.embed_tokens.weight")
-    x = embed[np.asarray(ids)] * math.sqrt(config["hidden_size"])
     hd = _head_dim(config)
     local = {"rope_theta": config.get("rope_local_base_freq", 10000.0)}
     angles = {"full_attention": numpy_llama.rope_angles(config, len(ids), hd),
               "sliding_attention": numpy_llama.rope_angles(local, len(ids), hd)}
-    scale = float(config["query_pre_attn_scalar"]) ** -0.5
-    for i, kind in enumerate(config["layer_types"]):
-        p = f"model.layers.{i}."
-        h = norm(x, p + "input_layernorm.weight")
-        h = _attention(h, weights, p + "self_attn.", config, angles[kind], scale=scale, norm_offset=1.0,
-                       window=config["sliding_window"] if kind == "sliding_attention" else None)
-        x = x + norm(h, p + "post_attention_layernorm.weight")
-        h = norm(x, p + "pre_feedforward_layernorm.weight")
-        h = (gelu_tanh(h @ f64(p + "mlp.gate_proj.weight").T) * (h @ f64(p + "mlp.up_proj.weight").T)) @ f64(
-            p + "mlp.down_proj.weight"
-        ).T
-        x = x + norm(h, p + "post_feedforward_layernorm.weight")
-    return norm(x, "model.norm.weight") @ embed.T
+    layers = [
+        {"angles": angles[kind], "norm_offset": 1.0,
+         "window": config["sliding_window"] if kind == "sliding_attention" else None}
+        for kind in config["layer_types"]
+    ]
+    return _gemma(weights, config, ids, layers)
 
 
 def forward(weights: dict[str, np.ndarray], config: dict, token_ids: list[int]) -> np.ndarray:

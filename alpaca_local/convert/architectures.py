@@ -42,6 +42,10 @@ def _no_space_prefix_key(folder: Path) -> bool | None:
     return None
 
 
+def _no_check(cfg: ModelConfig) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Architecture:
     hf_class: str
@@ -84,7 +88,7 @@ class Architecture:
     # multimodal checkpoint (ModelBase.filter_tensors drops "language_model.").
     strip_parts: tuple[str, ...] = ()
     # Refuses a config llama.cpp would run differently from the source model.
-    check_config: Callable[[ModelConfig], None] = lambda cfg: None
+    check_config: Callable[[ModelConfig], None] = _no_check
 
     @property
     def arch_name(self) -> str:

@@ -9,7 +9,7 @@ reference would only warn about (two tokens for one id, a gap, a vocabulary
 larger than the embedding) is an error here: a silent mismatch makes a model
 that loads and then talks nonsense.
 
-Byte-level BPE (`load_bpe_vocab`, GGUF model "gpt2"; Llama 3, Qwen2): In:
+Byte-level BPE (`load_bpe_vocab`, GGUF model "gpt2"; Llama 3, Qwen2/3, SmolLM): In:
 `tokenizer.json` (vocabulary, merges, added tokens, pre-tokenizer). Out: the
 same `Vocab`, with merges and the pre-tokenizer name. Follows the reference's
 `_set_vocab_gpt2` / `get_vocab_base`, read straight from the JSON (no
