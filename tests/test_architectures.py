@@ -328,3 +328,29 @@ def test_planner_predicts_the_written_size(arch_model, level):
     other = "q8_0"
     predicted = [(t.name, t.ggml_type, t.nbytes) for t in plan.tensors_for(from_file, other)]
     assert predicted == [(t.name, t.ggml_type, t.nbytes) for t in plan.tensors_for(shape, other)]
+
+
+def test_gemma3_vision_tower_is_skipped_with_a_note(tmp_path, capsys):
+    from alpaca_local.cli.main import main
+
+    model = tinyarch.build_gemma3mm(tmp_path / "g")
+    assert plan_conversion(model.path, "q8_0").notes == (
+        "skipped 4 vision tower/projector tensors: the GGUF holds the text model only",)
+    assert main(["convert", str(model.path), "-o", str(tmp_path / "g.gguf"), "-q", "q8_0", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "note: skipped 4 vision tower/projector tensors: the GGUF holds the text model only"
+    assert json.loads(captured.out)["notes"] == [captured.err.strip().removeprefix("note: ")]
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"layer_types": ["full_attention"] * 6}, "layer pattern"),
+    ({"_sliding_window_pattern": 2}, "layer pattern"),
+    ({"query_pre_attn_scalar": 64}, "query_pre_attn_scalar"),
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+])
+def test_gemma3_config_llama_cpp_would_run_differently_is_refused(tmp_path, change, says):
+    model = tinyarch.build_gemma3(tmp_path / "g")
+    cfg = json.loads((model.path / "config.json").read_text())
+    (model.path / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(UnsupportedError, match=says):
+        plan_conversion(model.path, "q8_0")

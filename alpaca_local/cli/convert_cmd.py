@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     plan = plan_conversion(args.source, args.quant)
     for note in plan.notes:
-        err.print(f"note: {note}", highlight=False)
+        err.print(f"note: {note}", highlight=False, soft_wrap=True)
     if args.json:
         result = convert(args.source, args.output, args.quant, args.force, plan=plan, workers=args.threads)
     else:

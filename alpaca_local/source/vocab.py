@@ -234,8 +234,11 @@ def _read_specials(folder: Path, vocab: Vocab, sp) -> None:
         if not 0 <= token_id < len(vocab.tokens):
             raise InputError(f"special token {kind} has id {token_id}, outside the vocabulary of {len(vocab.tokens)}")
     vocab.special_ids = ids
-    vocab.add_bos = special.add_special_token.get("bos")
-    vocab.add_eos = special.add_special_token.get("eos")
+    add = dict(special.add_special_token)
+    vocab.add_bos = add.pop("bos", None)
+    vocab.add_eos = add.pop("eos", None)
+    # add_sep_token... as SpecialVocab.add_to_gguf writes them (from tokenizer.json's post-processor)
+    vocab.add_other = {k: v for k, v in add.items() if hasattr(gguf.GGUFWriter, f"add_add_{k}_token")}
     template = special.chat_template
     vocab.chat_template = template if isinstance(template, str) and template else None
 
