@@ -87,9 +87,18 @@ def test_tokenization_equals_hf_tokenizer(gemma, work):
 
     tok = AutoTokenizer.from_pretrained(gemma, local_files_only=True)
     llm = llama_cpp.Llama(str(_ours(gemma, work, "f16")), vocab_only=True, verbose=False)
-    differing = [t for t in CORPUS if llm.tokenize(t.encode(), add_bos=True, special=False) != tok.encode(t)]
+    ref = llama_cpp.Llama(str(reference.reference_file(gemma, work, "f16")), vocab_only=True, verbose=False)
+    # Text as text (llama.cpp parse_special=False; HF split_special_tokens=True: "<unk>" is
+    # five characters), and text whose special tokens are parsed (both defaults otherwise).
+    ours = {t: llm.tokenize(t.encode(), add_bos=True, special=False) for t in CORPUS}
+    assert ours == {t: ref.tokenize(t.encode(), add_bos=True, special=False) for t in CORPUS}
+    # Gemma's "</s>" is a user-defined piece, but llama.cpp retypes it CONTROL at load
+    # (its end-of-generation guess, src/llama-vocab.cpp:2901), for the reference's file too:
+    # plain "</s>" is then "</" "s" ">" there.
+    differing = [t for t in CORPUS if "</s>" not in t and ours[t] != tok(t, split_special_tokens=True).input_ids]
     assert not differing, differing
-    assert llm.tokenize(SPECIAL_TEXT.encode(), add_bos=True, special=True) == tok.encode(SPECIAL_TEXT)
+    for text in (SPECIAL_TEXT, *CORPUS):
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text), repr(text)
 
 
 def _chat(model: Path, question: str, *extra: str) -> str:
@@ -108,7 +117,21 @@ def test_q4_k_m_answers_factual_questions(gemma, work, question, expected):
     assert expected in answer, answer
 
 
-def test_q4_k_m_answers_with_gemmas_own_template(gemma, work):
-    """--template model: the chat template convert copied from tokenizer_config.json."""
-    answer = _chat(_ours(gemma, work, "q4_k_m"), "What is the capital of France?", "--template", "model")
-    assert "Paris" in answer, answer
+def test_template_model_prompt_equals_transformers(gemma, work):
+    """--template model sends exactly the ids transformers' apply_chat_template makes with
+    the real vocabulary. (This base model does not follow Gemma's chat turns; it answers
+    in the Alpaca format, above.)"""
+    from transformers import AutoTokenizer
+
+    from alpaca_local.run.chat import load_model, prompt_format, read_model_info
+    from alpaca_local.template import Turn
+
+    path = _ours(gemma, work, "q4_k_m")
+    model = load_model(path, n_ctx=512)
+    fmt = prompt_format("model", read_model_info(path), model)
+    turns = [Turn("What is the capital of France?", response="Paris."), Turn("And  of\n\n  Italy?")]
+    messages = [{"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And  of\n\n  Italy?"}]
+    tok = AutoTokenizer.from_pretrained(gemma, local_files_only=True)
+    assert fmt.ids(model, turns, "Answer briefly.") == tok.apply_chat_template(
+        [{"role": "system", "content": "Answer briefly."}, *messages], add_generation_prompt=True)
