@@ -116,7 +116,7 @@ def test_expected_metadata(arch_model):
     arch = reader.fields["general.architecture"].contents()
     names = {t.name for t in reader.tensors}
     expected_arch = {"mistral": "llama", "llama3": "llama", "qwen2": "qwen2", "gemma2": "gemma2",
-                     "qwen3": "qwen3", "gemma3": "gemma3", "gemma3mm": "gemma3"}
+                     "qwen3": "qwen3", "gemma3": "gemma3", "gemma3mm": "gemma3", "smollm2": "llama"}
     kind = model.path.name.removeprefix("tiny-")
     assert arch == expected_arch[kind]
     assert kv[f"{arch}.attention.head_count_kv"] == cfg["num_key_value_heads"]
@@ -160,6 +160,8 @@ def test_expected_metadata(arch_model):
             assert types[tokens.index(run.replace("\u2581", " "))] == gguf.TokenType.USER_DEFINED
     if kind == "gemma3mm":
         assert kv["gemma3.rope.scaling.type"] == "linear" and kv["gemma3.rope.scaling.factor"] == 8.0
+    if kind == "smollm2":
+        assert kv["tokenizer.ggml.pre"] == "smollm" and "output.weight" not in names
     if kind == "mistral":
         assert kv["tokenizer.ggml.model"] == "llama"
         assert kv["tokenizer.ggml.token_type"][3] == gguf.TokenType.CONTROL  # [INST]
@@ -179,6 +181,7 @@ SPECIAL_TEXT = {
     "qwen3": "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nHello",
     "gemma3": "<start_of_turn>user\n  two  spaces\n\n\nnewlines<end_of_turn>\n<start_of_turn>model\n",
     "gemma3mm": "<start_of_turn>user\nhello<end_of_turn>",
+    "smollm2": "<|im_start|>user\n12345 digits<|im_end|>\n<filename>a.py<file_sep>",
 }
 
 

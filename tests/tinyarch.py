@@ -11,6 +11,8 @@ In:  a folder path (and a dtype). Out: a `TinyModel` (same fields as
 - Qwen 2.5: Qwen2ForCausalLM with q/k/v biases, a BPE tokenizer.json with
   Qwen2's split regex and NFC normalizer, ChatML specials, a non-special added
   token, and an embedding larger than the tokenizer (padding rows).
+- Qwen3, Gemma 3 (270M and the 4B Gemma3ForConditionalGeneration with a vision tower)
+  and SmolLM2: see their builders.
 - Gemma 2: Gemma2ForCausalLM, head_dim != hidden/heads, four norms per layer
   stored as w (the model computes 1 + w), soft-capping, sliding window, no
   lm_head and no tie_word_embeddings key (the config class defaults it to
@@ -38,7 +40,7 @@ QWEN2_REGEX = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-ARCHS = ("mistral", "llama3", "qwen2", "gemma2", "qwen3", "gemma3", "gemma3mm")
+ARCHS = ("mistral", "llama3", "qwen2", "gemma2", "qwen3", "gemma3", "gemma3mm", "smollm2")
 
 
 @dataclass(frozen=True)
@@ -465,4 +467,36 @@ def build_gemma3mm(dirpath: str | Path, *, dtype: str = "BF16", seed: int = 7, s
                    nested="language_model.model.", extra=extra)
 
 
-BUILDERS.update({"qwen3": build_qwen3, "gemma3": build_gemma3, "gemma3mm": build_gemma3mm})
+SMOLLM2_SPECIALS = [("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
+                    ("<repo_name>", True), ("<reponame>", True), ("<file_sep>", True), ("<filename>", True)]
+
+
+def build_smollm2(dirpath: str | Path, *, dtype: str = "BF16", seed: int = 8) -> TinyModel:
+    """SmolLM2-135M-Instruct's layout: LlamaForCausalLM, tied embeddings, a byte-level BPE
+    whose pre-tokenizer is Digits(individual_digits) + ByteLevel(use_regex) (llama.cpp's
+    smollm), ChatML specials, no BOS added."""
+    from tokenizers import pre_tokenizers
+
+    dirpath = Path(dirpath)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    pre = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+    ])
+    tok = _bpe_tokenizer("", SMOLLM2_SPECIALS, ignore_merges=False, nfc=False, bos=None, pre_tokenizer=pre)
+    n_vocab = _write_bpe(dirpath, tok, {
+        "add_prefix_space": False, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>", "clean_up_tokenization_spaces": False, "model_max_length": 8192,
+        "tokenizer_class": "GPT2Tokenizer", "vocab_size": 49152, "chat_template": QWEN2_TEMPLATE,
+    })
+    ids = {c: tok.token_to_id(c) for c, _ in SMOLLM2_SPECIALS}
+    cfg = _base_config(
+        "LlamaForCausalLM", "llama", dtype, head_dim=64, max_position_embeddings=8192, rope_theta=100000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=True, vocab_size=n_vocab, bos_token_id=ids["<|im_start|>"],
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|im_end|>"], attention_bias=False, mlp_bias=False,
+        hidden_act="silu", pretraining_tp=1, rope_scaling=None,
+    )
+    return _finish(dirpath, "smollm2", cfg, dtype, seed, "bpe", "smollm")
+
+
+BUILDERS.update({"qwen3": build_qwen3, "gemma3": build_gemma3, "gemma3mm": build_gemma3mm, "smollm2": build_smollm2})
