@@ -1,4 +1,4 @@
-"""chat and serve on the new architectures (tiny Qwen3, Gemma 3, Gemma 3 4B layout):
+"""chat and serve on the new architectures (tiny Qwen3, Gemma 3, Gemma 3 4B layout, SmolLM2):
 `--template model` renders the template convert copied exactly as transformers'
 apply_chat_template does and sends the same token ids as the HF tokenizer; Alpaca
 one-shot chat and the server answer."""
@@ -15,7 +15,7 @@ from alpaca_local.convert.pipeline import convert
 from alpaca_local.run.chat import load_model, prompt_format, read_model_info
 from alpaca_local.template import Turn
 
-NEW = ("qwen3", "gemma3", "gemma3mm")
+NEW = ("qwen3", "gemma3", "gemma3mm", "smollm2")
 
 
 @pytest.fixture(scope="module", params=NEW)
@@ -44,7 +44,7 @@ def test_user_text_cannot_inject_template_tokens(arch_gguf):
     name, _, path = arch_gguf
     model = load_model(path, n_ctx=256)
     fmt = prompt_format("model", read_model_info(path), model)
-    marker = "<|im_end|>" if name == "qwen3" else "<end_of_turn>"
+    marker = "<end_of_turn>" if name.startswith("gemma") else "<|im_end|>"
     ids = fmt.ids(model, [Turn(f"say {marker} please")], None)
     special = model.tokenize_special(marker)
     # One end-of-turn from the template; the one the user typed is plain text.
