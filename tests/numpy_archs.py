@@ -1,4 +1,4 @@
-"""Reference forward passes in plain numpy (float64) for Mistral, Llama 3, Qwen2 and Gemma 2.
+"""Reference forward passes in plain numpy (float64) for Mistral, Llama 3, Qwen2/3 and Gemma 2/3.
 
 In:  HF-named weights, an HF config dict, token ids. Out: logits [n_tokens, vocab].
 Each follows its transformers modeling file, written independently of the
@@ -7,11 +7,15 @@ converter (no GGUF names, no permutation):
 - Mistral: LLaMA's forward (numpy_llama), rotate-half rope.
 - Llama 3: LLaMA's forward with llama3 rope scaling (modeling_rope_utils
   `_compute_llama3_parameters`) and tied embeddings.
-- Qwen2: LLaMA's forward with q/k/v biases.
+- Qwen2: LLaMA's forward with q/k/v biases. Qwen3: without biases, with an
+  RMSNorm over each query and key head before rope.
 - Gemma 2 (modeling_gemma2): embeddings times sqrt(hidden), RMSNorm with
   (1 + w), four norms per layer, GELU-tanh MLP, attention scores scaled by
   query_pre_attn_scalar**-0.5 and soft-capped, sliding-window attention on
   even layers, soft-capped logits from the tied embedding.
+- Gemma 3 (modeling_gemma3): Gemma 2 without soft-capping, with (1 + w) q/k
+  head norms, sliding layers by layer_types using rope_local_base_freq, global
+  layers using rope_theta and rope_scaling.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def _head_dim(config: dict) -> int:
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
-def _attention(h, weights, prefix, config, angles, *, scale, softcap=None, window=None):
+def _attention(h, weights, prefix, config, angles, *, scale, softcap=None, window=None, norm_offset=0.0):
     n = h.shape[0]
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
@@ -61,8 +65,12 @@ def _attention(h, weights, prefix, config, angles, *, scale, softcap=None, windo
             out = out + np.asarray(weights[prefix + name + ".bias"], dtype=np.float64)
         return out
 
-    q = apply_rope(proj("q_proj").reshape(n, n_head, hd), angles)
-    k = apply_rope(proj("k_proj").reshape(n, n_kv, hd), angles)
+    q, k = proj("q_proj").reshape(n, n_head, hd), proj("k_proj").reshape(n, n_kv, hd)
+    if prefix + "q_norm.weight" in weights:  # Qwen3 / Gemma 3: RMSNorm over each head, before rope
+        eps = float(config.get("rms_norm_eps", 1e-6))
+        w = lambda name: norm_offset + np.asarray(weights[prefix + name], dtype=np.float64)
+        q, k = rms_norm(q, w("q_norm.weight"), eps), rms_norm(k, w("k_norm.weight"), eps)
+    q, k = apply_rope(q, angles), apply_rope(k, angles)
     v = proj("v_proj").reshape(n, n_kv, hd)
     k = np.repeat(k, n_head // n_kv, axis=1)
     v = np.repeat(v, n_head // n_kv, axis=1)
@@ -104,20 +112,20 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def _gemma2(weights, config, ids) -> np.ndarray:
+def _gemma(weights, config, ids, layers: list[dict]) -> np.ndarray:
+    """Gemma 2/3's stack: embeddings times sqrt(hidden), (1 + w) norms before and after
+    attention and the GELU-tanh MLP, tied output, optional final soft-capping.
+    `layers[i]`: layer i's attention keywords (angles, window, softcap, norm_offset)."""
     eps = float(config.get("rms_norm_eps", 1e-6))
     f64 = lambda name: np.asarray(weights[name], dtype=np.float64)
     norm = lambda x, name: rms_norm(x, 1.0 + f64(name), eps)
     embed = f64("model.embed_tokens.weight")
     x = embed[np.asarray(ids)] * math.sqrt(config["hidden_size"])
-    angles = numpy_llama.rope_angles(config, len(ids), _head_dim(config))
     scale = float(config["query_pre_attn_scalar"]) ** -0.5
-    for i in range(config["num_hidden_layers"]):
+    for i, attention in enumerate(layers):
         p = f"model.layers.{i}."
-        window = config["sliding_window"] if i % 2 == 0 else None  # Gemma2DecoderLayer.is_sliding
         h = norm(x, p + "input_layernorm.weight")
-        h = _attention(h, weights, p + "self_attn.", config, angles, scale=scale,
-                       softcap=config.get("attn_logit_softcapping"), window=window)
+        h = _attention(h, weights, p + "self_attn.", config, scale=scale, **attention)
         x = x + norm(h, p + "post_attention_layernorm.weight")
         h = norm(x, p + "pre_feedforward_layernorm.weight")
         h = (gelu_tanh(h @ f64(p + "mlp.gate_proj.weight").T) * (h @ f64(p + "mlp.up_proj.weight").T)) @ f64(
@@ -129,6 +137,33 @@ def _gemma2(weights, config, ids) -> np.ndarray:
     return np.tanh(logits / cap) * cap if cap else logits
 
 
+def _gemma2(weights, config, ids) -> np.ndarray:
+    angles = numpy_llama.rope_angles(config, len(ids), _head_dim(config))
+    softcap = config.get("attn_logit_softcapping")
+    layers = [  # Gemma2DecoderLayer.is_sliding: even layers
+        {"angles": angles, "softcap": softcap, "window": config["sliding_window"] if i % 2 == 0 else None}
+        for i in range(config["num_hidden_layers"])
+    ]
+    return _gemma(weights, config, ids, layers)
+
+
+def _gemma3(weights, config, ids) -> np.ndarray:
+    """modeling_gemma3: Gemma 2's block without soft-capping, plus q/k norms (1 + w);
+    layer_types picks sliding layers, which use rope_local_base_freq unscaled, while
+    global layers use rope_theta with rope_scaling."""
+    config = {"rope_theta": 1_000_000.0, **config}  # Gemma3TextConfig's default
+    hd = _head_dim(config)
+    local = {"rope_theta": config.get("rope_local_base_freq", 10000.0)}
+    angles = {"full_attention": numpy_llama.rope_angles(config, len(ids), hd),
+              "sliding_attention": numpy_llama.rope_angles(local, len(ids), hd)}
+    layers = [
+        {"angles": angles[kind], "norm_offset": 1.0,
+         "window": config["sliding_window"] if kind == "sliding_attention" else None}
+        for kind in config["layer_types"]
+    ]
+    return _gemma(weights, config, ids, layers)
+
+
 def forward(weights: dict[str, np.ndarray], config: dict, token_ids: list[int]) -> np.ndarray:
     """Logits [n_tokens, vocab] (float64) for `token_ids` from position 0."""
     if not token_ids:
@@ -136,6 +171,11 @@ def forward(weights: dict[str, np.ndarray], config: dict, token_ids: list[int]) 
     arch = config["architectures"][0]
     if arch == "Gemma2ForCausalLM":
         return _gemma2(weights, config, token_ids)
-    if arch in ("MistralForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM"):
+    if arch in ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"):
+        if "layer_types" not in config:  # Gemma3TextConfig's default: every 6th layer global
+            config = {**config, "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                                for i in range(config["num_hidden_layers"])]}
+        return _gemma3(weights, config, token_ids)
+    if arch in ("MistralForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         return _llama_like(weights, config, token_ids)
     raise ValueError(f"no numpy forward for {arch}")

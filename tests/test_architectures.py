@@ -1,4 +1,4 @@
-"""convert for Mistral, Llama 3, Qwen2 and Gemma 2: exact against llama.cpp's own pipeline,
+"""convert for Mistral, Llama 3, Qwen2, Qwen3, Gemma 2 and Gemma 3: exact against llama.cpp's own pipeline,
 loads, tokenizes like the source tokenizer and computes like a numpy forward pass."""
 
 from __future__ import annotations
@@ -54,6 +54,25 @@ KNOWN_DIFFERENCES: dict[str, dict[str, object]] = {
     "qwen2": {"general.name": ("tiny-qwen2", "Tiny Qwen2"), "tokenizer.ggml.pre": ("qwen2", UNNAMED_PRE)},
     "gemma2": {
         "general.name": ("tiny-gemma2", "Tiny Gemma2"),
+        "tokenizer.ggml.scores": {i: _SP_ADDED for i in (0, 3, 4, 5, 6, 7)},
+        "tokenizer.ggml.token_type": {3: (gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL)},
+        "tokenizer.ggml.unknown_token_id": (3, None),
+    },
+    "qwen3": {"general.name": ("tiny-qwen3", "Tiny Qwen3"), "tokenizer.ggml.pre": ("qwen2", UNNAMED_PRE)},
+    "smollm2": {"general.name": ("tiny-smollm2", "Tiny Smollm2"), "tokenizer.ggml.pre": ("smollm", UNNAMED_PRE)},
+    "gemma3": {
+        "general.name": ("tiny-gemma3", "Tiny Gemma3"),
+        "tokenizer.ggml.scores": {i: _SP_ADDED for i in (0, 3, 4, 5, 6, 7)},
+        "tokenizer.ggml.token_type": {3: (gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL)},
+        "tokenizer.ggml.unknown_token_id": (3, None),
+    },
+    # Gemma 3 4B+ (Gemma3ForConditionalGeneration): config.json names no bos/eos ids (eos_token_id
+    # is a list) and there is no tokenizer.json, so the reference writes none and llama.cpp would
+    # fall back to SentencePiece-LLaMA's 1/2, swapped for Gemma; we write the SentencePiece model's.
+    "gemma3mm": {
+        "general.name": ("tiny-gemma3mm", "Tiny Gemma3Mm"),
+        "tokenizer.ggml.bos_token_id": (2, None),
+        "tokenizer.ggml.eos_token_id": (1, None),
         "tokenizer.ggml.scores": {i: _SP_ADDED for i in (0, 3, 4, 5, 6, 7)},
         "tokenizer.ggml.token_type": {3: (gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL)},
         "tokenizer.ggml.unknown_token_id": (3, None),
@@ -170,7 +189,7 @@ def _llama_cpp_pre_regexes(vendor: Path) -> dict[str, str]:
     return names
 
 
-@pytest.mark.parametrize("kind", ["llama3", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama3", "qwen2", "qwen3"])
 def test_bpe_pre_name_selects_the_tokenizers_regex(kind, tmp_path):
     """tokenizer.ggml.pre makes llama.cpp split text with the tokenizer.json's own regex (its table
     in src/llama-vocab.cpp), and is a name the reference gives a released model."""
@@ -194,7 +213,8 @@ def test_expected_metadata(arch_model):
     reader = gguf.GGUFReader(out)
     arch = reader.fields["general.architecture"].contents()
     names = {t.name for t in reader.tensors}
-    expected_arch = {"mistral": "llama", "llama3": "llama", "qwen2": "qwen2", "gemma2": "gemma2"}
+    expected_arch = {"mistral": "llama", "llama3": "llama", "qwen2": "qwen2", "gemma2": "gemma2",
+                     "qwen3": "qwen3", "gemma3": "gemma3", "gemma3mm": "gemma3", "smollm2": "llama"}
     kind = model.path.name.removeprefix("tiny-")
     assert arch == expected_arch[kind]
     assert kv[f"{arch}.attention.head_count_kv"] == cfg["num_key_value_heads"]
@@ -217,6 +237,29 @@ def test_expected_metadata(arch_model):
         norm = next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.attn_norm.weight")
         stored = model.weights["model.layers.0.input_layernorm.weight"]
         assert np.array_equal(np.asarray(norm.data), (stored.astype(np.float16) + np.float16(1)).astype(np.float32))
+    if kind == "qwen3":
+        assert kv["tokenizer.ggml.pre"] == "qwen2" and "blk.0.attn_q.bias" not in names
+        assert "output.weight" not in names and kv["qwen3.attention.key_length"] == cfg["head_dim"]
+        assert [t.shape.tolist() for t in reader.tensors if t.name == "blk.1.attn_k_norm.weight"] == [[cfg["head_dim"]]]
+        think = kv["tokenizer.ggml.tokens"].index("<think>")
+        assert kv["tokenizer.ggml.token_type"][think] == gguf.TokenType.USER_DEFINED
+    if kind in ("gemma3", "gemma3mm"):
+        assert kv["gemma3.attention.sliding_window"] == cfg["sliding_window"]
+        assert kv["gemma3.rope.freq_base"] == 1_000_000.0 and kv["gemma3.rope.freq_base_swa"] == 10000.0
+        assert kv["gemma3.attention.key_length"] == cfg["head_dim"] and "gemma3.final_logit_softcapping" not in kv
+        assert "output.weight" not in names and not any("vision" in n or "mm_" in n for n in names)
+        assert len([n for n in names if n.endswith("attn_q_norm.weight")]) == cfg["num_hidden_layers"]
+        q_norm = next(t for t in reader.tensors if t.name == "blk.0.attn_q_norm.weight")
+        stored = model.weights["model.layers.0.self_attn.q_norm.weight"]
+        assert np.array_equal(np.asarray(q_norm.data), stored + np.float32(1))  # BF16 source: 1 + w in f32
+        # Gemma's whitespace runs: non-special added tokens, written as llama.cpp's route does
+        tokens, types = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"]
+        for run in tinyarch.GEMMA3_WHITESPACE:
+            assert types[tokens.index(run.replace("\u2581", " "))] == gguf.TokenType.USER_DEFINED
+    if kind == "gemma3mm":
+        assert kv["gemma3.rope.scaling.type"] == "linear" and kv["gemma3.rope.scaling.factor"] == 8.0
+    if kind == "smollm2":
+        assert kv["tokenizer.ggml.pre"] == "smollm" and "output.weight" not in names
     if kind == "mistral":
         assert kv["tokenizer.ggml.model"] == "llama"
         assert kv["tokenizer.ggml.token_type"][3] == gguf.TokenType.CONTROL  # [INST]
@@ -233,6 +276,10 @@ SPECIAL_TEXT = {
     "qwen2": "<|im_start|>user\nHi <tool_call>{}</tool_call><|im_end|>\n<|fim_prefix|>",
     # user-defined pieces in tokenizer.model, special in tokenizer_config: CONTROL in the file
     "gemma2": "<start_of_turn>user\nhello<end_of_turn>",
+    "qwen3": "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nHello",
+    "gemma3": "<start_of_turn>user\n  two  spaces\n\n\nnewlines<end_of_turn>\n<start_of_turn>model\n",
+    "gemma3mm": "<start_of_turn>user\nhello<end_of_turn>",
+    "smollm2": "<|im_start|>user\n12345 digits<|im_end|>\n<filename>a.py<file_sep>",
 }
 
 
@@ -271,8 +318,8 @@ def test_logits_match_numpy_forward(arch_model):
     llm = _load(convert(model.path, work / "logits.f16.gguf", "f16", force=True).output, logits_all=True)
     text = "Below is an instruction. Say hello, llama! 123 The quick brown fox jumps over the lazy dog"
     ids = llm.tokenize(text.encode(), add_bos=True)
-    if model.config["architectures"] == ["Gemma2ForCausalLM"]:
-        assert len(ids) > 2 * model.config["sliding_window"]  # the window cuts in on even layers
+    if model.config["architectures"][0].startswith("Gemma"):
+        assert len(ids) > 2 * model.config["sliding_window"]  # the window cuts in on the sliding layers
     llm.eval(ids)
     got = np.array(llm.scores[: len(ids)], dtype=np.float64)
     want = numpy_archs.forward(model.weights, model.config, ids)
@@ -382,3 +429,29 @@ def test_planner_predicts_the_written_size(arch_model, level):
     other = "q8_0"
     predicted = [(t.name, t.ggml_type, t.nbytes) for t in plan.tensors_for(from_file, other)]
     assert predicted == [(t.name, t.ggml_type, t.nbytes) for t in plan.tensors_for(shape, other)]
+
+
+def test_gemma3_vision_tower_is_skipped_with_a_note(tmp_path, capsys):
+    from alpaca_local.cli.main import main
+
+    model = tinyarch.build_gemma3mm(tmp_path / "g")
+    assert plan_conversion(model.path, "q8_0").notes == (
+        "skipped 4 vision tower/projector tensors: the GGUF holds the text model only",)
+    assert main(["convert", str(model.path), "-o", str(tmp_path / "g.gguf"), "-q", "q8_0", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "note: skipped 4 vision tower/projector tensors: the GGUF holds the text model only"
+    assert json.loads(captured.out)["notes"] == [captured.err.strip().removeprefix("note: ")]
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"layer_types": ["full_attention"] * 6}, "layer pattern"),
+    ({"_sliding_window_pattern": 2}, "layer pattern"),
+    ({"query_pre_attn_scalar": 64}, "query_pre_attn_scalar"),
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+])
+def test_gemma3_config_llama_cpp_would_run_differently_is_refused(tmp_path, change, says):
+    model = tinyarch.build_gemma3(tmp_path / "g")
+    cfg = json.loads((model.path / "config.json").read_text())
+    (model.path / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(UnsupportedError, match=says):
+        plan_conversion(model.path, "q8_0")

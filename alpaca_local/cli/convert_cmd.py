@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--threads {args.threads} is out of range; give 1 to 1024")
     err = Console(stderr=True)
     plan = plan_conversion(args.source, args.quant)
+    for note in plan.notes:
+        err.print(f"note: {note}", highlight=False, soft_wrap=True)
     if args.json:
         result = convert(args.source, args.output, args.quant, args.force, plan=plan, workers=args.threads)
     else:
@@ -65,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         "tensors": result.n_tensors,
         "seconds": round(result.seconds, 2),
         "peak_memory_bytes": result.peak_rss_bytes,
+        "notes": list(plan.notes),
     }
     if args.json:
         import json

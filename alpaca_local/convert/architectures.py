@@ -42,6 +42,10 @@ def _no_space_prefix_key(folder: Path) -> bool | None:
     return None
 
 
+def _no_check(cfg: ModelConfig) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Architecture:
     hf_class: str
@@ -76,6 +80,15 @@ class Architecture:
     config_defaults: dict[str, Any] = field(default_factory=dict)
     # ModelConfig fields this architecture cannot do without.
     requires: tuple[str, ...] = ()
+    # Another model part in the same checkpoint (a vision tower): source tensors
+    # whose name contains one of these are not part of the text model and are
+    # dropped with a note (TextModel.filter_tensors).
+    other_parts: tuple[str, ...] = ()
+    # Removed from source names before mapping: the text model's prefix inside a
+    # multimodal checkpoint (ModelBase.filter_tensors drops "language_model.").
+    strip_parts: tuple[str, ...] = ()
+    # Refuses a config llama.cpp would run differently from the source model.
+    check_config: Callable[[ModelConfig], None] = _no_check
 
     @property
     def arch_name(self) -> str:
@@ -85,6 +98,11 @@ class Architecture:
         missing = [name for name in self.requires if getattr(cfg, name) in (None, False)]
         if missing:
             raise InputError(f"config.json of a {self.hf_class} lacks {', '.join(missing)}; it is required")
+        self.check_config(cfg)
+
+    def other_part(self, hf_name: str) -> bool:
+        """Whether `hf_name` belongs to a part of the checkpoint this converter leaves out."""
+        return any(part in hf_name for part in self.other_parts)
 
     def expected_tensors(self, cfg: ModelConfig) -> dict[str, tuple[gguf.MODEL_TENSOR, tuple[int, ...]]]:
         """Every GGUF tensor name the file gets -> (kind, shape), generated ones included."""
@@ -313,7 +331,141 @@ GEMMA2 = Architecture(
     requires=("attn_softcap", "final_softcap", "sliding_window", "explicit_head_dim"),
 )
 
-ARCHITECTURES: dict[str, Architecture] = {a.hf_class: a for a in (LLAMA, MISTRAL, QWEN2, GEMMA2)}
+
+# --------------------------------------------------------------------------
+# Qwen3 (conversion/qwen.py Qwen3Model, a Qwen2Model): per-head q/k RMSNorm, no biases
+# --------------------------------------------------------------------------
+
+
+def _qk_norm_shapes(cfg: ModelConfig) -> Shapes:
+    # One RMSNorm weight of head size, shared by every head (Qwen3Attention.q_norm / k_norm).
+    return {T.ATTN_Q_NORM: (cfg.head_dim,), T.ATTN_K_NORM: (cfg.head_dim,)}
+
+
+def _qwen3_shapes(cfg: ModelConfig) -> Shapes:
+    return {**_llama_shapes(cfg), **_qk_norm_shapes(cfg)}
+
+
+QWEN3 = Architecture(
+    hf_class="Qwen3ForCausalLM",
+    gguf_arch=gguf.MODEL_ARCH.QWEN3,
+    description="Qwen3 (dense)",
+    skip_suffixes=_LLAMA_SKIP,
+    rope_permuted=frozenset(),  # NEOX rope (llama_model_rope_type: LLM_ARCH_QWEN3)
+    metadata=_qwen2_metadata,  # Qwen3Model inherits Qwen2Model.set_gguf_parameters
+    shapes=_qwen3_shapes,
+    tokenizer="sentencepiece-or-bpe",
+)
+
+
+# --------------------------------------------------------------------------
+# Gemma 3 text (conversion/gemma.py Gemma3Model), also inside Gemma3ForConditionalGeneration
+# --------------------------------------------------------------------------
+
+# llama.cpp's gemma3 reads no layer pattern from a converted file: every 6th
+# layer is global, the others slide (src/models/gemma3.cpp load_swa_pattern(ml, 6);
+# hparams.set_swa_pattern: layer il slides when il % 6 < 5).
+GEMMA3_SWA_PATTERN = 6
+
+# Gemma3TextConfig's defaults (transformers 4.57): the reference reads the config
+# through AutoConfig, so a key config.json leaves out has this value there.
+_GEMMA3_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262208, "max_position_embeddings": 131072, "hidden_size": 2304, "intermediate_size": 9216,
+    "num_hidden_layers": 26, "num_attention_heads": 8, "head_dim": 256, "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10000.0,
+    "query_pre_attn_scalar": 256, "sliding_window": 4096, "tie_word_embeddings": True,
+}
+
+
+def _gemma3_rope_thetas(cfg: ModelConfig) -> tuple[float, float | None]:
+    """(global, local) rope bases: transformers 5's rope_parameters per layer kind,
+    else rope_theta and rope_local_base_freq (TextModel.__init__)."""
+    params = cfg.raw.get("rope_parameters")
+    params = params if isinstance(params, dict) else {}
+    full, sliding = params.get("full_attention"), params.get("sliding_attention")
+    global_theta = full.get("rope_theta", cfg.rope_theta) if isinstance(full, dict) else cfg.rope_theta
+    local = sliding.get("rope_theta") if isinstance(sliding, dict) else cfg.raw.get("rope_local_base_freq")
+    for value in (global_theta, local):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise InputError(f"config.json: rope base {value!r} is not a positive number")
+    return float(global_theta), None if local is None else float(local)
+
+
+def _gemma3_metadata(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
+    # TextModel.set_gguf_parameters then Gemma3Model.set_gguf_parameters.
+    global_theta, local_theta = _gemma3_rope_thetas(cfg)
+    _shape_metadata(w, cfg)
+    _rope_scaling_metadata(w, cfg)
+    w.add_rope_freq_base(global_theta)
+    if local_theta is not None:
+        w.add_rope_freq_base_swa(local_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_eps)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    if cfg.final_softcap:
+        w.add_final_logit_softcapping(cfg.final_softcap)
+    assert cfg.sliding_window
+    w.add_sliding_window(cfg.sliding_window)
+
+
+def _gemma3_check(cfg: ModelConfig) -> None:
+    """Refuse what llama.cpp's gemma3 would compute differently from the source model."""
+    raw = cfg.raw
+    if raw.get("attn_logit_softcapping") is not None:
+        raise UnsupportedError("config.json sets attn_logit_softcapping, which Gemma 3 (and llama.cpp's gemma3) do not have")
+    expected = ["full_attention" if i % GEMMA3_SWA_PATTERN == GEMMA3_SWA_PATTERN - 1 else "sliding_attention"
+                for i in range(cfg.n_layer)]
+    layer_types = raw.get("layer_types")
+    pattern = raw.get("sliding_window_pattern", raw.get("_sliding_window_pattern", GEMMA3_SWA_PATTERN))
+    if (layer_types is not None and layer_types != expected) or pattern != GEMMA3_SWA_PATTERN:
+        raise UnsupportedError(
+            "config.json's sliding-window layer pattern is not Gemma 3's (5 local layers, then 1 global); "
+            "llama.cpp's gemma3 always uses that pattern"
+        )
+    # llama.cpp scales scores by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the
+    # 62-layer 27B (src/models/gemma3.cpp, f_attention_scale); transformers by
+    # query_pre_attn_scalar**-0.5.
+    scalar = raw.get("query_pre_attn_scalar", cfg.head_dim)
+    used = cfg.hidden / cfg.n_head if cfg.n_layer == 62 else cfg.head_dim
+    if scalar != used:
+        raise UnsupportedError(
+            f"config.json: query_pre_attn_scalar {scalar!r} differs from the {used:g} llama.cpp's gemma3 scales by"
+        )
+
+
+def _gemma3_shapes(cfg: ModelConfig) -> Shapes:
+    return {**_gemma2_shapes(cfg), **_qk_norm_shapes(cfg)}
+
+
+GEMMA3 = Architecture(
+    hf_class="Gemma3ForCausalLM",
+    gguf_arch=gguf.MODEL_ARCH.GEMMA3,
+    description="Gemma 3 text (270M, 1B)",
+    skip_suffixes=_LLAMA_SKIP,
+    rope_permuted=frozenset(),
+    metadata=_gemma3_metadata,
+    shapes=_gemma3_shapes,
+    add_space_prefix=lambda folder: False,  # Gemma3Model.set_vocab (SentencePiece)
+    norm_offset=1.0,  # Gemma3Model.norm_shift: every "norm.weight", q/k norms included
+    config_defaults=_GEMMA3_DEFAULTS,
+    requires=("sliding_window",),
+    check_config=_gemma3_check,
+)
+
+# The 4B and larger release: the same text model under "language_model", next to
+# a SigLIP vision tower and its projector, which llama.cpp reads from a separate
+# mmproj file (Gemma3VisionModel); convert writes the text model only.
+GEMMA3_MM = replace(
+    GEMMA3,
+    hf_class="Gemma3ForConditionalGeneration",
+    description="Gemma 3 4B+ (text model only; the vision tower is skipped)",
+    other_parts=("vision_tower.", "multi_modal_projector."),
+    strip_parts=("language_model.",),
+)
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.hf_class: a for a in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3, GEMMA3_MM)
+}
 SUPPORTED = {name: arch.description for name, arch in ARCHITECTURES.items()}
 CONFIG_DEFAULTS = {name: arch.config_defaults for name, arch in ARCHITECTURES.items() if arch.config_defaults}
 
@@ -327,6 +479,10 @@ class MappedName:
 
 def map_name(arch: Architecture, name_map: gguf.TensorNameMap, hf_name: str) -> MappedName | None:
     """GGUF name of one source tensor; None for tensors to drop; InputError for unknown ones."""
+    if arch.other_part(hf_name):
+        return None
+    for part in arch.strip_parts:
+        hf_name = hf_name.replace(part, "")
     if hf_name.endswith(arch.skip_suffixes) or hf_name in arch.skip_names:
         return None
     mapped = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))

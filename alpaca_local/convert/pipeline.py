@@ -110,6 +110,7 @@ class ConversionPlan:
     arch: Architecture
     vocab: Vocab
     jobs: tuple[TensorJob, ...]
+    notes: tuple[str, ...] = ()  # one-line facts the user should see (a skipped vision tower)
 
     @property
     def tensor_bytes(self) -> int:
@@ -206,7 +207,12 @@ def plan_conversion(source: Path, quant: str) -> ConversionPlan:
     cfg = load_config(source, SUPPORTED, CONFIG_DEFAULTS)
     arch = ARCHITECTURES[cfg.hf_arch]
     arch.check(cfg)
-    tensors = _map_tensors(cfg, arch, read_weights(source))
+    refs = read_weights(source)
+    tensors = _map_tensors(cfg, arch, refs)
+    n_other = sum(map(arch.other_part, refs))
+    notes = (
+        f"skipped {n_other} vision tower/projector tensors: the GGUF holds the text model only",
+    ) if n_other else ()
     vocab = _load_vocab(source, arch, cfg)
     if vocab.chat_template is None:
         vocab.chat_template = ALPACA_CHAT_TEMPLATE
@@ -223,7 +229,7 @@ def plan_conversion(source: Path, quant: str) -> ConversionPlan:
     ]
     if quant != "f16":  # an f16 file is the converter's output; quantize rewrites it in its own order
         jobs.sort(key=lambda job: _llama_cpp_order(job.name))
-    return ConversionPlan(source, source.resolve().name, quant, cfg, arch, vocab, tuple(jobs))
+    return ConversionPlan(source, source.resolve().name, quant, cfg, arch, vocab, tuple(jobs), notes)
 
 
 def default_output(plan: ConversionPlan, models_dir: Path) -> Path:

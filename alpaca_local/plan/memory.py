@@ -89,8 +89,10 @@ HEADER_BYTES_FIXED = 4096
 # Gemma 2: load_swa_pattern(ml, 2) and n_swa 4096 unless the file says otherwise
 # (src/models/gemma2.cpp load_arch_hparams).  Other architectures build a plain KV cache
 # even where config.json has a sliding_window (Mistral v0.1, Qwen2's use_sliding_window).
-SWA_PATTERN = {"gemma2": 2}
-SWA_DEFAULT_WINDOW = {"gemma2": 4096}
+# Gemma 3: load_swa_pattern(ml, 6), five sliding layers then a global one, and sliding
+# layers only when the file has a window (src/models/gemma3.cpp load_arch_hparams: no default).
+SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+SWA_DEFAULT_WINDOW = {"gemma2": 4096, "gemma3": 0}
 # Gemma 2 keeps sa_out (the residual around the feed-forward block, for its ffn_post_norm)
 # alive through the FFN: one more width of n_embd at that moment (src/models/gemma2.cpp).
 FFN_EXTRA_WIDTHS = {"gemma2": 1}
@@ -193,7 +195,9 @@ def shape_from_gguf(header: GGUFHeader) -> ModelShape:
         if not 1 <= pattern <= MAX_DIM:
             raise InputError(f"{header.path}: metadata {a}.attention.sliding_window_pattern = {pattern} "
                              f"is not between 1 and {MAX_DIM}")
-    n_swa = positive("attention.sliding_window", SWA_DEFAULT_WINDOW[a], most=MAX_CTX) if pattern else 0
+    has_window = SWA_DEFAULT_WINDOW.get(a) or f"{a}.attention.sliding_window" in header.kv
+    n_swa = positive("attention.sliding_window", SWA_DEFAULT_WINDOW[a], most=MAX_CTX) if pattern and has_window else 0
+    pattern = pattern if n_swa else 0
     return ModelShape(
         name=header.path.name, arch=a, n_layer=positive("block_count", most=max(1, len(header.tensors))),
         hidden=hidden, n_head=n_head, n_kv_head=n_kv_head,

@@ -148,7 +148,8 @@ def parse_config(
     """Check a parsed config.json; `supported` maps HF class -> description for the error.
 
     `defaults` maps HF class -> values its transformers config class assumes when
-    config.json leaves them out (Gemma 2 ties its embeddings unless told otherwise).
+    config.json leaves them out (Gemma 2 ties its embeddings unless told otherwise;
+    a Gemma 3 4B config.json names only a few sizes).
     """
     if not isinstance(cfg, dict):
         raise InputError(f"{path} is not a JSON object")
@@ -159,6 +160,12 @@ def parse_config(
     if hf_arch not in supported:
         names = ", ".join(sorted(supported))
         raise UnsupportedError(f"architecture {hf_arch} is not supported yet; supported: {names}")
+    text = cfg.get("text_config")
+    if text is not None and not isinstance(text, dict):
+        raise InputError(f"{path}: text_config = {text!r} is not an object")
+    # A multimodal config nests the text model's fields (TextModel.__init__ moves
+    # them to the root); keys it leaves out take the config class's defaults.
+    cfg = {**(defaults or {}).get(hf_arch, {}), **cfg, **(text or {})}
     hidden = _int_field(cfg, path, ("hidden_size",), 1, MAX_DIM)
     n_head = _int_field(cfg, path, ("num_attention_heads",), 1, MAX_DIM)
     n_kv_head = _int_field(cfg, path, ("num_key_value_heads",), 1, MAX_DIM, default=n_head)
@@ -170,7 +177,7 @@ def parse_config(
         raise InputError(f"{path}: head size {head_dim} is odd; rotary embeddings need an even head size")
     if n_head % n_kv_head:
         raise InputError(f"{path}: num_attention_heads {n_head} is not divisible by num_key_value_heads {n_kv_head}")
-    tie = cfg.get("tie_word_embeddings", (defaults or {}).get(hf_arch, {}).get("tie_word_embeddings", False))
+    tie = cfg.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
         raise InputError(f"{path}: tie_word_embeddings = {tie!r} is not true or false")
     return ModelConfig(

@@ -9,26 +9,26 @@ reference would only warn about (two tokens for one id, a gap, a vocabulary
 larger than the embedding) is an error here: a silent mismatch makes a model
 that loads and then talks nonsense.
 
-Byte-level BPE (`load_bpe_vocab`, GGUF model "gpt2"; Llama 3, Qwen2): In:
+Byte-level BPE (`load_bpe_vocab`, GGUF model "gpt2"; Llama 3, Qwen2/3, SmolLM): In:
 `tokenizer.json` (vocabulary, merges, added tokens, pre-tokenizer). Out: the
 same `Vocab`, with merges and the pre-tokenizer name. Follows the reference's
 `_set_vocab_gpt2` / `get_vocab_base`, read straight from the JSON (no
 transformers). The reference names the pre-tokenizer by hashing the
 tokenizer's output on a check string, which only recognizes the exact
-released vocabularies; we name it from the pre-tokenizer's own regex in
-tokenizer.json (`BPE_PRE_TOKENIZERS`), which is what the name stands for in
-llama.cpp (src/llama-vocab.cpp picks the split regex from it).
+released vocabularies; we name it from the pre-tokenizer's own structure in
+tokenizer.json (`bpe_pre`), which is what the name stands for in llama.cpp
+(src/llama-vocab.cpp picks the split regexes from it).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
 
+from alpaca_local.source.bpe_pre import pre_tokenizer_name
 from alpaca_local.source.config import read_json
 from alpaca_local.errors import InputError, UnsupportedError
 
@@ -188,13 +188,21 @@ def load_vocab(folder: Path, n_vocab: int) -> Vocab:
                 f"jump to {max(added)}; the tokenizer files are incomplete"
             )
     for i, (content, special) in sorted(added.items()):
-        if i < n_sp:
-            if content == tokens[i]:
-                if special and types[i] == T.NORMAL:
-                    types[i] = T.CONTROL
-                continue
+        control = special or _looks_special(content)
+        if i < n_sp and content == tokens[i] and (control or types[i] != T.NORMAL):
+            # The piece itself, marked special (or a control/byte/unknown piece):
+            # keep SentencePiece's score, make a special normal piece CONTROL.
+            if control and types[i] == T.NORMAL:
+                types[i] = T.CONTROL
+            continue
+        if i < n_sp and content != tokens[i]:
             logging.getLogger(__name__).info("added token %d replaces piece %r with %r", i, tokens[i], content)
-        token_type = T.CONTROL if special or _looks_special(content) else T.USER_DEFINED
+        # A non-special added token, even one naming its own piece (Gemma's "▁▁",
+        # "\n\n" whitespace runs), is USER_DEFINED with "▁" written as a space, as
+        # _create_vocab_sentencepiece does: llama.cpp then matches it in the raw
+        # text before SentencePiece runs, which is how the HF tokenizer splits
+        # runs of spaces and newlines.
+        token_type = T.CONTROL if control else T.USER_DEFINED
         if token_type == T.USER_DEFINED:
             content = content.replace("\u2581", " ")  # the reference pre-normalizes user-defined spaces
         if i < n_sp:
@@ -226,8 +234,11 @@ def _read_specials(folder: Path, vocab: Vocab, sp) -> None:
         if not 0 <= token_id < len(vocab.tokens):
             raise InputError(f"special token {kind} has id {token_id}, outside the vocabulary of {len(vocab.tokens)}")
     vocab.special_ids = ids
-    vocab.add_bos = special.add_special_token.get("bos")
-    vocab.add_eos = special.add_special_token.get("eos")
+    add = dict(special.add_special_token)
+    vocab.add_bos = add.pop("bos", None)
+    vocab.add_eos = add.pop("eos", None)
+    # add_sep_token... as SpecialVocab.add_to_gguf writes them (from tokenizer.json's post-processor)
+    vocab.add_other = {k: v for k, v in add.items() if hasattr(gguf.GGUFWriter, f"add_add_{k}_token")}
     template = special.chat_template
     vocab.chat_template = template if isinstance(template, str) and template else None
 
@@ -235,42 +246,6 @@ def _read_specials(folder: Path, vocab: Vocab, sp) -> None:
 # --------------------------------------------------------------------------
 # Byte-level BPE (tokenizer.json)
 # --------------------------------------------------------------------------
-
-# tokenizer.json split regex -> tokenizer.ggml.pre. The regexes are the ones
-# llama.cpp quotes as "original regex from tokenizer.json" for each pre-type
-# (src/llama-vocab.cpp); the names are those get_vocab_base_pre gives the
-# released models (Meta-Llama-3-8B / Llama 3.2: "llama-bpe"; Qwen2.5: "qwen2").
-BPE_PRE_TOKENIZERS: dict[str, str] = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
-}
-
-
-def _bpe_pre_name(data: dict, path: Path) -> str:
-    """The pre-tokenizer name for a tokenizer.json whose pre-tokenizer is
-    Sequence[Split(regex, Isolated), ByteLevel(use_regex=false)], the layout of
-    Llama 3 and Qwen2."""
-    pre = data.get("pre_tokenizer")
-    parts = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else None
-    if isinstance(parts, list) and len(parts) == 2 and all(isinstance(p, dict) for p in parts):
-        split, byte_level = parts
-        pattern = split.get("pattern")
-        regex = pattern.get("Regex") if isinstance(pattern, dict) else None
-        if (
-            split.get("type") == "Split"
-            and split.get("behavior") == "Isolated"
-            and not split.get("invert")
-            and byte_level.get("type") == "ByteLevel"
-            and not byte_level.get("use_regex", True)
-            and not byte_level.get("add_prefix_space", False)
-            and regex in BPE_PRE_TOKENIZERS
-        ):
-            return BPE_PRE_TOKENIZERS[regex]
-    known = ", ".join(sorted(set(BPE_PRE_TOKENIZERS.values())))
-    raise UnsupportedError(
-        f"{path}: the BPE pre-tokenizer is not one llama.cpp is known to reproduce here "
-        f"(supported: {known}); its pre_tokenizer section is {json.dumps(pre)[:200]}"
-    )
 
 
 def load_bpe_vocab(folder: Path, n_vocab: int) -> Vocab:
@@ -285,7 +260,7 @@ def load_bpe_vocab(folder: Path, n_vocab: int) -> Vocab:
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         kind = model.get("type") if isinstance(model, dict) else None
         raise UnsupportedError(f"{path}: tokenizer model {kind!r} is not supported; expected a byte-level BPE")
-    pre = _bpe_pre_name(data, path)
+    pre = pre_tokenizer_name(data, path)
     by_id: dict[int, str] = {}
     for token, token_id in model["vocab"].items():
         if type(token_id) is not int or token_id < 0:
