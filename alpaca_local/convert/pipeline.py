@@ -39,7 +39,7 @@ from alpaca_local.errors import InputError
 from alpaca_local.convert.ggml import quantize_rows
 from alpaca_local.source.weights import read_weights
 from alpaca_local.template import ALPACA_CHAT_TEMPLATE
-from alpaca_local.source.tensors import TensorRef
+from alpaca_local.source.tensors import TensorRef, widen
 from alpaca_local.source.vocab import Vocab, load_bpe_vocab, load_vocab
 
 # About 4 MB of float32 per chunk: big enough that ggml calls dominate,
@@ -194,8 +194,14 @@ def _load_vocab(source: Path, arch: Architecture, cfg: ModelConfig) -> Vocab:
     return vocab
 
 
-def plan_conversion(source: Path, quant: str) -> ConversionPlan:
-    """Check the whole input and decide every output tensor, without touching the data."""
+def plan_conversion(
+    source: Path, quant: str, weights: dict[str, TensorRef] | None = None, name: str | None = None
+) -> ConversionPlan:
+    """Check the whole input and decide every output tensor, without touching the data.
+
+    `weights` and `name` come from a Hub source (`source.hub.HubSource`): its tensors
+    (streamed or cached) and the repository's name; `source` then holds the small files.
+    """
     if not source.exists():
         raise InputError(f"{source} does not exist; give the path of a Hugging Face model folder")
     if not source.is_dir():
@@ -204,7 +210,7 @@ def plan_conversion(source: Path, quant: str) -> ConversionPlan:
     cfg = load_config(source, SUPPORTED, CONFIG_DEFAULTS)
     arch = ARCHITECTURES[cfg.hf_arch]
     arch.check(cfg)
-    tensors = _map_tensors(cfg, arch, read_weights(source))
+    tensors = _map_tensors(cfg, arch, read_weights(source) if weights is None else weights)
     vocab = _load_vocab(source, arch, cfg)
     if vocab.chat_template is None:
         vocab.chat_template = ALPACA_CHAT_TEMPLATE
@@ -219,7 +225,7 @@ def plan_conversion(source: Path, quant: str) -> ConversionPlan:
         )
         for (ref, name, kind), ggml_type in zip(tensors, types)
     )
-    return ConversionPlan(source, source.resolve().name, quant, cfg, arch, vocab, jobs)
+    return ConversionPlan(source, name or source.resolve().name, quant, cfg, arch, vocab, jobs)
 
 
 def default_output(plan: ConversionPlan, models_dir: Path) -> Path:
@@ -283,15 +289,21 @@ def _chunks(job: TensorJob) -> Iterator[tuple[int, int]]:
         yield start, min(n_rows, start + step)
 
 
-def _encode(job: TensorJob, start: int, stop: int) -> bytes:
+def _read(job: TensorJob, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) as stored; called in file order, in one thread (a streamed
+    source is one forward-only HTTP stream per file)."""
+    src = job.source
+    if isinstance(src, GeneratedTensor):
+        return src.read_rows(start, stop)
+    return src.read_raw_rows(start, stop)
+
+
+def _encode(job: TensorJob, raw: np.ndarray) -> bytes:
     src = job.source
     same = (src.dtype, job.ggml_type) in (("F16", gguf.GGMLQuantizationType.F16), ("F32", gguf.GGMLQuantizationType.F32))
     if same and job.rope_head_dim is None and not job.offset:
-        raw = src.raw()  # identical bytes: copy, do not round-trip through float32
-        row_len = job.shape[-1] if job.shape else 1
-        flat = raw.reshape(-1)[start * row_len : stop * row_len]
-        return flat.tobytes()
-    rows = src.read_rows(start, stop)
+        return raw.tobytes()  # identical bytes: copy, do not round-trip through float32
+    rows = widen(raw, src.dtype)
     if job.offset:
         rows = _add_offset(rows, job.offset, src.dtype)
     if job.rope_head_dim:
@@ -299,29 +311,47 @@ def _encode(job: TensorJob, start: int, stop: int) -> bytes:
     return quantize_rows(rows, job.ggml_type).tobytes()
 
 
+def _read_order(plan: ConversionPlan, data_start: int) -> list[tuple[TensorJob, int]]:
+    """(job, where its data goes in the output), in the order the sources are read.
+
+    The output keeps plan order (llama.cpp's); sources are read file by file, front
+    to back, so a streamed file is fetched once, in order, and hashed as it comes.
+    """
+    placed, offset = [], data_start
+    for job in plan.jobs:
+        placed.append((job, offset))
+        offset += _padded(job.nbytes)
+
+    def key(item: tuple[TensorJob, int]) -> tuple[str, int]:
+        src = item[0].source
+        return ("", item[1]) if isinstance(src, GeneratedTensor) else (str(src.path), src.offset)
+
+    return sorted(placed, key=key)
+
+
 def _write_tensor_data(plan: ConversionPlan, path: Path, progress: Progress | None, workers: int) -> None:
-    """Append every tensor, in plan order, each padded to the GGUF alignment."""
+    """Write every tensor at its place in plan order, each padded to the GGUF alignment."""
     with open(path, "r+b") as f:
-        f.seek(0, os.SEEK_END)
-        f.write(b"\0" * (_padded(f.tell()) - f.tell()))
+        data_start = _padded(f.seek(0, os.SEEK_END))
+        f.truncate(data_start + plan.tensor_bytes)  # padding and alignment gaps read as zeros
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending: deque[tuple[TensorJob, int, int, Future[bytes]]] = deque()
+            pending: deque[tuple[TensorJob, int, int, int, Future[bytes]]] = deque()
             window = 2 * workers
 
             def drain_one() -> None:
-                job, start, stop, fut = pending.popleft()
-                data = fut.result()
-                f.write(data)
-                if stop == job.source.n_rows:
-                    f.write(b"\0" * (_padded(job.nbytes) - job.nbytes))
+                job, offset, start, stop, fut = pending.popleft()
+                if start == 0:  # a tensor's chunks arrive in order, so only its first one seeks
+                    f.seek(offset)
+                f.write(fut.result())
                 if progress:
                     per_row = job.source.nbytes // max(job.source.n_rows, 1)
                     progress(job.name, (stop - start) * per_row)
 
             try:
-                for job in plan.jobs:
+                for job, offset in _read_order(plan, data_start):
                     for start, stop in _chunks(job):
-                        pending.append((job, start, stop, pool.submit(_encode, job, start, stop)))
+                        raw = _read(job, start, stop)
+                        pending.append((job, offset, start, stop, pool.submit(_encode, job, raw)))
                         while len(pending) >= window:
                             drain_one()
                 while pending:
@@ -340,8 +370,13 @@ def convert(
     progress: Progress | None = None,
     workers: int | None = None,
     plan: ConversionPlan | None = None,
+    check_source: Callable[[], None] | None = None,
 ) -> ConvertResult:
-    """Convert `source` into one GGUF file; the output appears only when complete."""
+    """Convert `source` into one GGUF file; the output appears only when complete.
+
+    `check_source` runs after the last byte is written and before the output takes
+    its name (a streamed source's hash check): if it raises, nothing is left.
+    """
     t0 = time.perf_counter()
     plan = plan or plan_conversion(source, quant)
     if output is None:
@@ -355,6 +390,8 @@ def convert(
         writer.write_ti_data_to_file()
         writer.close()
         _write_tensor_data(plan, tmp, progress, workers or os.cpu_count() or 1)
+        if check_source:
+            check_source()
         size = tmp.stat().st_size
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return ConvertResult(output, plan.quant, len(plan.jobs), size, time.perf_counter() - t0, peak)
