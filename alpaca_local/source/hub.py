@@ -17,6 +17,7 @@ the size and hash the Hub lists, whichever way it arrived.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
@@ -74,7 +75,8 @@ class HubSource:
     commit: str
     folder: Path
     files: dict[str, Checksum] = field(default_factory=dict)  # weight file -> what the Hub lists
-    stream: bool = False  # False: the weights are in `folder` (cache)
+    stream: bool = False  # False: the weights are in `folder` (cache), if `has_weights`
+    has_weights: bool = True  # False only for `resolve_source(..., metadata_only=True)` of a .bin repo
     endpoint: str = ""
     token: str | bool | None = None
     progress: Progress | None = None
@@ -146,19 +148,26 @@ def resolve_source(
     endpoint: str | None = None,
     token: str | bool | None = None,
     progress: Progress | None = None,
+    metadata_only: bool = False,
 ) -> Path | HubSource:
-    """What `convert`/`plan` (and `--lora`/`--base`) were given: a local folder or a Hub model."""
+    """What `convert`/`plan` (and `--lora`/`--base`) were given: a local folder or a Hub model.
+
+    `metadata_only` (for `plan`): never download weights; a .bin repository then comes
+    back with `has_weights` False, a safetensors one streams (headers only are read).
+    """
     path = Path(arg)
     hub_id = None if path.exists() else parse_hub_id(str(arg))
     if hub_id is None:
         return path  # the caller's own checks say what is wrong with a missing path
     from huggingface_hub import constants
 
-    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
-    if offline or constants.HF_HUB_OFFLINE:
+    # huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE once, at import; reading them
+    # again here lets a program that sets them later (or a test) be heard too.
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    if offline or constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         return _from_cache(hub_id, endpoint)
     with hub_errors(hub_id, endpoint):
-        return _from_hub(hub_id, endpoint, token, download, progress)
+        return _from_hub(hub_id, endpoint, token, download, progress, metadata_only)
 
 
 def _from_cache(hub_id: HubId, endpoint: str) -> HubSource:
@@ -171,15 +180,26 @@ def _from_cache(hub_id: HubId, endpoint: str) -> HubSource:
             "(or unset HF_HUB_OFFLINE) to fetch it"
         )
     folder = Path(found).parent
-    if not any((folder / single).is_file() or (folder / index).is_file() for single, index, _, _ in FORMATS):
+    if not _weights_present(folder):
         raise InputError(
             f"the cache has {hub_id}'s config but not its weights; run once online with --download to keep them"
         )
     return HubSource(hub_id, folder.name, folder, endpoint=endpoint)
 
 
+def _weights_present(folder: Path) -> bool:
+    """Whether a cache snapshot holds complete weights (every shard its index names)."""
+    for single, index, _, _ in FORMATS:
+        if (folder / index).is_file():
+            return all((folder / shard).is_file() for shard in read_index(folder / index).values())
+        if (folder / single).is_file():
+            return True
+    return False
+
+
 def _from_hub(
-    hub_id: HubId, endpoint: str, token: str | bool | None, download: bool, progress: Progress | None
+    hub_id: HubId, endpoint: str, token: str | bool | None, download: bool, progress: Progress | None,
+    metadata_only: bool,
 ) -> HubSource:
     from huggingface_hub import HfApi
 
@@ -203,8 +223,11 @@ def _from_hub(
     src = HubSource(hub_id, commit, folder, files, endpoint=endpoint, token=token, progress=progress)
     if all((folder / name).is_file() for name in weight_files):
         return src  # in the cache already (an earlier --download, or another tool)
-    if is_safetensors and not download:
+    if is_safetensors and (not download or metadata_only):
         src.stream = True
+        return src
+    if metadata_only:
+        src.has_weights = False
         return src
     _download_weights(src, token)
     return src
@@ -280,26 +303,25 @@ def check_file(path: Path, checksum: Checksum, shown: str) -> None:
 
 
 def _hf_download(hub_id: HubId, filename: str, revision: str | None, endpoint: str, token) -> str:
+    """One file into the cache; huggingface_hub retries 5xx and dropped connections itself
+    (utils/_http.py http_backoff) and resumes a partial download."""
     from huggingface_hub import hf_hub_download
 
-    return _retrying(lambda: hf_hub_download(
-        hub_id.repo_id, filename, revision=revision, endpoint=endpoint, token=token
-    ))
+    return hf_hub_download(hub_id.repo_id, filename, revision=revision, endpoint=endpoint, token=token)
 
 
 def _retrying(call):
-    """`call()`, again after a pause when the Hub answers 5xx or the connection fails."""
+    """`call()`, again after a pause when the Hub answers 5xx or the connection fails
+    (HfApi's calls, unlike downloads, are not retried by huggingface_hub)."""
     import requests
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError
 
     for attempt in range(remote.RETRIES + 1):
         try:
             return call()
-        except (HfHubHTTPError, LocalEntryNotFoundError, requests.ConnectionError, requests.Timeout) as exc:
+        except (HfHubHTTPError, requests.ConnectionError, requests.Timeout) as exc:
             status = _status(exc)
             transient = status is None or status >= 500 or status == 429
-            if isinstance(exc, LocalEntryNotFoundError):  # hf_hub_download's wrapper of a connection error
-                transient = isinstance(exc.__cause__, (requests.ConnectionError, requests.Timeout))
             if not transient or attempt == remote.RETRIES:
                 raise
             time.sleep(min(remote.MAX_BACKOFF_S, remote.BACKOFF_S * 2**attempt))
