@@ -38,6 +38,11 @@ class Repo:
     branches: dict[str, str]
     private: bool = False
     gated: bool = False
+    digests: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (sha256, git sha1)
+
+    def __post_init__(self) -> None:
+        for name, data in self.files.items():
+            self.digests[name] = (hashlib.sha256(data).hexdigest(), _git_sha1(data))
 
 
 @dataclass
@@ -64,6 +69,7 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.faults = Faults()
         self.log: list[tuple[str, str, str | None]] = []
+        self.bytes_served = 0  # file host body bytes sent
         self._lock = threading.Lock()
         self._api = _QuietServer(("127.0.0.1", 0), _handler(self, files=False))
         self._cdn = _QuietServer(("127.0.0.1", 0), _handler(self, files=True))
@@ -101,9 +107,9 @@ class FakeHub:
 
     def blob(self, sha256: str) -> tuple[str, bytes] | None:
         for repo in self.repos.values():
-            for name, data in repo.files.items():
-                if hashlib.sha256(data).hexdigest() == sha256:
-                    return name, data
+            for name, (sha, _) in repo.digests.items():
+                if sha == sha256:
+                    return name, repo.files[name]
         return None
 
 
@@ -177,9 +183,10 @@ def _handler(hub: FakeHub, files: bool):
                 return
             siblings = []
             for name, data in repo.files.items():
-                s = {"rfilename": name, "size": len(data), "blobId": _git_sha1(data)}
+                sha256, sha1 = repo.digests[name]
+                s = {"rfilename": name, "size": len(data), "blobId": sha1}
                 if name.endswith(LFS_SUFFIXES):
-                    s["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+                    s["lfs"] = {"sha256": sha256, "size": len(data), "pointerSize": 134}
                 siblings.append(s)
             info = {"id": repo_id, "modelId": repo_id, "sha": commit, "private": repo.private,
                     "gated": "manual" if repo.gated else False, "siblings": siblings, "tags": []}
@@ -194,9 +201,9 @@ def _handler(hub: FakeHub, files: bool):
             data = repo.files.get(unquote(name))
             if data is None:
                 return self._error(404, "Entry not found", "EntryNotFound", body)
-            headers = {"X-Repo-Commit": commit, "ETag": f'"{_git_sha1(data)}"'}
+            sha, sha1 = repo.digests[unquote(name)]
+            headers = {"X-Repo-Commit": commit, "ETag": f'"{sha1}"'}
             if name.endswith(LFS_SUFFIXES):
-                sha = hashlib.sha256(data).hexdigest()
                 headers.update({
                     "Location": f"{hub.file_host}/lfs/{sha}?signature=fake",
                     "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data)),
@@ -211,11 +218,12 @@ def _handler(hub: FakeHub, files: bool):
             if found is None:
                 return self._error(404, "no such object", None, body)
             name, data = found
+            etag = path.rsplit("/", 1)[-1]
             if name in hub.faults.corrupt_at:
                 at = hub.faults.corrupt_at[name]
                 data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
             start, end, status = 0, len(data), 200
-            headers = {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "Accept-Ranges": "bytes"}
+            headers = {"ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
             if rng := self.headers.get("Range"):
                 first, _, last = rng.removeprefix("bytes=").partition("-")
                 start, end, status = int(first), min(int(last) + 1 if last else len(data), len(data)), 206
@@ -239,7 +247,11 @@ def _handler(hub: FakeHub, files: bool):
                 self.close_connection = True
                 self.connection.shutdown(2)  # mid-body: the client sees a short read
                 return
-            self.wfile.write(data[start:end])
+            with memoryview(data) as view:
+                for at in range(start, end, 1 << 20):
+                    self.wfile.write(view[at:min(end, at + (1 << 20))])
+            with hub._lock:
+                hub.bytes_served += end - start
 
         def _send(self, status: int, data: bytes, headers: dict[str, str], body: bool) -> None:
             self.send_response(status)

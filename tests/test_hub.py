@@ -230,6 +230,7 @@ def test_offline_without_the_weights_in_the_cache(hub, tmp_path, capsys):
     one_line(rc, err, 1, "me/other is not in the Hugging Face cache")
 
 
+@pytest.mark.filterwarnings("ignore:Not enough free disk space")  # huggingface_hub sees the patched disk too
 def test_download_checks_the_disk_before_starting(hub, tmp_path, capsys, monkeypatch):
     class Usage:
         free = 1000
