@@ -283,3 +283,35 @@ def test_cli_process_honours_hf_endpoint_and_hf_hub_offline(hub, models, tmp_pat
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes() == _local(
         models["sharded"], tmp_path, "q4_0"
     )
+
+
+# -- the resolver as a library call (what --lora/--base use) ------------------------------------
+
+
+def test_adapter_repo_is_downloaded_checked_and_then_offline(hub, tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from alpaca_local.source.hub import HubSource, resolve_source
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    save_file({"base_model.model.layers.0.q_proj.lora_A.weight": np.ones((4, 8), np.float32)},
+              str(folder / "adapter_model.safetensors"))
+    hub.add_repo("me/lora", folder)
+    src = resolve_source("me/lora")
+    assert isinstance(src, HubSource) and not src.stream
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (src.folder / name).read_bytes() == (folder / name).read_bytes()
+    hub.faults.fail_all = 500
+    again = resolve_source("me/lora", offline=True)
+    assert again.folder == src.folder
+
+
+def test_resolver_returns_an_existing_path_untouched(hub, tmp_path):
+    from alpaca_local.source.hub import resolve_source
+
+    assert resolve_source(tmp_path) == tmp_path
+    assert resolve_source("./no/such") == Path("./no/such")  # not a Hub id: the caller reports it
+    assert hub.log == []

@@ -43,6 +43,11 @@ SMALL_FILES = (
 # characters, no "--" or ".." (huggingface_hub.utils._validators.REPO_ID_REGEX).
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96})(?:@(?P<rev>[^\s@]+))?$")
 
+# A PEFT adapter repository has these instead of config.json (peft's CONFIG_NAME,
+# SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME); adapters are small, so they are always downloaded.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
 Progress = Callable[[int], None]  # bytes just received
 
 
@@ -152,6 +157,9 @@ def resolve_source(
 ) -> Path | HubSource:
     """What `convert`/`plan` (and `--lora`/`--base`) were given: a local folder or a Hub model.
 
+    A PEFT adapter repository (adapter_config.json, no config.json) is always downloaded:
+    its `folder` then holds adapter_config.json and adapter_model.safetensors (or .bin).
+
     `metadata_only` (for `plan`): never download weights; a .bin repository then comes
     back with `has_weights` False, a safetensors one streams (headers only are read).
     """
@@ -175,6 +183,8 @@ def _from_cache(hub_id: HubId, endpoint: str) -> HubSource:
 
     found = try_to_load_from_cache(hub_id.repo_id, "config.json", revision=hub_id.revision)
     if not isinstance(found, str):
+        found = try_to_load_from_cache(hub_id.repo_id, ADAPTER_CONFIG, revision=hub_id.revision)
+    if not isinstance(found, str):
         raise InputError(
             f"{hub_id} is not in the Hugging Face cache; run once without --offline "
             "(or unset HF_HUB_OFFLINE) to fetch it"
@@ -189,6 +199,8 @@ def _from_cache(hub_id: HubId, endpoint: str) -> HubSource:
 
 def _weights_present(folder: Path) -> bool:
     """Whether a cache snapshot holds complete weights (every shard its index names)."""
+    if not (folder / "config.json").is_file():
+        return any((folder / name).is_file() for name in ADAPTER_WEIGHTS)
     for single, index, _, _ in FORMATS:
         if (folder / index).is_file():
             return all((folder / shard).is_file() for shard in read_index(folder / index).values())
@@ -207,14 +219,11 @@ def _from_hub(
         hub_id.repo_id, revision=hub_id.revision, files_metadata=True
     ))
     listed = {s.rfilename: s for s in info.siblings or ()}
+    if "config.json" not in listed and ADAPTER_CONFIG in listed:
+        return _adapter_from_hub(hub_id, info, listed, endpoint, token)
     if "config.json" not in listed:
         raise InputError(f"{hub_id} has no config.json; it is not a Transformers model repository")
-    # The first download records the revision -> commit link in the cache (for --offline
-    # later); every other file is then fetched by that commit, so all come from one commit.
-    config = Path(_hf_download(hub_id, "config.json", hub_id.revision, endpoint, token))
-    folder, commit = config.parent, config.parent.name
-    if info.sha and commit != info.sha:
-        raise RuntimeFailure(f"{hub_id} changed while it was being read (commit {info.sha[:12]}, then {commit[:12]}); try again")
+    folder, commit = _first_file(hub_id, "config.json", info.sha, endpoint, token)
     for name in SMALL_FILES[1:]:
         if name in listed:
             _hf_download(hub_id, name, commit, endpoint, token)
@@ -230,6 +239,31 @@ def _from_hub(
         src.has_weights = False
         return src
     _download_weights(src, token)
+    return src
+
+
+def _first_file(hub_id: HubId, name: str, sha: str | None, endpoint: str, token) -> tuple[Path, str]:
+    """Download `name` by the revision asked for: (snapshot folder, commit).
+
+    This first download records the revision -> commit link in the cache (for
+    --offline later); every other file is then fetched by that commit, so all
+    come from one commit even if the branch moves meanwhile.
+    """
+    folder = Path(_hf_download(hub_id, name, hub_id.revision, endpoint, token)).parent
+    if sha and folder.name != sha:
+        raise RuntimeFailure(f"{hub_id} changed while it was being read (commit {sha[:12]}, then {folder.name[:12]}); try again")
+    return folder, folder.name
+
+
+def _adapter_from_hub(hub_id: HubId, info, listed: dict, endpoint: str, token) -> HubSource:
+    """A PEFT adapter repository: adapter_config.json and its weights, downloaded and checked."""
+    weights = [name for name in ADAPTER_WEIGHTS if name in listed][:1]
+    if not weights:
+        raise InputError(f"{hub_id} has {ADAPTER_CONFIG} but no {' or '.join(ADAPTER_WEIGHTS)}; the adapter is incomplete")
+    folder, commit = _first_file(hub_id, ADAPTER_CONFIG, info.sha, endpoint, token)
+    src = HubSource(hub_id, commit, folder, {weights[0]: _checksum(listed[weights[0]])}, endpoint=endpoint, token=token)
+    if not (folder / weights[0]).is_file():
+        _download_weights(src, token)
     return src
 
 
