@@ -315,3 +315,10 @@ def test_resolver_returns_an_existing_path_untouched(hub, tmp_path):
     assert resolve_source(tmp_path) == tmp_path
     assert resolve_source("./no/such") == Path("./no/such")  # not a Hub id: the caller reports it
     assert hub.log == []
+
+
+def test_json_summary_names_the_commit_and_the_bytes_fetched(hub, tmp_path, capsys):
+    assert main(["convert", "me/tiny", "-o", str(tmp_path / "x.gguf"), "-q", "q4_0", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)["hub"]
+    assert info["repo"] == "me/tiny" and info["commit"] == hub.repos["me/tiny"].commit and info["streamed"]
+    assert info["fetched_bytes"] == hub.lfs_bytes("me/tiny")  # every byte once: headers + one stream per file

@@ -57,11 +57,11 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     hub.add_argument("--offline", action="store_true", help="Hub id: use only the HF cache, no network")
 
 
-def open_source(arg: str, quant: str, download: bool = False, offline: bool = False, progress=None):
+def open_source(arg: str, quant: str, download: bool = False, offline: bool = False):
     """(plan, Hub source or None) for a folder or a Hub id; the caller closes the source."""
     from alpaca_local.convert.pipeline import plan_conversion
     from alpaca_local.source.hub import resolve_source
-    src = resolve_source(arg, download=download, offline=offline, progress=progress)
+    src = resolve_source(arg, download=download, offline=offline)
     if isinstance(src, Path):
         return plan_conversion(src, quant), None
     try:
@@ -99,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(result.seconds, 2),
         "peak_memory_bytes": result.peak_rss_bytes,
     }
+    if hub:  # a Hub id: which commit was converted, and what came over the network for the weights
+        summary["hub"] = {"repo": hub.hub_id.repo_id, "commit": hub.commit, "streamed": hub.stream,
+                          "fetched_bytes": hub.bytes_fetched}
     if args.json:
         import json
 

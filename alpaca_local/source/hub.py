@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +31,7 @@ from alpaca_local.source import remote
 from alpaca_local.source.remote import Checksum, RemoteFile
 from alpaca_local.source.safetensors_io import parse_header, read_header_bytes
 from alpaca_local.source.tensors import TensorRef
-from alpaca_local.source.weights import FORMATS, read_index, read_weights
+from alpaca_local.source.weights import FORMATS, merge_shards, read_index, read_weights
 
 # The files the readers in this package open besides the weights (config.py, vocab.py,
 # architectures.py); all small, all fetched with hf_hub_download.
@@ -48,7 +48,6 @@ _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96})(?:@(?P<re
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
-Progress = Callable[[int], None]  # bytes just received
 
 
 @dataclass(frozen=True)
@@ -84,16 +83,11 @@ class HubSource:
     has_weights: bool = True  # False only for `resolve_source(..., metadata_only=True)` of a .bin repo
     endpoint: str = ""
     token: str | bool | None = None
-    progress: Progress | None = None
     _remote: dict[str, RemoteFile] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.hub_id.name
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(c.size for c in self.files.values())
 
     @property
     def bytes_fetched(self) -> int:
@@ -106,34 +100,22 @@ class HubSource:
         from huggingface_hub import hf_hub_url
         from huggingface_hub.utils import build_hf_headers, get_session
 
-        headers = build_hf_headers(token=self.token)
-        refs: dict[str, TensorRef] = {}
-        index = _weights_index(self.folder, self.files)
-        for filename, checksum in self.files.items():
-            url = hf_hub_url(self.hub_id.repo_id, filename, revision=self.commit, endpoint=self.endpoint)
-            f = RemoteFile(url, f"{self.hub_id}/{filename}", checksum, headers, get_session(), self._progress)
-            self._remote[filename] = f
-            shown = Path(self.hub_id.repo_id) / filename
-            raw = read_header_bytes(shown, checksum.size, f.fetch)
-            f.start_with(raw)
-            found = parse_header(shown, raw, checksum.size, f)
-            for name, ref in found.items():
-                if index is not None and index.get(name) != filename:
-                    raise InputError(
-                        f"tensor {name!r} is in {filename} but the index places it in "
-                        f"{index.get(name, 'no shard')}; the index does not match the shards"
-                    )
-                if name in refs:
-                    raise InputError(f"tensor {name!r} is in two shards; the shards overlap")
-                refs[name] = ref
-        missing = sorted(set(index or ()) - set(refs))
-        if missing:
-            raise InputError(f"the index lists {len(missing)} tensor(s) that no shard holds, e.g. {missing[0]!r}")
-        return refs
+        headers, session = build_hf_headers(token=self.token), get_session()
 
-    def _progress(self, nbytes: int) -> None:
-        if self.progress:
-            self.progress(nbytes)
+        def read_header(filename: str) -> dict[str, TensorRef]:
+            url = hf_hub_url(self.hub_id.repo_id, filename, revision=self.commit, endpoint=self.endpoint)
+            f = RemoteFile(url, f"{self.hub_id}/{filename}", self.files[filename], headers, session)
+            self._remote[filename] = f
+            shown, size = Path(self.hub_id.repo_id) / filename, self.files[filename].size
+            raw = read_header_bytes(shown, size, f.fetch)
+            f.start_with(raw)  # the final hash covers the header bytes we parsed
+            return parse_header(shown, raw, size, f)
+
+        index = _weights_index(self.folder)
+        if index is None:
+            (single,) = self.files
+            return read_header(single)
+        return merge_shards(index[0], index[1], ((name, read_header(name)) for name in self.files))
 
     def verify(self) -> None:
         """Finish every streamed file and check its size and hash (raises on a mismatch)."""
@@ -152,7 +134,6 @@ def resolve_source(
     offline: bool = False,
     endpoint: str | None = None,
     token: str | bool | None = None,
-    progress: Progress | None = None,
     metadata_only: bool = False,
 ) -> Path | HubSource:
     """What `convert`/`plan` (and `--lora`/`--base`) were given: a local folder or a Hub model.
@@ -175,7 +156,7 @@ def resolve_source(
     if offline or constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         return _from_cache(hub_id, endpoint)
     with hub_errors(hub_id, endpoint):
-        return _from_hub(hub_id, endpoint, token, download, progress, metadata_only)
+        return _from_hub(hub_id, endpoint, token, download, metadata_only)
 
 
 def _from_cache(hub_id: HubId, endpoint: str) -> HubSource:
@@ -210,8 +191,7 @@ def _weights_present(folder: Path) -> bool:
 
 
 def _from_hub(
-    hub_id: HubId, endpoint: str, token: str | bool | None, download: bool, progress: Progress | None,
-    metadata_only: bool,
+    hub_id: HubId, endpoint: str, token: str | bool | None, download: bool, metadata_only: bool,
 ) -> HubSource:
     from huggingface_hub import HfApi
 
@@ -229,7 +209,7 @@ def _from_hub(
             _hf_download(hub_id, name, commit, endpoint, token)
     weight_files, is_safetensors = _weight_files(hub_id, folder, listed, commit, endpoint, token)
     files = {name: _checksum(listed[name]) for name in weight_files}
-    src = HubSource(hub_id, commit, folder, files, endpoint=endpoint, token=token, progress=progress)
+    src = HubSource(hub_id, commit, folder, files, endpoint=endpoint, token=token)
     if all((folder / name).is_file() for name in weight_files):
         return src  # in the cache already (an earlier --download, or another tool)
     if is_safetensors and (not download or metadata_only):
@@ -415,11 +395,7 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:160] if text else type(exc).__name__
 
 
-def _weights_index(folder: Path, files: dict[str, Checksum]) -> dict[str, str] | None:
-    """tensor -> shard from the index that named `files`; None for a single file."""
-    for _, index, _, _ in FORMATS:
-        if (folder / index).is_file():
-            weight_map = read_index(folder / index)
-            if set(weight_map.values()) == set(files):
-                return weight_map
-    return None
+def _weights_index(folder: Path) -> tuple[str, dict[str, str]] | None:
+    """(index file name, tensor -> shard) of a sharded safetensors model; None for a single file."""
+    index = FORMATS[0][1]  # streaming is for safetensors only
+    return (index, read_index(folder / index)) if (folder / index).is_file() else None

@@ -187,6 +187,7 @@ class RemoteFile:
             data = resp.raw.read(end - start)
         finally:
             resp.close()
+        self.bytes_fetched += len(data)
         if len(data) != end - start:
             raise _Transient("connection closed early")
         return data
