@@ -51,6 +51,7 @@ class Faults:
     corrupt_at: dict[str, int] = field(default_factory=dict)  # file name -> file offset of a flipped byte
     fail_all: int | None = None  # answer this status to every request
     fail_files: int | None = None  # answer this status to every file host request
+    fail_next_files: int = 0  # answer 503 to this many file host requests, then serve again
 
 
 def _git_sha1(data: bytes) -> str:
@@ -137,6 +138,11 @@ def _handler(hub: FakeHub, files: bool):
             if files:
                 if hub.faults.fail_files:
                     return self._error(hub.faults.fail_files, "Internal Error", None, body)
+                with hub._lock:
+                    busy = hub.faults.fail_next_files > 0
+                    hub.faults.fail_next_files -= busy
+                if busy:
+                    return self._error(503, "Slow Down", None, body)
                 return self._file_host(path, body)
             if path.startswith("/api/models/"):
                 return self._api(path[len("/api/models/"):], body)

@@ -117,6 +117,15 @@ def test_dropped_connection_mid_tensor_resumes_where_it_stopped(hub, models, tmp
     assert out.read_bytes() == _local(models["sharded"], tmp_path, "q4_k_m")
 
 
+def test_transient_5xx_answers_are_retried(hub, models, tmp_path, capsys):
+    hub.faults.fail_next_files = remote.RETRIES  # one fewer than would give up, for the first request
+    out = tmp_path / "hub.gguf"
+    rc, err = cli(capsys, "convert", "me/tiny", "-o", str(out), "-q", "q4_0", "--json")
+    assert rc == 0, err
+    assert hub.faults.fail_next_files == 0
+    assert out.read_bytes() == _local(models["sharded"], tmp_path, "q4_0")
+
+
 def test_bin_repo_converts_via_the_cache(hub, models, tmp_path, capsys):
     out = tmp_path / "hub.gguf"
     rc, err = cli(capsys, "convert", "me/tiny-bin", "-o", str(out), "-q", "q4_0", "--json")

@@ -210,7 +210,7 @@ def _from_hub(
     weight_files, is_safetensors = _weight_files(hub_id, folder, listed, commit, endpoint, token)
     files = {name: _checksum(listed[name]) for name in weight_files}
     src = HubSource(hub_id, commit, folder, files, endpoint=endpoint, token=token)
-    if all((folder / name).is_file() for name in weight_files):
+    if all(_in_cache(folder / name, files[name]) for name in weight_files):
         return src  # in the cache already (an earlier --download, or another tool)
     if is_safetensors and (not download or metadata_only):
         src.stream = True
@@ -245,6 +245,17 @@ def _adapter_from_hub(hub_id: HubId, info, listed: dict, endpoint: str, token) -
     if not (folder / weights[0]).is_file():
         _download_weights(src, token)
     return src
+
+
+def _in_cache(path: Path, checksum: Checksum) -> bool:
+    """A complete cache entry for this content: the right size, and (LFS files) the blob the
+    cache names by its sha256, so a file from another revision or a cut-off copy is not used."""
+    try:
+        return path.stat().st_size == checksum.size and (
+            not checksum.sha256 or path.resolve().name == checksum.sha256
+        )
+    except OSError:
+        return False
 
 
 def _weight_files(hub_id: HubId, folder: Path, listed: dict, commit: str, endpoint: str, token) -> tuple[list[str], bool]:
