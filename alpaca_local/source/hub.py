@@ -43,6 +43,8 @@ SMALL_FILES = (
 # characters, no "--" or ".." (huggingface_hub.utils._validators.REPO_ID_REGEX).
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96})(?:@(?P<rev>[^\s@]+))?$")
 
+NO_NETWORK_RETRIES = 2
+
 # A PEFT adapter repository has these instead of config.json (peft's CONFIG_NAME,
 # SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME); adapters are small, so they are always downloaded.
 ADAPTER_CONFIG = "adapter_config.json"
@@ -347,7 +349,10 @@ def _retrying(call):
         except (HfHubHTTPError, requests.ConnectionError, requests.Timeout) as exc:
             status = _status(exc)
             transient = status is None or status >= 500 or status == 429
-            if not transient or attempt == remote.RETRIES:
+            # No route or no name resolution rarely heals in seconds: say so after two
+            # quick retries instead of making an offline user wait through the full backoff.
+            unreachable = status is None and not isinstance(exc, requests.Timeout)
+            if not transient or attempt == (NO_NETWORK_RETRIES if unreachable else remote.RETRIES):
                 raise
             time.sleep(min(remote.MAX_BACKOFF_S, remote.BACKOFF_S * 2**attempt))
     raise AssertionError("unreachable")
@@ -394,10 +399,20 @@ def hub_errors(hub_id: HubId, endpoint: str) -> Iterator[None]:
         raise RuntimeFailure(f"{hub_id}: the Hub answered HTTP {status} after retries; try again later") from None
 
 
+# requests' connection errors nest urllib3's in a long repr; these say which it was.
+_NETWORK_REASONS = (
+    ("NameResolution", "cannot resolve the host name"), ("Name or service not known", "cannot resolve the host name"),
+    ("Connection refused", "connection refused"), ("unreachable", "network unreachable"),
+    ("timed out", "timed out"), ("Timeout", "timed out"),
+)
+
+
 def _no_network(endpoint: str, exc: BaseException) -> RuntimeFailure:
+    text = str(exc)
+    reason = next((why for key, why in _NETWORK_REASONS if key in text), "no connection")
     return RuntimeFailure(
-        f"cannot reach {endpoint} ({_first_line(exc)}); check the network, or pass --offline "
-        "to convert from the Hugging Face cache"
+        f"cannot reach {endpoint} ({reason}); check the network, or use the Hugging Face cache "
+        "with --offline (or HF_HUB_OFFLINE=1)"
     )
 
 
