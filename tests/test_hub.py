@@ -331,3 +331,9 @@ def test_json_summary_names_the_commit_and_the_bytes_fetched(hub, tmp_path, caps
     info = json.loads(capsys.readouterr().out)["hub"]
     assert info["repo"] == "me/tiny" and info["commit"] == hub.repos["me/tiny"].commit and info["streamed"]
     assert info["fetched_bytes"] == hub.lfs_bytes("me/tiny")  # every byte once: headers + one stream per file
+
+
+def test_summary_table_names_the_source(hub, tmp_path, capsys):
+    assert main(["convert", "me/tiny@main", "-o", str(tmp_path / "x.gguf"), "-q", "q4_0"]) == 0
+    out = capsys.readouterr().out
+    assert f"me/tiny @ {hub.repos['me/tiny'].commit[:12]} (streamed" in out

@@ -61,6 +61,7 @@ def open_source(arg: str, quant: str, download: bool = False, offline: bool = Fa
     """(plan, Hub source or None) for a folder or a Hub id; the caller closes the source."""
     from alpaca_local.convert.pipeline import plan_conversion
     from alpaca_local.source.hub import resolve_source
+
     src = resolve_source(arg, download=download, offline=offline)
     if isinstance(src, Path):
         return plan_conversion(src, quant), None
@@ -145,6 +146,10 @@ def _print_summary(summary: dict, plan, console) -> None:
     table.add_column()
     table.add_row("output", summary["output"])
     table.add_row("model", f"{plan.name} ({plan.arch.arch_name}, {plan.config.n_layer} layers, vocab {plan.config.vocab_size})")
+    if "hub" in summary:
+        hub = summary["hub"]
+        how = f"streamed, {hub['fetched_bytes'] / 1e6:,.1f} MB fetched" if hub["streamed"] else "from the HF cache"
+        table.add_row("source", f"{hub['repo']} @ {hub['commit'][:12]} ({how})")
     table.add_row("quant", summary["quant"].upper())
     table.add_row("size", f"{summary['size_bytes'] / 1e6:,.1f} MB")
     table.add_row("tensors", str(summary["tensors"]))
