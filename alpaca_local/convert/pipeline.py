@@ -14,7 +14,9 @@ whatever the model size.
 from __future__ import annotations
 
 import os
+import queue
 import resource
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -290,7 +292,7 @@ def _chunks(job: TensorJob) -> Iterator[tuple[int, int]]:
 
 
 def _read(job: TensorJob, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) as stored; called in file order, in one thread (a streamed
+    """Rows [start, stop) as stored; called in file order, by one thread (a streamed
     source is one forward-only HTTP stream per file)."""
     src = job.source
     if isinstance(src, GeneratedTensor):
@@ -329,6 +331,49 @@ def _read_order(plan: ConversionPlan, data_start: int) -> list[tuple[TensorJob, 
     return sorted(placed, key=key)
 
 
+Chunk = tuple[TensorJob, int, int, int, np.ndarray]  # job, output offset, rows [start, stop), raw rows
+
+
+def _read_ahead(plan: ConversionPlan, data_start: int, depth: int) -> Iterator[Chunk]:
+    """Every chunk in read order, read by one thread up to `depth` chunks ahead of the caller.
+
+    One reader keeps a streamed file's reads in order; running ahead lets the next
+    reads (disk or network) overlap the wait for the quantizers.
+    """
+    ahead: queue.Queue = queue.Queue(maxsize=depth)
+    stopped = threading.Event()
+    done = object()
+
+    def put(item: object) -> bool:
+        while not stopped.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for job, offset in _read_order(plan, data_start):
+                for start, stop in _chunks(job):
+                    if not put((job, offset, start, stop, _read(job, start, stop))):
+                        return
+            put(done)
+        except BaseException as exc:  # handed to the caller, which raises it
+            put(exc)
+
+    reader = threading.Thread(target=produce, name="convert-reader", daemon=True)
+    reader.start()
+    try:
+        while (item := ahead.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stopped.set()
+
+
 def _write_tensor_data(plan: ConversionPlan, path: Path, progress: Progress | None, workers: int) -> None:
     """Write every tensor at its place in plan order, each padded to the GGUF alignment."""
     with open(path, "r+b") as f:
@@ -348,12 +393,10 @@ def _write_tensor_data(plan: ConversionPlan, path: Path, progress: Progress | No
                     progress(job.name, (stop - start) * per_row)
 
             try:
-                for job, offset in _read_order(plan, data_start):
-                    for start, stop in _chunks(job):
-                        raw = _read(job, start, stop)
-                        pending.append((job, offset, start, stop, pool.submit(_encode, job, raw)))
-                        while len(pending) >= window:
-                            drain_one()
+                for job, offset, start, stop, raw in _read_ahead(plan, data_start, window):
+                    pending.append((job, offset, start, stop, pool.submit(_encode, job, raw)))
+                    while len(pending) >= window:
+                        drain_one()
                 while pending:
                     drain_one()
             finally:

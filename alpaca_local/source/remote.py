@@ -93,6 +93,7 @@ class RemoteFile:
         self._pos = 0  # next byte the stream delivers; everything before it is hashed
         self._resp: requests.Response | None = None
         self._lock = threading.Lock()
+        self._closed = False  # set by close() from any thread: the reader stops at its next step
         self.bytes_fetched = 0  # all bytes received, retries and header fetches included
 
     # -- random access, before streaming -------------------------------------------------
@@ -140,8 +141,12 @@ class RemoteFile:
                 )
 
     def close(self) -> None:
-        with self._lock:
-            self._close()
+        """Stop reading; safe from another thread while a read is under way (no lock: the
+        read fails at once instead of finishing, retries included)."""
+        self._closed = True
+        resp = self._resp
+        if resp is not None:
+            resp.close()
 
     def _skip_to(self, offset: int) -> None:
         while self._pos < offset:
@@ -151,6 +156,8 @@ class RemoteFile:
         out = bytearray()
         failures = 0
         while len(out) < nbytes:
+            if self._closed:
+                raise RuntimeFailure(f"{self.name}: reading was stopped")
             try:
                 if self._resp is None:
                     self._resp = self._open(self._pos)
