@@ -337,3 +337,38 @@ def test_summary_table_names_the_source(hub, tmp_path, capsys):
     assert main(["convert", "me/tiny@main", "-o", str(tmp_path / "x.gguf"), "-q", "q4_0"]) == 0
     out = capsys.readouterr().out
     assert f"me/tiny @ {hub.repos['me/tiny'].commit[:12]} (streamed" in out
+
+
+def test_server_failing_mid_stream_leaves_nothing(hub, tmp_path):
+    from alpaca_local.cli.convert_cmd import open_source
+    from alpaca_local.errors import RuntimeFailure
+
+    plan, src = open_source("me/tiny", "q4_0")  # headers read; the data is not yet
+    hub.faults.fail_files = 500
+    with pytest.raises(RuntimeFailure, match="kept failing"):
+        convert(plan.source, tmp_path / "x.gguf", "q4_0", plan=plan, check_source=src.verify)
+    src.close()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("good", [True, False])
+def test_remote_file_checks_a_git_sha1(hub, good):
+    import hashlib
+
+    import requests
+
+    from alpaca_local.errors import InputError
+    from alpaca_local.source.remote import Checksum, RemoteFile
+
+    data = hub.repos["me/tiny"].files[SHARD1]
+    sha1 = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() if good else "0" * 40
+    url = f"{hub.endpoint}/me/tiny/resolve/main/{SHARD1}"
+    f = RemoteFile(url, SHARD1, Checksum(len(data), git_sha1=sha1), {}, requests.Session())
+    assert f.read_at(100, 50) == data[100:150]
+    with pytest.raises(RuntimeError, match="reads must go forward"):
+        f.read_at(10, 5)
+    if good:
+        f.finish()
+    else:
+        with pytest.raises(InputError, match="git sha1"):
+            f.finish()
