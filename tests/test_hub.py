@@ -246,7 +246,9 @@ def test_download_checks_the_disk_before_starting(hub, tmp_path, capsys, monkeyp
 
     monkeypatch.setattr(hub_mod.shutil, "disk_usage", lambda path: Usage)
     rc, err = cli(capsys, "convert", "me/tiny", "-o", str(tmp_path / "x.gguf"), "--download")
-    one_line(rc, err, 1, "not enough disk space for --download", "GB free")
+    one_line(rc, err, 1, "not enough disk space to download", "GB free", "leave out --download to stream")
+    rc, err = cli(capsys, "convert", "me/tiny-bin", "-o", str(tmp_path / "x.gguf"))  # .bin: always downloaded
+    assert "to stream" not in one_line(rc, err, 1, "not enough disk space to download")
     assert not [r for r in hub.log if r[1].startswith("/lfs/")]
 
 

@@ -292,13 +292,13 @@ def _download_weights(src: HubSource, token: str | bool | None) -> None:
     from huggingface_hub import constants
 
     need = sum(c.size for name, c in src.files.items() if not (src.folder / name).is_file())
-    check_cache_space(Path(constants.HF_HUB_CACHE), need)
+    check_cache_space(Path(constants.HF_HUB_CACHE), need, can_stream=all(n.endswith(".safetensors") for n in src.files))
     for name, checksum in src.files.items():
         path = Path(_hf_download(src.hub_id, name, src.commit, src.endpoint, token))
         check_file(path, checksum, f"{src.hub_id}/{name}")
 
 
-def check_cache_space(cache: Path, need: int) -> None:
+def check_cache_space(cache: Path, need: int, can_stream: bool = True) -> None:
     """Refuse `--download` before it starts when the cache's disk cannot hold the files."""
     existing = cache
     while not existing.exists() and existing != existing.parent:
@@ -306,9 +306,9 @@ def check_cache_space(cache: Path, need: int) -> None:
     free = shutil.disk_usage(existing).free
     if need > free:
         raise RuntimeFailure(
-            f"not enough disk space for --download in {cache}: the weights need {need / 1e9:.2f} GB, "
-            f"{free / 1e9:.2f} GB free; free some space, set HF_HUB_CACHE to a bigger disk, "
-            "or leave out --download to stream"
+            f"not enough disk space to download into {cache}: the weights need {need / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB free; free some space or set HF_HUB_CACHE to a bigger disk"
+            + (", or leave out --download to stream" if can_stream else "")
         )
 
 
