@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     p.add_argument("source", metavar="SRC", help="Hugging Face model folder (./alpaca-7b) or Hub id (org/name[@revision])")
     p.add_argument(
         "-o", "--output", metavar="OUT.gguf", type=Path,
-        help="output file (default: models/<folder name>.<QUANT>.gguf)",
+        help="output file (default: models/<folder or repo name>.<QUANT>.gguf)",
     )
     p.add_argument(
         "-q", "--quant", default="q4_k_m", type=str.lower, choices=sorted(QUANTS), metavar="QUANT",
