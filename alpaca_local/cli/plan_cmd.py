@@ -32,7 +32,8 @@ really take: weights on the GPU, KV cache at your context, compute buffer and
 runtime overhead. MODEL is a GGUF file (only its header is read), a Hugging
 Face folder or Hub id org/name[@revision] (sizes predicted with the converter's
 own rules; from the Hub only config, tokenizer and safetensors headers are
-fetched) or a catalog name (default: alpaca-7b). Sizes are GiB (2^30 bytes), as GPU memory is sold."""
+fetched) or a catalog name (default: alpaca-7b). Sizes are GiB (2^30 bytes),
+as GPU memory is sold."""
 
 EXAMPLES = """examples:
   alpaca-local plan --vram 8                     # Alpaca 7B on an 8 GB GPU
