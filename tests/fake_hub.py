@@ -52,6 +52,7 @@ class Faults:
     fail_all: int | None = None  # answer this status to every request
     fail_files: int | None = None  # answer this status to every file host request
     fail_next_files: int = 0  # answer 503 to this many file host requests, then serve again
+    stall_after: dict[str, int] = field(default_factory=dict)  # file name -> bytes to send, then go silent, once
 
 
 def _git_sha1(data: bytes) -> str:
@@ -71,6 +72,7 @@ class FakeHub:
         self.faults = Faults()
         self.log: list[tuple[str, str, str | None]] = []
         self.bytes_served = 0  # file host body bytes sent
+        self.unstall = threading.Event()  # set by close(): stalled answers give up
         self._lock = threading.Lock()
         self._api = _QuietServer(("127.0.0.1", 0), _handler(self, files=False))
         self._cdn = _QuietServer(("127.0.0.1", 0), _handler(self, files=True))
@@ -100,6 +102,7 @@ class FakeHub:
         return [r for r in self.log if r[1].endswith(suffix)]
 
     def close(self) -> None:
+        self.unstall.set()
         for server in (self._api, self._cdn):
             server.shutdown()
             server.server_close()
@@ -252,6 +255,18 @@ def _handler(hub: FakeHub, files: bool):
                 self.wfile.flush()
                 self.close_connection = True
                 self.connection.shutdown(2)  # mid-body: the client sees a short read
+                return
+            with hub._lock:
+                stall = hub.faults.stall_after.get(name)
+                if stall is not None and stall < end - start:
+                    del hub.faults.stall_after[name]
+                else:
+                    stall = None
+            if stall is not None:
+                self.wfile.write(data[start:start + stall])
+                self.wfile.flush()
+                hub.unstall.wait(10)  # silent until the test ends: the client must time out
+                self.close_connection = True
                 return
             with memoryview(data) as view:
                 for at in range(start, end, 1 << 20):

@@ -117,6 +117,33 @@ def test_dropped_connection_mid_tensor_resumes_where_it_stopped(hub, models, tmp
     assert out.read_bytes() == _local(models["sharded"], tmp_path, "q4_k_m")
 
 
+def test_stalled_connection_times_out_and_resumes(hub, models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(remote, "READ_TIMEOUT_S", 0.5)
+    hub.faults.stall_after[SHARD1] = 30_000
+    out = tmp_path / "hub.gguf"
+    rc, err = cli(capsys, "convert", "me/tiny", "-o", str(out), "-q", "q4_0", "--json")
+    assert rc == 0, err
+    assert not hub.faults.stall_after  # the fault fired
+    data = hub.repos["me/tiny"].files[SHARD1]
+    data_start = 8 + int.from_bytes(data[:8], "little")
+    ranges = [r[2] for r in hub.log if r[0] == "GET" and r[1].startswith("/lfs/") and hub.blob(r[1][5:])[0] == SHARD1]
+    assert ranges[-2:] == [f"bytes={data_start}-{len(data) - 1}", f"bytes={data_start + 30_000}-{len(data) - 1}"], ranges
+    assert out.read_bytes() == _local(models["sharded"], tmp_path, "q4_0")
+
+
+def test_revision_by_commit_and_token_from_the_login_cache(hub, models, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    hub.repos["me/tiny"].private = True
+    (tmp_path / "token").write_text(TOKEN)  # what `hf auth login` writes
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
+    commit = hub.repos["me/tiny"].commit
+    out = tmp_path / "hub.gguf"
+    rc, err = cli(capsys, "convert", f"me/tiny@{commit}", "-o", str(out), "-q", "q4_0", "--json")
+    assert rc == 0, err
+    assert out.read_bytes() == _local(models["sharded"], tmp_path, "q4_0")
+
+
 def test_transient_5xx_answers_are_retried(hub, models, tmp_path, capsys):
     hub.faults.fail_next_files = remote.RETRIES  # one fewer than would give up, for the first request
     out = tmp_path / "hub.gguf"

@@ -161,7 +161,10 @@ class RemoteFile:
             try:
                 if self._resp is None:
                     self._resp = self._open(self._pos)
-                piece = self._resp.raw.read(nbytes - len(out))
+                # read1 returns what has arrived, so a stall or a drop loses nothing already
+                # received and the next request starts at the exact byte (urllib3 >= 2.1).
+                raw = self._resp.raw
+                piece = (raw.read1 if hasattr(raw, "read1") else raw.read)(nbytes - len(out))
                 if not piece:
                     raise _Transient("connection closed early")
             except (_Transient, *_NETWORK_ERRORS) as exc:
