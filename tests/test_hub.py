@@ -401,3 +401,12 @@ def test_remote_file_checks_a_git_sha1(hub, good):
     else:
         with pytest.raises(InputError, match="git sha1"):
             f.finish()
+
+
+def test_plan_offline_from_the_cache(hub, tmp_path, capsys, monkeypatch):
+    assert cli(capsys, "convert", "me/tiny", "-o", str(tmp_path / "a.gguf"), "-q", "q4_0", "--download", "--json")[0] == 0
+    hub.log.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["plan", "me/tiny", "--vram", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["name"] == "tiny"
+    assert hub.log == []
