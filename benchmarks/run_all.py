@@ -2,12 +2,13 @@
 
     python benchmarks/run_all.py [--size 1b|7b|tiny] [--quants q4_k_m,q8_0,q4_0]
                                  [--chat-model M.gguf] [--chat-n 256] [--chat-repeats 10]
-                                 [--skip convert,chat,plan] [--out benchmarks/RESULTS.md]
+                                 [--skip convert,chat,plan,hub] [--out benchmarks/RESULTS.md]
 
 Each benchmark runs as its own process (so peak-memory numbers are its own):
   convert.py --size S --quants Q --json F   ours vs vendored convert_hf_to_gguf.py + quantize
   chat.py [MODEL] -n N --repeats R --json   chat -p tokens/s vs raw llama-cpp-python
   plan.py                                   planner latency and prediction error (its text, verbatim)
+  hub.py --size S --quants Q1               convert org/name: streaming vs download-then-convert (first quant)
 The defaults are the issue's sizes (1B model, 256 tokens, 10 repeats); `--size tiny
 --chat-n 16 --chat-repeats 2 --skip plan` checks the plumbing in well under a minute.
 A benchmark that fails or is missing is reported in RESULTS.md and the exit code is 1.
@@ -142,6 +143,11 @@ def run_plan(args: argparse.Namespace) -> str:
     return _run([str(HERE / "plan.py")])
 
 
+def run_hub(args: argparse.Namespace) -> str:
+    argv = [str(HERE / "hub.py"), "--size", args.size, "--quants", args.quants.split(",")[0]]
+    return _run(argv + (["--work", str(args.work)] if args.work else []))
+
+
 # --------------------------------------------------------------------------
 # Markdown
 # --------------------------------------------------------------------------
@@ -206,6 +212,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
         "convert": "Convert: `alpaca-local convert` against llama.cpp's two-step route",
         "chat": "Chat: `alpaca-local chat -p` tokens/s against raw llama-cpp-python",
         "plan": "Plan: latency and prediction error against llama.cpp's buffers",
+        "hub": "Hub: `convert org/name` streaming against download-then-convert",
     }
     for name, title in titles.items():
         lines += ["", f"## {title}", ""]
@@ -218,6 +225,8 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
             lines += convert_section(result)
         elif name == "chat":
             lines += chat_section(result)
+        elif name == "hub":
+            lines += str(result).rstrip().splitlines()
         else:
             lines += ["```text", str(result).rstrip(), "```"]
     lines += ["", f"Command: `python benchmarks/run_all.py {' '.join(args.argv)}`", ""]
@@ -232,16 +241,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chat-model", type=Path, help="chat.py model (default: its own, Gemma 3 270M)")
     ap.add_argument("--chat-n", type=int, default=256, help="chat.py tokens per run (default 256)")
     ap.add_argument("--chat-repeats", type=int, default=10, help="chat.py runs per path (default 10)")
-    ap.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: convert, chat, plan")
+    ap.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: convert, chat, plan, hub")
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="markdown file to write")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = skip - {"convert", "chat", "plan"}
+    unknown = skip - {"convert", "chat", "plan", "hub"}
     if unknown:
-        ap.error(f"--skip {min(unknown)!r}: choose from convert, chat, plan")
+        ap.error(f"--skip {min(unknown)!r}: choose from convert, chat, plan, hub")
     results: dict[str, object] = {}
-    for name, fn in (("convert", run_convert), ("chat", run_chat), ("plan", run_plan)):
+    for name, fn in (("convert", run_convert), ("chat", run_chat), ("plan", run_plan), ("hub", run_hub)):
         if name in skip:
             continue
         try:

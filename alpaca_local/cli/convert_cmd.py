@@ -10,12 +10,21 @@ from alpaca_local.convert.quant_rules import QUANTS
 DESCRIPTION = """Turn a Hugging Face model folder (config.json, safetensors or pytorch .bin
 weights, SentencePiece tokenizer) into one GGUF file that llama.cpp, Ollama and
 LM Studio load. Tensors are streamed one at a time, so a 7B model converts in
-well under 16 GB of memory; the output appears only once it is complete."""
+well under 16 GB of memory; the output appears only once it is complete.
+
+SRC may also be a Hugging Face Hub id, org/name[@revision] (a local path of
+that name wins). Safetensors weights then stream from the Hub with range
+requests straight into the quantizer: only the output is written to disk.
+Every file is checked against the size and sha256 the Hub lists. HF_TOKEN,
+HF_ENDPOINT, HF_HUB_OFFLINE and the Hugging Face cache work as usual."""
 
 EXAMPLES = """examples:
   alpaca-local convert ./alpaca-7b                       # -> models/alpaca-7b.Q4_K_M.gguf
   alpaca-local convert ./alpaca-7b --quant q8_0 -o alpaca.q8.gguf
   alpaca-local convert ./alpaca-7b --quant f16 --force   # overwrite an earlier file
+  alpaca-local convert Qwen/Qwen2.5-0.5B-Instruct        # stream from the Hub
+  alpaca-local convert chavinlo/alpaca-native@main --download  # keep the weights in the HF cache
+  alpaca-local convert Qwen/Qwen2.5-0.5B-Instruct --offline    # from the HF cache, no network
 
 quant levels (quality vs size, LLaMA 7B): f16 13.5 GB, q8_0 7.2 GB,
 q5_k_m 4.8 GB, q4_k_m 4.1 GB (recommended), q4_0 3.8 GB.
@@ -27,10 +36,10 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
         name, help=help_text, description=DESCRIPTION, epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("source", metavar="SRC", type=Path, help="Hugging Face model folder, e.g. ./alpaca-7b")
+    p.add_argument("source", metavar="SRC", help="Hugging Face model folder (./alpaca-7b) or Hub id (org/name[@revision])")
     p.add_argument(
         "-o", "--output", metavar="OUT.gguf", type=Path,
-        help="output file (default: models/<folder name>.<QUANT>.gguf)",
+        help="output file (default: models/<folder or repo name>.<QUANT>.gguf)",
     )
     p.add_argument(
         "-q", "--quant", default="q4_k_m", type=str.lower, choices=sorted(QUANTS), metavar="QUANT",
@@ -42,24 +51,49 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
         help="quantize with N threads (default: all cores)",
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
+    hub = p.add_mutually_exclusive_group()
+    hub.add_argument("--download", action="store_true",
+                     help="Hub id: download the weights into the HF cache (resumable, reused) instead of streaming")
+    hub.add_argument("--offline", action="store_true", help="Hub id: use only the HF cache, no network")
+
+
+def open_source(arg: str, quant: str, download: bool = False, offline: bool = False):
+    """(plan, Hub source or None) for a folder or a Hub id; the caller closes the source."""
+    from alpaca_local.convert.pipeline import plan_conversion
+    from alpaca_local.source.hub import resolve_source
+
+    src = resolve_source(arg, download=download, offline=offline)
+    if isinstance(src, Path):
+        return plan_conversion(src, quant), None
+    try:
+        return plan_conversion(src.folder, quant, weights=src.weights(), name=src.name), src
+    except BaseException:
+        src.close()
+        raise
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from alpaca_local.convert.pipeline import convert, plan_conversion
+    from alpaca_local.convert.pipeline import convert
     from alpaca_local.errors import UsageError
 
     if args.threads is not None and not 1 <= args.threads <= 1024:
         raise UsageError(f"--threads {args.threads} is out of range; give 1 to 1024")
     err = Console(stderr=True)
-    plan = plan_conversion(args.source, args.quant)
+    plan, hub = open_source(args.source, args.quant, args.download, args.offline)
     for note in plan.notes:
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
-    if args.json:
-        result = convert(args.source, args.output, args.quant, args.force, plan=plan, workers=args.threads)
-    else:
-        result = _convert_with_progress(plan, args, err)
+    check = hub.verify if hub else None
+    try:
+        if args.json:
+            result = convert(plan.source, args.output, args.quant, args.force, plan=plan, workers=args.threads,
+                             check_source=check)
+        else:
+            result = _convert_with_progress(plan, args, err, check)
+    finally:
+        if hub:
+            hub.close()
     summary = {
         "output": str(result.output),
         "quant": result.quant,
@@ -69,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
         "peak_memory_bytes": result.peak_rss_bytes,
         "notes": list(plan.notes),
     }
+    if hub:  # a Hub id: which commit was converted, and what came over the network for the weights
+        summary["hub"] = {"repo": hub.hub_id.repo_id, "commit": hub.commit, "streamed": hub.stream,
+                          "fetched_bytes": hub.bytes_fetched}
     if args.json:
         import json
 
@@ -78,15 +115,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert_with_progress(plan, args: argparse.Namespace, console):
+def _convert_with_progress(plan, args: argparse.Namespace, console, check_source=None):
     from rich.progress import (
         BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+        TransferSpeedColumn,
     )
 
     from alpaca_local.convert.pipeline import convert
 
     columns = (
-        TextColumn("[bold]{task.description:<28}"), BarColumn(), DownloadColumn(),
+        TextColumn("[bold]{task.description:<28}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
@@ -96,7 +134,8 @@ def _convert_with_progress(plan, args: argparse.Namespace, console):
             bar.update(task, advance=nbytes, description=name)
 
         result = convert(
-            args.source, args.output, args.quant, args.force, plan=plan, progress=advance, workers=args.threads
+            plan.source, args.output, args.quant, args.force, plan=plan, progress=advance, workers=args.threads,
+            check_source=check_source,
         )
         bar.update(task, description="done")
     return result
@@ -110,6 +149,10 @@ def _print_summary(summary: dict, plan, console) -> None:
     table.add_column()
     table.add_row("output", summary["output"])
     table.add_row("model", f"{plan.name} ({plan.arch.arch_name}, {plan.config.n_layer} layers, vocab {plan.config.vocab_size})")
+    if "hub" in summary:
+        hub = summary["hub"]
+        how = f"streamed, {hub['fetched_bytes'] / 1e6:,.1f} MB fetched" if hub["streamed"] else "from the HF cache"
+        table.add_row("source", f"{hub['repo']} @ {hub['commit'][:12]} ({how})")
     table.add_row("quant", summary["quant"].upper())
     table.add_row("size", f"{summary['size_bytes'] / 1e6:,.1f} MB")
     table.add_row("tensors", str(summary["tensors"]))

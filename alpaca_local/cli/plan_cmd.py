@@ -30,13 +30,16 @@ from dataclasses import replace
 DESCRIPTION = """Say which quant level of a model fits your GPU, with the memory llama.cpp will
 really take: weights on the GPU, KV cache at your context, compute buffer and
 runtime overhead. MODEL is a GGUF file (only its header is read), a Hugging
-Face folder (sizes predicted with the converter's own rules) or a catalog name
-(default: alpaca-7b). Sizes are GiB (2^30 bytes), as GPU memory is sold."""
+Face folder or Hub id org/name[@revision] (sizes predicted with the converter's
+own rules; from the Hub only config, tokenizer and safetensors headers are
+fetched) or a catalog name (default: alpaca-7b). Sizes are GiB (2^30 bytes),
+as GPU memory is sold."""
 
 EXAMPLES = """examples:
   alpaca-local plan --vram 8                     # Alpaca 7B on an 8 GB GPU
   alpaca-local plan models/alpaca-7b.Q4_K_M.gguf # detect the GPU, read the file's header
   alpaca-local plan ./alpaca-7b --ctx max --vram 12
+  alpaca-local plan Qwen/Qwen2.5-7B-Instruct --vram 8 # from the Hub, nothing large fetched
   alpaca-local plan llama-7b --cache-type q8_0 --json
 
 exit codes: 0 done, 1 bad model file, 2 usage error."""
@@ -48,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     p = sub.add_parser(name, help=help_text, description=DESCRIPTION, epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", nargs="?", default=None,
-                   help="GGUF file, Hugging Face folder or catalog name (default: alpaca-7b)")
+                   help="GGUF file, Hugging Face folder or Hub id, or catalog name (default: alpaca-7b)")
     p.add_argument("--vram", metavar="GB", type=float, default=None,
                    help="GPU memory in GiB (default: detect; CPU RAM when there is no GPU)")
     p.add_argument("--ctx", metavar="N|max", default="2048", help="context length, or 'max' for the largest that fits")

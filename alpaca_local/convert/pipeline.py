@@ -14,7 +14,9 @@ whatever the model size.
 from __future__ import annotations
 
 import os
+import queue
 import resource
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -39,7 +41,7 @@ from alpaca_local.errors import InputError
 from alpaca_local.convert.ggml import quantize_rows
 from alpaca_local.source.weights import read_weights
 from alpaca_local.template import ALPACA_CHAT_TEMPLATE
-from alpaca_local.source.tensors import TensorRef
+from alpaca_local.source.tensors import TensorRef, widen
 from alpaca_local.source.vocab import Vocab, load_bpe_vocab, load_vocab
 
 # About 4 MB of float32 per chunk: big enough that ggml calls dominate,
@@ -197,8 +199,14 @@ def _load_vocab(source: Path, arch: Architecture, cfg: ModelConfig) -> Vocab:
     return vocab
 
 
-def plan_conversion(source: Path, quant: str) -> ConversionPlan:
-    """Check the whole input and decide every output tensor, without touching the data."""
+def plan_conversion(
+    source: Path, quant: str, weights: dict[str, TensorRef] | None = None, name: str | None = None
+) -> ConversionPlan:
+    """Check the whole input and decide every output tensor, without touching the data.
+
+    `weights` and `name` come from a Hub source (`source.hub.HubSource`): its tensors
+    (streamed or cached) and the repository's name; `source` then holds the small files.
+    """
     if not source.exists():
         raise InputError(f"{source} does not exist; give the path of a Hugging Face model folder")
     if not source.is_dir():
@@ -207,7 +215,7 @@ def plan_conversion(source: Path, quant: str) -> ConversionPlan:
     cfg = load_config(source, SUPPORTED, CONFIG_DEFAULTS)
     arch = ARCHITECTURES[cfg.hf_arch]
     arch.check(cfg)
-    refs = read_weights(source)
+    refs = read_weights(source) if weights is None else weights
     tensors = _map_tensors(cfg, arch, refs)
     n_other = sum(map(arch.other_part, refs))
     notes = (
@@ -229,7 +237,7 @@ def plan_conversion(source: Path, quant: str) -> ConversionPlan:
     ]
     if quant != "f16":  # an f16 file is the converter's output; quantize rewrites it in its own order
         jobs.sort(key=lambda job: _llama_cpp_order(job.name))
-    return ConversionPlan(source, source.resolve().name, quant, cfg, arch, vocab, tuple(jobs), notes)
+    return ConversionPlan(source, name or source.resolve().name, quant, cfg, arch, vocab, tuple(jobs), notes)
 
 
 def default_output(plan: ConversionPlan, models_dir: Path) -> Path:
@@ -293,15 +301,21 @@ def _chunks(job: TensorJob) -> Iterator[tuple[int, int]]:
         yield start, min(n_rows, start + step)
 
 
-def _encode(job: TensorJob, start: int, stop: int) -> bytes:
+def _read(job: TensorJob, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) as stored; called in file order, by one thread (a streamed
+    source is one forward-only HTTP stream per file)."""
+    src = job.source
+    if isinstance(src, GeneratedTensor):
+        return src.read_rows(start, stop)
+    return src.read_raw_rows(start, stop)
+
+
+def _encode(job: TensorJob, raw: np.ndarray) -> bytes:
     src = job.source
     same = (src.dtype, job.ggml_type) in (("F16", gguf.GGMLQuantizationType.F16), ("F32", gguf.GGMLQuantizationType.F32))
     if same and job.rope_head_dim is None and not job.offset:
-        raw = src.raw()  # identical bytes: copy, do not round-trip through float32
-        row_len = job.shape[-1] if job.shape else 1
-        flat = raw.reshape(-1)[start * row_len : stop * row_len]
-        return flat.tobytes()
-    rows = src.read_rows(start, stop)
+        return raw.tobytes()  # identical bytes: copy, do not round-trip through float32
+    rows = widen(raw, src.dtype)
     if job.offset:
         rows = _add_offset(rows, job.offset, src.dtype)
     if job.rope_head_dim:
@@ -309,31 +323,90 @@ def _encode(job: TensorJob, start: int, stop: int) -> bytes:
     return quantize_rows(rows, job.ggml_type).tobytes()
 
 
+def _read_order(plan: ConversionPlan, data_start: int) -> list[tuple[TensorJob, int]]:
+    """(job, where its data goes in the output), in the order the sources are read.
+
+    The output keeps plan order (llama.cpp's); sources are read file by file, front
+    to back, so a streamed file is fetched once, in order, and hashed as it comes.
+    """
+    placed, offset = [], data_start
+    for job in plan.jobs:
+        placed.append((job, offset))
+        offset += _padded(job.nbytes)
+
+    def key(item: tuple[TensorJob, int]) -> tuple[str, int]:
+        src = item[0].source
+        return ("", item[1]) if isinstance(src, GeneratedTensor) else (str(src.path), src.offset)
+
+    return sorted(placed, key=key)
+
+
+Chunk = tuple[TensorJob, int, int, int, np.ndarray]  # job, output offset, rows [start, stop), raw rows
+
+
+def _read_ahead(plan: ConversionPlan, data_start: int, depth: int) -> Iterator[Chunk]:
+    """Every chunk in read order, read by one thread up to `depth` chunks ahead of the caller.
+
+    One reader keeps a streamed file's reads in order; running ahead lets the next
+    reads (disk or network) overlap the wait for the quantizers.
+    """
+    ahead: queue.Queue = queue.Queue(maxsize=depth)
+    stopped = threading.Event()
+    done = object()
+
+    def put(item: object) -> bool:
+        while not stopped.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for job, offset in _read_order(plan, data_start):
+                for start, stop in _chunks(job):
+                    if not put((job, offset, start, stop, _read(job, start, stop))):
+                        return
+            put(done)
+        except BaseException as exc:  # handed to the caller, which raises it
+            put(exc)
+
+    reader = threading.Thread(target=produce, name="convert-reader", daemon=True)
+    reader.start()
+    try:
+        while (item := ahead.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stopped.set()
+
+
 def _write_tensor_data(plan: ConversionPlan, path: Path, progress: Progress | None, workers: int) -> None:
-    """Append every tensor, in plan order, each padded to the GGUF alignment."""
+    """Write every tensor at its place in plan order, each padded to the GGUF alignment."""
     with open(path, "r+b") as f:
-        f.seek(0, os.SEEK_END)
-        f.write(b"\0" * (_padded(f.tell()) - f.tell()))
+        data_start = _padded(f.seek(0, os.SEEK_END))
+        f.truncate(data_start + plan.tensor_bytes)  # padding and alignment gaps read as zeros
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending: deque[tuple[TensorJob, int, int, Future[bytes]]] = deque()
+            pending: deque[tuple[TensorJob, int, int, int, Future[bytes]]] = deque()
             window = 2 * workers
 
             def drain_one() -> None:
-                job, start, stop, fut = pending.popleft()
-                data = fut.result()
-                f.write(data)
-                if stop == job.source.n_rows:
-                    f.write(b"\0" * (_padded(job.nbytes) - job.nbytes))
+                job, offset, start, stop, fut = pending.popleft()
+                if start == 0:  # a tensor's chunks arrive in order, so only its first one seeks
+                    f.seek(offset)
+                f.write(fut.result())
                 if progress:
                     per_row = job.source.nbytes // max(job.source.n_rows, 1)
                     progress(job.name, (stop - start) * per_row)
 
             try:
-                for job in plan.jobs:
-                    for start, stop in _chunks(job):
-                        pending.append((job, start, stop, pool.submit(_encode, job, start, stop)))
-                        while len(pending) >= window:
-                            drain_one()
+                for job, offset, start, stop, raw in _read_ahead(plan, data_start, window):
+                    pending.append((job, offset, start, stop, pool.submit(_encode, job, raw)))
+                    while len(pending) >= window:
+                        drain_one()
                 while pending:
                     drain_one()
             finally:
@@ -350,8 +423,13 @@ def convert(
     progress: Progress | None = None,
     workers: int | None = None,
     plan: ConversionPlan | None = None,
+    check_source: Callable[[], None] | None = None,
 ) -> ConvertResult:
-    """Convert `source` into one GGUF file; the output appears only when complete."""
+    """Convert `source` into one GGUF file; the output appears only when complete.
+
+    `check_source` runs after the last byte is written and before the output takes
+    its name (a streamed source's hash check): if it raises, nothing is left.
+    """
     t0 = time.perf_counter()
     plan = plan or plan_conversion(source, quant)
     if output is None:
@@ -365,6 +443,8 @@ def convert(
         writer.write_ti_data_to_file()
         writer.close()
         _write_tensor_data(plan, tmp, progress, workers or os.cpu_count() or 1)
+        if check_source:
+            check_source()
         size = tmp.stat().st_size
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return ConvertResult(output, plan.quant, len(plan.jobs), size, time.perf_counter() - t0, peak)

@@ -512,20 +512,35 @@ def check_settings(s: RunSettings) -> None:
 # --------------------------------------------------------------------------
 
 
-def shape_from_hf(folder) -> ModelShape:
-    """Shape of a Hugging Face folder, with the exact header size convert would write per level."""
+def shape_from_hf(folder, weights=None, name: str | None = None) -> ModelShape:
+    """Shape of a Hugging Face folder, with the exact header size convert would write per level.
+
+    `weights` and `name`: a Hub model's tensors (streamed: only headers are read) and name."""
     from pathlib import Path
 
     from alpaca_local.convert import pipeline as convert  # heavy imports only for this input kind
 
     folder = Path(folder)
-    first = convert.plan_conversion(folder, LEVELS[0])
-    shape = shape_from_config(first.config, folder.resolve().name, "hf")
+    first = convert.plan_conversion(folder, LEVELS[0], weights, name)
+    shape = shape_from_config(first.config, first.name, "hf")
     headers = {}
     for level in LEVELS:
         cplan = first if level == LEVELS[0] else replace(first, quant=level)
         headers[level] = convert.header_nbytes(cplan)
     return replace(shape, header_bytes=tuple(headers.items()))
+
+
+def _shape_from_hub(src) -> ModelShape:
+    """A Hub model: exact from its safetensors headers, else (a .bin repo) from config.json alone."""
+    from alpaca_local.convert.architectures import CONFIG_DEFAULTS, SUPPORTED
+    from alpaca_local.source.config import load_config
+
+    try:
+        if src.has_weights:
+            return shape_from_hf(src.folder, src.weights(), src.name)
+        return shape_from_config(load_config(src.folder, SUPPORTED, CONFIG_DEFAULTS), src.name, "hf")
+    finally:
+        src.close()
 
 
 def load_shape(model: str | None) -> ModelShape:
@@ -535,8 +550,13 @@ def load_shape(model: str | None) -> ModelShape:
     from alpaca_local.plan import catalog
     from alpaca_local.convert.gguf_read import read_gguf_header
 
+    from alpaca_local.source.hub import HubSource, resolve_source
+
     name = model or catalog.DEFAULT_MODEL
-    path = Path(name)
+    # A Hub id reads small files and safetensors headers only; a missing .gguf path stays a path.
+    path = Path(name) if name.endswith(".gguf") else resolve_source(name, metadata_only=True)
+    if isinstance(path, HubSource):
+        return _shape_from_hub(path)
     if path.is_dir():
         return shape_from_hf(path)
     if path.exists() or name.endswith(".gguf"):

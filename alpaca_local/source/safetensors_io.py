@@ -14,9 +14,10 @@ import math
 import stat
 import struct
 from pathlib import Path
+from typing import Callable
 
 from alpaca_local.errors import InputError, UnsupportedError
-from alpaca_local.source.tensors import DTYPE_ITEMSIZE, TensorRef
+from alpaca_local.source.tensors import DTYPE_ITEMSIZE, RangeReader, TensorRef
 
 # A 7B header is ~30 KB; 100 MB leaves room for any real model and stops a
 # crafted length from making us read gigabytes of "JSON".
@@ -32,27 +33,50 @@ def read_safetensors(path: Path) -> dict[str, TensorRef]:
         st = path.stat()
         if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
             raise InputError(f"{path} is not a regular file; give the model's .safetensors file")
-        file_size = st.st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise InputError(f"{path}: not a safetensors file (only {len(head)} bytes); re-download it")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > MAX_HEADER_BYTES:
-                raise InputError(
-                    f"{path}: safetensors header claims {header_len} bytes (limit {MAX_HEADER_BYTES}); "
-                    "the file is corrupt or not safetensors"
-                )
-            if 8 + header_len > file_size:
-                raise InputError(
-                    f"{path}: safetensors header ({header_len} bytes) runs past the end of the "
-                    f"{file_size}-byte file; the file is truncated, re-download it"
-                )
-            raw = f.read(header_len)
+
+            def read_at(offset: int, nbytes: int) -> bytes:
+                f.seek(offset)
+                return f.read(nbytes)
+
+            raw = read_header_bytes(path, st.st_size, read_at)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return parse_header(path, raw, st.st_size)
+
+
+def read_header_bytes(path: Path, file_size: int, read_at: Callable[[int, int], bytes]) -> bytes:
+    """The 8-byte length and the JSON header, checked against the file size before reading.
+
+    `read_at(offset, nbytes)` is a local read or an HTTP range request: both
+    sources get exactly the same checks.
+    """
+    head = read_at(0, 8) if file_size >= 8 else b""
+    if len(head) < 8:
+        raise InputError(f"{path}: not a safetensors file (only {min(file_size, len(head))} bytes); re-download it")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > MAX_HEADER_BYTES:
+        raise InputError(
+            f"{path}: safetensors header claims {header_len} bytes (limit {MAX_HEADER_BYTES}); "
+            "the file is corrupt or not safetensors"
+        )
+    if 8 + header_len > file_size:
+        raise InputError(
+            f"{path}: safetensors header ({header_len} bytes) runs past the end of the "
+            f"{file_size}-byte file; the file is truncated, re-download it"
+        )
+    raw = read_at(8, header_len) if header_len else b""
+    if len(raw) != header_len:
+        raise InputError(f"{path} ended early while reading its header; the file is truncated, re-download it")
+    return head + raw
+
+
+def parse_header(
+    path: Path, raw: bytes, file_size: int, file: RangeReader | None = None
+) -> dict[str, TensorRef]:
+    """`TensorRef`s from the bytes `read_header_bytes` returned (length prefix included)."""
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        header = json.loads(raw[8:].decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as exc:
         raise InputError(f"{path}: safetensors header names {_short(exc.args[0])} twice; the file is corrupt") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -62,8 +86,8 @@ def read_safetensors(path: Path) -> dict[str, TensorRef]:
         raise InputError(f"{path}: safetensors header is not valid JSON ({reason}); the file is corrupt") from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: safetensors header is not a JSON object; the file is corrupt")
-    data_start = 8 + header_len
-    return _tensors_from_header(path, header, data_start, file_size - data_start)
+    data_start = len(raw)
+    return _tensors_from_header(path, header, data_start, file_size - data_start, file)
 
 
 def _short(value: object, limit: int = 60) -> str:
@@ -87,7 +111,9 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
-def _tensors_from_header(path: Path, header: dict, data_start: int, data_len: int) -> dict[str, TensorRef]:
+def _tensors_from_header(
+    path: Path, header: dict, data_start: int, data_len: int, file: RangeReader | None
+) -> dict[str, TensorRef]:
     refs: dict[str, TensorRef] = {}
     spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
@@ -121,7 +147,7 @@ def _tensors_from_header(path: Path, header: dict, data_start: int, data_len: in
                 f"but the file gives it {end - begin}; "
                 "the file is corrupt"
             )
-        refs[name] = TensorRef(name, dtype, tuple(shape), path, data_start + begin)
+        refs[name] = TensorRef(name, dtype, tuple(shape), path, data_start + begin, file)
         spans.append((begin, end, name))
     _check_no_overlap(path, spans)
     return refs

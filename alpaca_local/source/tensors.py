@@ -2,7 +2,9 @@
 
 Every reader (safetensors, pytorch zip) turns a checkpoint into `TensorRef`s:
 a contiguous little-endian byte range in a file. Loading maps just that range,
-so peak memory follows the tensor being converted, not the model.
+so peak memory follows the tensor being converted, not the model. The file is
+local unless `file` is given: any object with `read_at(offset, nbytes)`, such
+as a Hub file read with HTTP range requests (`source.remote.RemoteFile`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -21,6 +24,12 @@ DTYPE_ITEMSIZE: dict[str, int] = {"F32": 4, "F16": 2, "BF16": 2}
 _NUMPY_DTYPE = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 
 
+class RangeReader(Protocol):
+    """Bytes of a file that is not on this disk."""
+
+    def read_at(self, offset: int, nbytes: int) -> bytes: ...
+
+
 @dataclass(frozen=True)
 class TensorRef:
     name: str
@@ -28,6 +37,8 @@ class TensorRef:
     shape: tuple[int, ...]  # numpy order: the last dimension is contiguous
     path: Path
     offset: int  # absolute byte offset of the first element in `path`
+    file: RangeReader | None = None  # None: `path` is a local file
+
 
     @property
     def n_elements(self) -> int:
@@ -41,6 +52,8 @@ class TensorRef:
         """The stored values, memory-mapped (F32/F16 as floats, BF16 as uint16)."""
         if self.n_elements == 0:
             return np.zeros(self.shape, dtype=_NUMPY_DTYPE[self.dtype])
+        if self.file is not None:
+            return self.read_raw_rows(0, self.n_rows).reshape(self.shape)
         return np.memmap(
             self.path, dtype=_NUMPY_DTYPE[self.dtype], mode="r", offset=self.offset, shape=self.shape
         )
@@ -50,8 +63,8 @@ class TensorRef:
         """Rows in ggml's sense: everything but the last (contiguous) dimension."""
         return math.prod(self.shape[:-1]) if self.shape else 1
 
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as float32, shape (stop - start, row length).
+    def read_raw_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as stored (BF16 as uint16 bits), shape (stop - start, row length).
 
         A plain read, not a memory map: mapped pages would count towards our
         resident memory for as long as the map lives.
@@ -59,17 +72,25 @@ class TensorRef:
         row_len = self.shape[-1] if self.shape else 1
         dtype = _NUMPY_DTYPE[self.dtype]
         count = (stop - start) * row_len
-        data = np.fromfile(self.path, dtype=dtype, count=count, offset=self.offset + start * row_len * dtype.itemsize)
+        offset = self.offset + start * row_len * dtype.itemsize
+        if self.file is not None:
+            data = np.frombuffer(self.file.read_at(offset, count * dtype.itemsize), dtype=dtype)
+        else:
+            data = np.fromfile(self.path, dtype=dtype, count=count, offset=offset)
         if data.size != count:
             raise InputError(f"{self.path} ended early while reading {self.name}; the file is truncated, re-download it")
-        return _widen(data, self.dtype).reshape(stop - start, row_len)
+        return data.reshape(stop - start, row_len)
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as float32, shape (stop - start, row length)."""
+        return widen(self.read_raw_rows(start, stop), self.dtype)
 
     def to_f32(self) -> np.ndarray:
         """The values as float32 (exact for every source dtype)."""
-        return _widen(self.raw(), self.dtype)
+        return widen(self.raw(), self.dtype)
 
 
-def _widen(data: np.ndarray, dtype: str) -> np.ndarray:
+def widen(data: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
         return (data.astype(np.uint32) << 16).view(np.float32)
     return data.astype(np.float32)

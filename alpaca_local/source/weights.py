@@ -10,7 +10,7 @@ model.safetensors, sharded pytorch .bin (index), one pytorch_model.bin.
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import Callable, Iterable
 
 from alpaca_local.source.config import read_json
 from alpaca_local.errors import InputError
@@ -55,22 +55,29 @@ def _read_sharded(folder: Path, index_path: Path, reader: Reader) -> dict[str, T
     for shard in shards:
         if not (folder / shard).is_file():
             raise InputError(f"shard {shard} named in {index_path.name} is missing from {folder}; download it")
+    return merge_shards(index_path.name, weight_map, ((shard, reader(folder / shard)) for shard in shards))
+
+
+def merge_shards(
+    index_name: str, weight_map: dict[str, str], shards: Iterable[tuple[str, dict[str, TensorRef]]]
+) -> dict[str, TensorRef]:
+    """One tensor table from each shard's, checked against the index (local or streamed shards)."""
     refs: dict[str, TensorRef] = {}
     where: dict[str, str] = {}
-    for shard in shards:
-        for name, ref in reader(folder / shard).items():
+    for shard, found in shards:
+        for name, ref in found.items():
             if name in refs:
                 raise InputError(f"tensor {name!r} is in both {where[name]} and {shard}; the shards overlap")
             if weight_map.get(name) != shard:
                 raise InputError(
-                    f"tensor {name!r} is in {shard} but {index_path.name} places it in "
+                    f"tensor {name!r} is in {shard} but {index_name} places it in "
                     f"{weight_map.get(name, 'no shard')}; the index does not match the shards"
                 )
             refs[name], where[name] = ref, shard
     missing = sorted(set(weight_map) - set(refs))
     if missing:
         raise InputError(
-            f"{index_path.name} lists {len(missing)} tensor(s) that no shard holds, e.g. {missing[0]!r}; "
+            f"{index_name} lists {len(missing)} tensor(s) that no shard holds, e.g. {missing[0]!r}; "
             "a shard is incomplete, re-download it"
         )
     return refs
