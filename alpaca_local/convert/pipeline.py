@@ -34,8 +34,9 @@ from alpaca_local.convert.architectures import (
     map_name,
 )
 from alpaca_local.convert.atomic import atomic_write, check_target
+from alpaca_local.convert.imatrix_file import check_against_model, read_imatrix
 from alpaca_local.source.config import ModelConfig, load_config
-from alpaca_local.errors import InputError
+from alpaca_local.errors import InputError, UsageError
 from alpaca_local.convert.ggml import quantize_rows
 from alpaca_local.source.weights import read_weights
 from alpaca_local.template import ALPACA_CHAT_TEMPLATE
@@ -91,6 +92,8 @@ class TensorJob:
     # Added elementwise in the source's precision before quantizing (Gemma's
     # norm weights: 1 + w); works on any row chunk.
     offset: float = 0.0
+    # Per-column importance (llama-quantize --imatrix), float32 of the row length.
+    imatrix: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -110,6 +113,8 @@ class ConversionPlan:
     arch: Architecture
     vocab: Vocab
     jobs: tuple[TensorJob, ...]
+    # quantize.imatrix.* keys llama-quantize writes when given an imatrix: (key, value).
+    imatrix_kv: tuple[tuple[str, str | int], ...] = ()
 
     @property
     def tensor_bytes(self) -> int:
@@ -194,13 +199,21 @@ def _load_vocab(source: Path, arch: Architecture, cfg: ModelConfig) -> Vocab:
     return vocab
 
 
-def plan_conversion(source: Path, quant: str) -> ConversionPlan:
-    """Check the whole input and decide every output tensor, without touching the data."""
+def plan_conversion(source: Path, quant: str, imatrix: Path | None = None) -> ConversionPlan:
+    """Check the whole input and decide every output tensor, without touching the data.
+
+    `imatrix`: an importance-matrix file (GGUF or legacy .dat), used as
+    `llama-quantize --imatrix` uses it: it changes a few type choices and weights
+    the quantizers' error search.
+    """
+    if imatrix is not None and quant == "f16":
+        raise UsageError("--imatrix only applies to quantized levels (q8_0, q4_0, q4_k_m, q5_k_m), not f16")
     if not source.exists():
         raise InputError(f"{source} does not exist; give the path of a Hugging Face model folder")
     if not source.is_dir():
         raise InputError(f"{source} is not a folder; give the Hugging Face model folder that holds config.json")
     quant_rules.file_type(quant)  # unknown quant names fail before any reading
+    imat = read_imatrix(imatrix) if imatrix is not None else None
     cfg = load_config(source, SUPPORTED, CONFIG_DEFAULTS)
     arch = ARCHITECTURES[cfg.hf_arch]
     arch.check(cfg)
@@ -210,16 +223,41 @@ def plan_conversion(source: Path, quant: str) -> ConversionPlan:
         vocab.chat_template = ALPACA_CHAT_TEMPLATE
     facts = quant_rules.ModelFacts(arch=arch.arch_name, n_layer=cfg.n_layer, n_head=cfg.n_head, n_head_kv=cfg.n_kv_head)
     specs = [quant_rules.TensorSpec(name=f"{name}", shape=ref.shape) for ref, name, _ in tensors]
-    types = quant_rules.choose_types(specs, quant, facts)
+    types = quant_rules.choose_types(specs, quant, facts, has_imatrix=imat is not None)
+    importance: dict[str, np.ndarray] = {}
+    imatrix_kv: tuple[tuple[str, str | int], ...] = ()
+    if imat is not None:
+        check_against_model(imat, imatrix, {name: ref.shape[-1] for ref, name, _ in tensors if len(ref.shape) == 2})
+        importance = imat.importance()
+        imatrix_kv = _imatrix_kv(imatrix, imat.datasets, len(imat.entries), imat.chunk_count)
     jobs = tuple(
         TensorJob(
             ref, name, kind, ggml_type,
             rope_head_dim=cfg.head_dim if kind in arch.rope_permuted else None,
             offset=arch.norm_offset if ref.name.endswith("norm.weight") else 0.0,
+            imatrix=importance.get(name) if ggml_type not in _FLOAT_TYPES else None,
         )
         for (ref, name, kind), ggml_type in zip(tensors, types)
     )
-    return ConversionPlan(source, source.resolve().name, quant, cfg, arch, vocab, jobs)
+    return ConversionPlan(source, source.resolve().name, quant, cfg, arch, vocab, jobs, imatrix_kv)
+
+
+_FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+
+
+def _imatrix_kv(path: Path, datasets: list[str], n_entries: int, n_chunks: int) -> tuple[tuple[str, str | int], ...]:
+    """The keys tools/quantize/quantize.cpp adds as kv_overrides (strings cut to 127 bytes, val_str[128])."""
+
+    def cut(text: str) -> str:
+        return text.encode()[:127].decode("utf-8", errors="ignore")
+
+    kv: list[tuple[str, str | int]] = [("quantize.imatrix.file", cut(str(path)))]
+    if datasets:
+        kv.append(("quantize.imatrix.dataset", cut(datasets[0])))
+    kv.append(("quantize.imatrix.entries_count", n_entries))
+    if n_chunks > 0:
+        kv.append(("quantize.imatrix.chunks_count", n_chunks))
+    return tuple(kv)
 
 
 def default_output(plan: ConversionPlan, models_dir: Path) -> Path:
@@ -238,6 +276,11 @@ def _header_writer(plan: ConversionPlan, path: Path) -> gguf.GGUFWriter:
     w.add_file_type(quant_rules.file_type(plan.quant))
     if plan.quant != "f16":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value in plan.imatrix_kv:  # INT overrides are written as u32 (llama-quant.cpp:1039)
+        if isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_uint32(key, value)
     plan.vocab.add_to(w)
     for job in plan.jobs:
         # A float dtype makes gguf-py take `shape` as the element shape (uint8 would mean bytes).
@@ -296,7 +339,7 @@ def _encode(job: TensorJob, start: int, stop: int) -> bytes:
         rows = _add_offset(rows, job.offset, src.dtype)
     if job.rope_head_dim:
         rows = _rope_permute(rows, job.rope_head_dim)
-    return quantize_rows(rows, job.ggml_type).tobytes()
+    return quantize_rows(rows, job.ggml_type, job.imatrix).tobytes()
 
 
 def _write_tensor_data(plan: ConversionPlan, path: Path, progress: Progress | None, workers: int) -> None:
@@ -340,10 +383,11 @@ def convert(
     progress: Progress | None = None,
     workers: int | None = None,
     plan: ConversionPlan | None = None,
+    imatrix: Path | None = None,
 ) -> ConvertResult:
     """Convert `source` into one GGUF file; the output appears only when complete."""
     t0 = time.perf_counter()
-    plan = plan or plan_conversion(source, quant)
+    plan = plan or plan_conversion(source, quant, imatrix)
     if output is None:
         output = default_output(plan, models_dir)
         output.parent.mkdir(parents=True, exist_ok=True)
