@@ -16,6 +16,8 @@ EXAMPLES = """examples:
   alpaca-local convert ./alpaca-7b                       # -> models/alpaca-7b.Q4_K_M.gguf
   alpaca-local convert ./alpaca-7b --quant q8_0 -o alpaca.q8.gguf
   alpaca-local convert ./alpaca-7b --quant f16 --force   # overwrite an earlier file
+  alpaca-local convert ./alpaca-7b --imatrix imatrix.gguf # importance-weighted, as llama-quantize --imatrix
+  alpaca-local convert ./alpaca-7b --calibrate            # compute the imatrix first (built-in text), then quantize
 
 quant levels (quality vs size, LLaMA 7B): f16 13.5 GB, q8_0 7.2 GB,
 q5_k_m 4.8 GB, q4_k_m 4.1 GB (recommended), q4_0 3.8 GB.
@@ -41,19 +43,91 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
         "--threads", type=int, metavar="N", default=None,
         help="quantize with N threads (default: all cores)",
     )
+    p.add_argument(
+        "--imatrix", metavar="FILE", type=Path,
+        help="importance matrix (GGUF or legacy .dat, from `alpaca-local imatrix` or llama-imatrix)",
+    )
+    p.add_argument(
+        "--calibrate", metavar="TEXT", nargs="?", const="", default=None,
+        help="compute an importance matrix on TEXT (default: the built-in calibration text) "
+             "from a temporary q8_0 of SRC, then quantize with it",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from alpaca_local.convert.pipeline import convert, plan_conversion
+    from alpaca_local.convert.pipeline import plan_conversion
     from alpaca_local.errors import UsageError
 
     if args.threads is not None and not 1 <= args.threads <= 1024:
         raise UsageError(f"--threads {args.threads} is out of range; give 1 to 1024")
     err = Console(stderr=True)
-    plan = plan_conversion(args.source, args.quant)
+    if args.calibrate is None:
+        return _convert_and_report(plan_conversion(args.source, args.quant, args.imatrix), args, err)
+    if args.imatrix is not None:
+        raise UsageError("give either --imatrix FILE or --calibrate [TEXT], not both")
+    from alpaca_local.convert.atomic import check_target
+    from alpaca_local.convert.pipeline import default_output
+
+    # Everything that can be refused is refused before the (long) calibration run.
+    if args.quant == "f16":
+        raise UsageError("--calibrate only applies to quantized levels (q8_0, q4_0, q4_k_m, q5_k_m), not f16")
+    plain = plan_conversion(args.source, args.quant, None)
+    if args.output is None:
+        args.output = default_output(plain, Path("models"))
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+    check_target(args.output, args.force, need_bytes=plain.tensor_bytes)
+    return _calibrate_and_convert(args, err)
+
+
+def _calibrate_and_convert(args: argparse.Namespace, err) -> int:
+    """Temporary f16/q8_0 -> imatrix -> final level; the temporaries go whatever happens."""
+    import dataclasses
+    from contextlib import ExitStack
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from alpaca_local.cli.quality_cmd import _read_text
+    from alpaca_local.convert.pipeline import plan_conversion
+    from alpaca_local.measure.calibrate import CalibrationHooks, calibration
+
+    text_path = Path(args.calibrate) if args.calibrate else None
+    text = _read_text(text_path) if text_path else None
+    columns = (TextColumn("[bold]{task.description:<28}"), BarColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with ExitStack() as temporaries:
+        # One live display for both calibration steps; closed before the final convert's bar.
+        with Progress(*columns, console=err, disable=args.json or not err.is_terminal) as bar:
+
+            def convert_progress(total: int):
+                task = bar.add_task("temporary model", total=total, info="")
+                return lambda name, nbytes: bar.update(
+                    task, advance=nbytes, info=f"{bar.tasks[task].completed / 1e6:,.0f}/{total / 1e6:,.0f} MB")
+
+            def chunk_progress(n: int):
+                task = bar.add_task("imatrix chunks", total=n, info="")
+                return lambda done: bar.update(task, completed=done.index, info=(
+                    f"{done.index}/{n} chunks, {done.tokens / max(done.seconds, 1e-9):,.0f} tok/s"))
+
+            hooks = CalibrationHooks(stage=lambda line: None, convert_progress=convert_progress,
+                                     chunk_progress=chunk_progress)
+            imatrix = temporaries.enter_context(calibration(
+                args.source, args.output.parent, text, str(text_path) if text_path else None,
+                threads=args.threads, hooks=hooks,
+            ))
+        plan = plan_conversion(args.source, args.quant, imatrix)
+        # The imatrix file is a temporary: name what it was computed on instead.
+        kv = {**dict(plan.imatrix_kv), "quantize.imatrix.file": f"calibrate:{text_path or 'built-in text'}"}
+        return _convert_and_report(dataclasses.replace(plan, imatrix_kv=tuple(kv.items())), args, err)
+
+
+def _convert_and_report(plan, args: argparse.Namespace, err) -> int:
+    from rich.console import Console
+
+    from alpaca_local.convert.pipeline import convert
+
     if args.json:
         result = convert(args.source, args.output, args.quant, args.force, plan=plan, workers=args.threads)
     else:
@@ -65,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         "tensors": result.n_tensors,
         "seconds": round(result.seconds, 2),
         "peak_memory_bytes": result.peak_rss_bytes,
+        "imatrix": dict(plan.imatrix_kv) or None,
     }
     if args.json:
         import json
@@ -108,6 +183,10 @@ def _print_summary(summary: dict, plan, console) -> None:
     table.add_row("output", summary["output"])
     table.add_row("model", f"{plan.name} ({plan.arch.arch_name}, {plan.config.n_layer} layers, vocab {plan.config.vocab_size})")
     table.add_row("quant", summary["quant"].upper())
+    if summary["imatrix"]:
+        imat = summary["imatrix"]
+        chunks = f", {imat['quantize.imatrix.chunks_count']} chunks" if "quantize.imatrix.chunks_count" in imat else ""
+        table.add_row("imatrix", f"{imat['quantize.imatrix.file']} ({imat['quantize.imatrix.entries_count']} entries{chunks})")
     table.add_row("size", f"{summary['size_bytes'] / 1e6:,.1f} MB")
     table.add_row("tensors", str(summary["tensors"]))
     table.add_row("time", f"{summary['seconds']:.1f} s")

@@ -72,6 +72,11 @@ def _lib() -> ctypes.CDLL:
     raise GGMLUnavailable(f"no ggml library with ggml_quantize_chunk found in {lib_dir}; reinstall llama-cpp-python")
 
 
+def library() -> ctypes.CDLL:
+    """The ggml base library llama-cpp-python ships (also used by measure/imatrix.py's eval callback)."""
+    return _lib()
+
+
 def quantize_rows(
     values: np.ndarray, ggml_type: GGMLQuantizationType, imatrix: np.ndarray | None = None
 ) -> np.ndarray:
