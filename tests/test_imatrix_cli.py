@@ -178,3 +178,43 @@ def test_calibrate_refuses_existing_output_before_any_work(tiny_model, tmp_path,
     rc, err = cli(capsys, "convert", str(tiny_model.path), "-o", str(out), "--calibrate")
     one_line(rc, err, 2, "already exists")
     assert out.read_bytes() == b"keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+# -- quality: plain and imatrix side by side -----------------------------------------------------
+
+
+def test_quality_measures_plain_and_imatrix_side_by_side(tiny_model, tiny_gguf_f16, good_imatrix, tmp_path, capsys):
+    import json
+
+    from alpaca_local.cli.main import main
+
+    text = tmp_path / "eval.txt"
+    from alpaca_local.measure.quality import default_text
+
+    text.write_text(default_text())
+    argv = ["--quants", "q4_0", "--imatrix", str(good_imatrix), "--text", str(text), "--ctx", "64",
+            "--threads", "1", "--gen-tokens", "2", "--json"]
+    assert main(["quality", str(tiny_model.path), "--work", str(tmp_path / "hf"), *argv]) == 0
+    levels = {lv["quant"]: lv for lv in json.loads(capsys.readouterr().out)["levels"]}
+    assert list(levels) == ["f16", "q4_0", "q4_0+imatrix"]
+    assert levels["q4_0+imatrix"]["path"] != levels["q4_0"]["path"]
+    assert levels["q4_0+imatrix"]["mean_kld"] != levels["q4_0"]["mean_kld"]
+    # From an f16 GGUF, llama.cpp's quantizer is given the same importance: same file as our converter's.
+    assert main(["quality", str(tiny_gguf_f16), "--work", str(tmp_path / "gguf"), *argv]) == 0
+    from_gguf = {lv["quant"]: lv for lv in json.loads(capsys.readouterr().out)["levels"]}
+    import reference
+
+    a, b = (reference.tensor_table(Path(r["q4_0+imatrix"]["path"])) for r in (levels, from_gguf))
+    assert a == b
+
+
+def test_quality_table_prints_the_imatrix_ratio(tiny_model, good_imatrix, tmp_path, capsys):
+    from alpaca_local.cli.main import main
+    from alpaca_local.measure.quality import default_text
+
+    text = tmp_path / "eval.txt"
+    text.write_text(default_text())
+    assert main(["quality", str(tiny_model.path), "--work", str(tmp_path / "w"), "--quants", "q4_k_m", "--imatrix",
+                 str(good_imatrix), "--text", str(text), "--ctx", "64", "--threads", "1", "--gen-tokens", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "q4_k_m+imatrix: mean KLD" in out and "x of plain q4_k_m" in out
