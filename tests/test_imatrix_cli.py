@@ -50,20 +50,25 @@ def test_imatrix_text_too_short(tiny_gguf_f16, tmp_path, capsys):
 
 
 def test_ctrl_c_saves_a_partial_file_marked_partial(tiny_gguf_f16, tmp_path, capsys, monkeypatch):
-    real = ImatrixRun._decode
+    """Ctrl-C inside llama.cpp's graph (it lands in our eval callback) stops the decode; the chunk in
+    flight is dropped, the finished ones are saved under .partial, never under OUT."""
+    from alpaca_local.measure.imatrix import Collector
+
+    real = Collector._collect
     calls = []
 
-    def decode_then_interrupt(self, chunk):
+    def collect_then_interrupt(self, t):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 2 * 14 + 5:  # 14 weights per chunk: mid-way through the third chunk
             raise KeyboardInterrupt
-        return real(self, chunk)
+        return real(self, t)
 
-    monkeypatch.setattr(ImatrixRun, "_decode", decode_then_interrupt)
+    monkeypatch.setattr(Collector, "_collect", collect_then_interrupt)
     out = tmp_path / "x.imatrix.gguf"
     rc, err = cli(capsys, "imatrix", str(tiny_gguf_f16), "-c", "64", "--chunks", "4", "-o", str(out))
     assert rc == 130 and "PARTIAL" in err and "2 of 4 chunks" in err
     assert not out.exists()
+    assert len(calls) == 2 * 14 + 5  # the graph stopped at the next node
     partial = read_imatrix(tmp_path / "x.imatrix.partial.gguf")
     assert partial.partial and partial.chunk_count == 2
     assert {int(e.counts[0]) for e in partial.entries.values()} == {128}
