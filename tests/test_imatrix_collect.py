@@ -112,3 +112,27 @@ def test_equal_to_llama_imatrix(tiny_gguf_f16, collected, tmp_path):
     for name, e in ref.entries.items():
         assert e.counts.tolist() == ours.entries[name].counts.tolist(), name
         np.testing.assert_allclose(ours.entries[name].sums, e.sums, rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.integration
+@pytest.mark.reference
+def test_llama_quantize_reads_our_file_and_agrees_with_convert(tiny_model, tiny_gguf_f16, collected, tmp_path):
+    """`llama-quantize --imatrix OURS` on the reference converter's f16 writes the same tensors
+    as `convert --imatrix OURS`: llama.cpp's own loader reads our imatrix file as we meant it."""
+    import reference
+    from llama_tools import llama_tool
+
+    from alpaca_local.convert.imatrix_file import write_imatrix
+    from alpaca_local.convert.pipeline import convert
+
+    _, ours = collected
+    imatrix = tmp_path / "ours.imatrix.gguf"
+    write_imatrix(ours, imatrix)
+    f16 = reference.reference_f16(tiny_model.path, tmp_path / "ref.F16.gguf")
+    out = tmp_path / "ref.Q4_K_M.gguf"
+    proc = subprocess.run([str(llama_tool("llama-quantize")), "--imatrix", str(imatrix), str(f16), str(out), "q4_k_m"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "loaded 14 importance matrix entries" in proc.stdout + proc.stderr
+    mine = convert(tiny_model.path, tmp_path / "ours.Q4_K_M.gguf", "q4_k_m", imatrix=imatrix).output
+    assert reference.tensor_table(mine) == reference.tensor_table(out)

@@ -271,3 +271,19 @@ def check_against_model(imatrix: Imatrix, path: Path, row_lengths: dict[str, int
                 f"{path}: imatrix entry {name} has {n} values but the tensor has {row_lengths[name]} columns; "
                 "the imatrix was computed for a different model"
             )
+
+
+def quantize_kv(path: Path, imatrix: Imatrix) -> tuple[tuple[str, str | int], ...]:
+    """The keys tools/quantize/quantize.cpp adds (as kv_overrides) to a file quantized with `path`:
+    its name and first dataset (cut to 127 bytes: val_str[128]), the entry and chunk counts."""
+
+    def cut(text: str) -> str:
+        return text.encode()[:127].decode("utf-8", errors="ignore")
+
+    kv: list[tuple[str, str | int]] = [("quantize.imatrix.file", cut(str(path)))]
+    if imatrix.datasets:
+        kv.append(("quantize.imatrix.dataset", cut(imatrix.datasets[0])))
+    kv.append(("quantize.imatrix.entries_count", len(imatrix.entries)))
+    if imatrix.chunk_count > 0:  # quantize.cpp:526: only when m_last_call > 0
+        kv.append(("quantize.imatrix.chunks_count", imatrix.chunk_count))
+    return tuple(kv)

@@ -34,7 +34,7 @@ from alpaca_local.convert.architectures import (
     map_name,
 )
 from alpaca_local.convert.atomic import atomic_write, check_target
-from alpaca_local.convert.imatrix_file import check_against_model, read_imatrix
+from alpaca_local.convert.imatrix_file import check_against_model, quantize_kv, read_imatrix
 from alpaca_local.source.config import ModelConfig, load_config
 from alpaca_local.errors import InputError, UsageError
 from alpaca_local.convert.ggml import quantize_rows
@@ -229,7 +229,7 @@ def plan_conversion(source: Path, quant: str, imatrix: Path | None = None) -> Co
     if imat is not None:
         check_against_model(imat, imatrix, {name: ref.shape[-1] for ref, name, _ in tensors if len(ref.shape) == 2})
         importance = imat.importance()
-        imatrix_kv = _imatrix_kv(imatrix, imat.datasets, len(imat.entries), imat.chunk_count)
+        imatrix_kv = quantize_kv(imatrix, imat)
     jobs = tuple(
         TensorJob(
             ref, name, kind, ggml_type,
@@ -243,21 +243,6 @@ def plan_conversion(source: Path, quant: str, imatrix: Path | None = None) -> Co
 
 
 _FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
-
-
-def _imatrix_kv(path: Path, datasets: list[str], n_entries: int, n_chunks: int) -> tuple[tuple[str, str | int], ...]:
-    """The keys tools/quantize/quantize.cpp adds as kv_overrides (strings cut to 127 bytes, val_str[128])."""
-
-    def cut(text: str) -> str:
-        return text.encode()[:127].decode("utf-8", errors="ignore")
-
-    kv: list[tuple[str, str | int]] = [("quantize.imatrix.file", cut(str(path)))]
-    if datasets:
-        kv.append(("quantize.imatrix.dataset", cut(datasets[0])))
-    kv.append(("quantize.imatrix.entries_count", n_entries))
-    if n_chunks > 0:
-        kv.append(("quantize.imatrix.chunks_count", n_chunks))
-    return tuple(kv)
 
 
 def default_output(plan: ConversionPlan, models_dir: Path) -> Path:

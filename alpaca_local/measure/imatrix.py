@@ -297,7 +297,8 @@ class ImatrixRun:
 
         from alpaca_local.measure.quality import make_chunks
 
-        tokens = self.tokenize(text)
+        # llama-imatrix -f drops one trailing newline of the file (common/arg.cpp:1807)
+        tokens = self.tokenize(text.removesuffix("\n"))
         if len(tokens) < 2 * self.n_ctx:  # imatrix.cpp:818
             raise InputError(
                 f"the calibration text is {len(tokens)} tokens; -c {self.n_ctx} needs at least {2 * self.n_ctx} "
