@@ -95,7 +95,9 @@ def test_sums_equal_a_numpy_forward_pass(tiny_model, collected):
 
 @pytest.mark.integration
 def test_equal_to_llama_imatrix(tiny_gguf_f16, collected, tmp_path):
-    """llama.cpp's own tool, built from the vendored sources, on the same file, text and chunking."""
+    """llama.cpp's own tool, built from the vendored sources, on the same file, text and chunking
+    (-b = -c: one sequence per decode, as ours; measured: 5e-6 apart. With llama-imatrix's default
+    -b 2048 it packs many chunks per decode and the attention rounds differently: 1e-3.)"""
     from llama_tools import llama_tool
 
     _, ours = collected
@@ -111,7 +113,7 @@ def test_equal_to_llama_imatrix(tiny_gguf_f16, collected, tmp_path):
     assert (ref.chunk_count, ref.chunk_size) == (ours.chunk_count, ours.chunk_size)
     for name, e in ref.entries.items():
         assert e.counts.tolist() == ours.entries[name].counts.tolist(), name
-        np.testing.assert_allclose(ours.entries[name].sums, e.sums, rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(ours.entries[name].sums, e.sums, rtol=2e-5, err_msg=name)
 
 
 @pytest.mark.integration
