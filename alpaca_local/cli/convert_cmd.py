@@ -50,7 +50,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     p.add_argument(
         "--calibrate", metavar="TEXT", nargs="?", const="", default=None,
         help="compute an importance matrix on TEXT (default: the built-in calibration text) "
-             "from a temporary q8_0 of SRC, then quantize with it",
+             "from a temporary f16 (q8_0 if memory is short) of SRC, then quantize with it; "
+             "the temporaries are removed whatever happens",
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
 
