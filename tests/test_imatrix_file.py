@@ -92,3 +92,36 @@ def test_missing_counts_in_gguf(tmp_path: Path) -> None:
     w.close()
     with pytest.raises(InputError, match="sums without counts"):
         read_imatrix(tmp_path / "i.gguf")
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_random_corruption_is_a_clean_error_or_a_valid_result(tmp_path: Path, legacy: bool) -> None:
+    """Flip, cut and overwrite bytes of a valid file (fixed seed): never anything but InputError."""
+    good = tmp_path / "good"
+    if legacy:
+        e = _sample().entries["blk.0.attn_q.weight"]
+        name = b"blk.0.attn_q.weight"
+        raw = (struct.pack("<i", 1) + struct.pack("<i", len(name)) + name + struct.pack("<ii", 2, 64)
+               + e.sums.astype("<f4").tobytes() + struct.pack("<ii", 2, 4) + b"t.txt")
+        good.write_bytes(raw)
+    else:
+        write_imatrix(_sample(), good)
+        raw = good.read_bytes()
+    rng = np.random.default_rng(7)
+    bad = tmp_path / "bad"
+    for _ in range(300):
+        data = bytearray(raw)
+        kind = rng.integers(3)
+        if kind == 0:
+            data = data[: rng.integers(len(data))]
+        else:
+            for pos in rng.integers(0, len(data), rng.integers(1, 8)):
+                data[pos] = int(rng.integers(256)) if kind == 1 else 0xFF
+        bad.write_bytes(bytes(data))
+        try:
+            imat = read_imatrix(bad)
+        except InputError as exc:
+            assert "\n" not in str(exc)
+            continue
+        for e in imat.entries.values():
+            assert np.isfinite(e.sums).all() and (e.sums >= 0).all() and e.sums.size % len(e.counts) == 0

@@ -148,7 +148,7 @@ def _read_gguf(path: Path) -> Imatrix:
             if len(counts) == 0 or len(sums) % len(counts):
                 raise InputError(f"{path}: imatrix entry {name} has {len(sums)} sums for {len(counts)} counts")
             _check_values(path, name, sums)
-            if not np.isfinite(counts).all() or (counts < 0).any():
+            if not np.isfinite(counts).all() or (counts < 0).any() or (counts > 2.0**53).any():
                 raise InputError(f"{path}: imatrix entry {name} has an invalid count; the file is damaged")
             # std::lround, as common_imatrix_load reads them
             rounded = np.floor(counts.astype(np.float64) + 0.5).astype(np.int64)
