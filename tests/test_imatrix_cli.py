@@ -223,3 +223,30 @@ def test_quality_table_prints_the_imatrix_ratio(tiny_model, good_imatrix, tmp_pa
                  str(good_imatrix), "--text", str(text), "--ctx", "64", "--threads", "1", "--gen-tokens", "0"]) == 0
     out = capsys.readouterr().out
     assert "q4_k_m+imatrix: mean KLD" in out and "x of plain q4_k_m" in out
+
+
+def test_calibrate_sigterm_leaves_nothing(tiny_model, tmp_path):
+    """A real SIGTERM during the imatrix run (the temporary model is complete): exit 130, the folder
+    as it was."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "alpaca_local", "convert", str(tiny_model.path), "-o",
+                             str(out_dir / "m.gguf"), "--calibrate", "--json"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(out_dir.glob(".alpaca-calibrate-*/calibrate.*.gguf")) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert list(out_dir.iterdir()) == []

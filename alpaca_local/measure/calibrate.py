@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from alpaca_local.convert.atomic import atomic_write
+from alpaca_local.convert.atomic import atomic_write, sigterm_as_interrupt
 from alpaca_local.convert.imatrix_file import write_imatrix
 from alpaca_local.convert.pipeline import Progress, convert, plan_conversion
 from alpaca_local.measure.imatrix import DEFAULT_CTX, DEFAULT_DATASET, ChunkDone, ImatrixRun, default_text
@@ -63,25 +63,27 @@ def calibration(
     if text is None:
         text, dataset = default_text(), DEFAULT_DATASET
     tmp = Path(tempfile.mkdtemp(prefix=".alpaca-calibrate-", dir=workdir))
-    try:
-        f16_plan = plan_conversion(source, "f16")
-        quant = intermediate_quant(f16_plan.tensor_bytes, available_memory())
-        plan = f16_plan if quant == "f16" else plan_conversion(source, quant)
-        hooks.stage(f"calibrate: temporary {quant} of {source.name}")
-        model = convert(source, tmp / f"calibrate.{quant}.gguf", quant, plan=plan,
-                        progress=hooks.convert_progress(plan.source_bytes), workers=threads).output
-        run = ImatrixRun(model, n_ctx, threads)
+    # SIGTERM unwinds like Ctrl-C, so the temporaries go then too (also during the final convert).
+    with sigterm_as_interrupt():
         try:
-            chunks = run.chunks(text, n_chunks)
-            hooks.stage(f"calibrate: importance matrix over {len(chunks)} chunks of {n_ctx} tokens")
-            run.run(chunks, hooks.chunk_progress(len(chunks)))
-            imatrix = run.result([dataset or "calibration text"])
+            f16_plan = plan_conversion(source, "f16")
+            quant = intermediate_quant(f16_plan.tensor_bytes, available_memory())
+            plan = f16_plan if quant == "f16" else plan_conversion(source, quant)
+            hooks.stage(f"calibrate: temporary {quant} of {source.name}")
+            model = convert(source, tmp / f"calibrate.{quant}.gguf", quant, plan=plan,
+                            progress=hooks.convert_progress(plan.source_bytes), workers=threads).output
+            run = ImatrixRun(model, n_ctx, threads)
+            try:
+                chunks = run.chunks(text, n_chunks)
+                hooks.stage(f"calibrate: importance matrix over {len(chunks)} chunks of {n_ctx} tokens")
+                run.run(chunks, hooks.chunk_progress(len(chunks)))
+                imatrix = run.result([dataset or "calibration text"])
+            finally:
+                run.close()
+            model.unlink()  # free the disk before the final file is written
+            path = tmp / "calibrate.imatrix.gguf"
+            with atomic_write(path) as partial:
+                write_imatrix(imatrix, partial)
+            yield path
         finally:
-            run.close()
-        model.unlink()  # free the disk before the final file is written
-        path = tmp / "calibrate.imatrix.gguf"
-        with atomic_write(path) as partial:
-            write_imatrix(imatrix, partial)
-        yield path
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
