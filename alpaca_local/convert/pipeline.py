@@ -324,6 +324,8 @@ def _encode(job: TensorJob, start: int, stop: int) -> bytes:
         rows = _add_offset(rows, job.offset, src.dtype)
     if job.rope_head_dim:
         rows = _rope_permute(rows, job.rope_head_dim)
+    if job.imatrix is None:
+        return quantize_rows(rows, job.ggml_type).tobytes()
     return quantize_rows(rows, job.ggml_type, job.imatrix).tobytes()
 
 

@@ -28,6 +28,7 @@ node) leaves whole chunks only: `ImatrixRun.result(partial=True)` then saves the
 from __future__ import annotations
 
 import ctypes
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -236,13 +237,43 @@ class ChunkDone:
     seconds: float
 
 
+class _DeferredInterrupts:
+    """While a model is loaded, SIGINT and SIGTERM only set a flag; `check()` raises KeyboardInterrupt.
+
+    Why: llama.cpp calls back into Python (the log callback, our eval callback) from C, and
+    Python runs a signal handler at the next bytecode, often inside such a callback, where
+    ctypes prints and swallows the exception: the interrupt would be lost. A flag is not.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, collector: Collector) -> None:
+        self.collector, self.flagged, self.previous = collector, False, {}
+        try:
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handler)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+
+    def _handler(self, signum, frame) -> None:  # noqa: ANN001
+        self.flagged = self.collector.stop = True  # the graph stops at its next node
+
+    def check(self) -> None:
+        if self.flagged:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
 class ImatrixRun:
-    """One model loaded with the collector attached; `run()` decodes the chunks."""
+    """One model loaded with the collector attached; `run()` decodes the chunks. Ctrl-C or
+    SIGTERM at any point raises KeyboardInterrupt at the next check (`close()` always)."""
 
     def __init__(self, model: Path, n_ctx: int = DEFAULT_CTX, threads: int | None = None,
                  n_gpu_layers: int = 0, process_output: bool = False) -> None:
-        import llama_cpp
-
         from alpaca_local.run.chat import check_context, read_model_info, silence_llama_cpp
 
         check_context(n_ctx, read_model_info(model))
@@ -250,6 +281,18 @@ class ImatrixRun:
         self.n_ctx = n_ctx
         self.done = 0  # chunks merged so far
         self.collector = Collector(process_output)
+        self._ctx = None
+        self._interrupts = _DeferredInterrupts(self.collector)
+        try:
+            self._load(model, n_ctx, threads, n_gpu_layers)
+            self._interrupts.check()
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self, model: Path, n_ctx: int, threads: int | None, n_gpu_layers: int) -> None:
+        import llama_cpp
+
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
         self._model = llama_cpp.llama_model_load_from_file(str(model).encode(), mp)
@@ -272,6 +315,7 @@ class ImatrixRun:
     def close(self) -> None:
         import llama_cpp
 
+        self._interrupts.restore()
         if self._ctx:
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self._ctx)
@@ -299,6 +343,7 @@ class ImatrixRun:
 
         # llama-imatrix -f drops one trailing newline of the file (common/arg.cpp:1807)
         tokens = self.tokenize(text.removesuffix("\n"))
+        self._interrupts.check()
         if len(tokens) < 2 * self.n_ctx:  # imatrix.cpp:818
             raise InputError(
                 f"the calibration text is {len(tokens)} tokens; -c {self.n_ctx} needs at least {2 * self.n_ctx} "
@@ -332,6 +377,7 @@ class ImatrixRun:
         """Decode every chunk; returns how many were merged (all of them unless interrupted)."""
         t0 = time.perf_counter()
         for i, chunk in enumerate(chunks):
+            self._interrupts.check()
             self._decode(chunk)
             self.done = i + 1
             if progress:
