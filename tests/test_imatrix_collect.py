@@ -138,3 +138,88 @@ def test_llama_quantize_reads_our_file_and_agrees_with_convert(tiny_model, tiny_
     assert "loaded 14 importance matrix entries" in proc.stdout + proc.stderr
     mine = convert(tiny_model.path, tmp_path / "ours.Q4_K_M.gguf", "q4_k_m", imatrix=imatrix).output
     assert reference.tensor_table(mine) == reference.tensor_table(out)
+
+
+# -- mixture of experts: MUL_MAT_ID, one slice and one count per expert --------------------------
+
+N_EXPERT, N_USED = 4, 2
+
+
+def moe_gguf(dense: Path, out: Path) -> Path:
+    """`dense` (a tiny llama f16 GGUF) with each layer's FFN replaced by 4 experts, 2 used per
+    token (Mixtral's layout in llama.cpp: ffn_gate_inp, ffn_{gate,up,down}_exps)."""
+    import gguf
+
+    reader = gguf.GGUFReader(dense)
+    writer = gguf.GGUFWriter(out, "llama")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        writer.add_key_value(key, field.contents(), vtype,
+                             sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    writer.add_expert_count(N_EXPERT)
+    writer.add_expert_used_count(N_USED)
+    rng = np.random.default_rng(5)
+    for t in reader.tensors:
+        values = np.asarray(t.data)
+        if ".ffn_" not in t.name or t.name.endswith("ffn_norm.weight"):
+            writer.add_tensor(t.name, values)
+            continue
+        if t.name.endswith("ffn_gate.weight"):
+            layer = t.name.split(".")[1]
+            n_ff, n_embd = values.shape
+            writer.add_tensor(f"blk.{layer}.ffn_gate_inp.weight",
+                              rng.standard_normal((N_EXPERT, n_embd), dtype=np.float32))
+            for kind, shape in (("gate", (n_ff, n_embd)), ("up", (n_ff, n_embd)), ("down", (n_embd, n_ff))):
+                w = rng.standard_normal((N_EXPERT, *shape), dtype=np.float32) / np.sqrt(shape[1])
+                writer.add_tensor(f"blk.{layer}.ffn_{kind}_exps.weight", w.astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def moe(tiny_gguf_f16, tmp_path_factory):
+    path = moe_gguf(tiny_gguf_f16, tmp_path_factory.mktemp("moe") / "tiny-moe.F16.gguf")
+    run = ImatrixRun(path, N_CTX)
+    try:
+        run.run(run.chunks(default_text(), N_CHUNKS))
+        return path, run.result(["calibration"])
+    finally:
+        run.close()
+
+
+def test_moe_experts_get_their_own_sums_and_counts(moe):
+    _, imatrix = moe
+    n_tokens = N_CHUNKS * N_CTX
+    for layer in range(2):
+        router = imatrix.entries[f"blk.{layer}.ffn_gate_inp.weight"]  # a plain MUL_MAT
+        assert router.counts.tolist() == [n_tokens]
+        for kind in ("gate", "up", "down"):
+            e = imatrix.entries[f"blk.{layer}.ffn_{kind}_exps.weight"]
+            assert e.sums.shape[0] == N_EXPERT and len(e.counts) == N_EXPERT
+            assert int(e.counts.sum()) == n_tokens * N_USED  # every token goes to N_USED experts
+        gate, up = (imatrix.entries[f"blk.{layer}.ffn_{k}_exps.weight"] for k in ("gate", "up"))
+        np.testing.assert_array_equal(gate.sums, up.sums)  # same input rows, same routing
+
+
+@pytest.mark.integration
+def test_moe_equal_to_llama_imatrix(moe, tmp_path):
+    from llama_tools import llama_tool
+
+    path, ours = moe
+    text = tmp_path / "calibration.txt"
+    text.write_text(default_text(), encoding="utf-8")
+    out = tmp_path / "ref.imatrix.gguf"
+    cmd = [str(llama_tool("llama-imatrix")), "-m", str(path), "-f", str(text), "-o", str(out),
+           "-c", str(N_CTX), "-b", str(N_CTX), "-ub", str(N_CTX), "--chunks", str(N_CHUNKS), "--no-ppl", "-t", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = read_imatrix(out)
+    assert set(ref.entries) == set(ours.entries)
+    for name, e in ref.entries.items():
+        assert e.counts.tolist() == ours.entries[name].counts.tolist(), name
+        np.testing.assert_allclose(ours.entries[name].sums, e.sums, rtol=2e-5, err_msg=name)
