@@ -242,13 +242,14 @@ class _DeferredInterrupts:
 
     Why: llama.cpp calls back into Python (the log callback, our eval callback) from C, and
     Python runs a signal handler at the next bytecode, often inside such a callback, where
-    ctypes prints and swallows the exception: the interrupt would be lost. A flag is not.
+    ctypes prints and swallows the exception: the interrupt would be lost. A flag is not:
+    it is raised once, at the next check, or when the handlers are restored.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, collector: Collector) -> None:
-        self.collector, self.flagged, self.previous = collector, False, {}
+        self.collector, self.flagged, self.raised, self.previous = collector, False, False, {}
         try:
             for sig in self.SIGNALS:
                 self.previous[sig] = signal.signal(sig, self._handler)
@@ -258,14 +259,20 @@ class _DeferredInterrupts:
     def _handler(self, signum, frame) -> None:  # noqa: ANN001
         self.flagged = self.collector.stop = True  # the graph stops at its next node
 
+    def interrupt(self) -> None:
+        self.raised = True
+        raise KeyboardInterrupt
+
     def check(self) -> None:
-        if self.flagged:
-            raise KeyboardInterrupt
+        if self.flagged and not self.raised:
+            self.interrupt()
 
     def restore(self) -> None:
+        """Put the previous handlers back; an interrupt that came since the last check is raised now."""
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
+        self.check()
 
 
 class ImatrixRun:
@@ -315,12 +322,12 @@ class ImatrixRun:
     def close(self) -> None:
         import llama_cpp
 
-        self._interrupts.restore()
-        if self._ctx:
+        if self._ctx:  # freeing logs through llama.cpp's callback: still under the flag handlers
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self._ctx)
             llama_cpp.llama_model_free(self._model)
             self._ctx = None
+        self._interrupts.restore()
 
     def tokenize(self, text: str) -> list[int]:
         """common_tokenize(ctx, text, add_special=true, parse_special=false)."""
@@ -364,9 +371,9 @@ class ImatrixRun:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
         rc = llama_cpp.llama_decode(self._ctx, b)
         c = self.collector
-        if c.stop:
+        if c.stop:  # Ctrl-C / SIGTERM: the graph was cut short, this chunk is incomplete
             c.discard()
-            raise KeyboardInterrupt
+            self._interrupts.interrupt()
         if c.error is not None:
             raise c.error
         if rc != 0:
