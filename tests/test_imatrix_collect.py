@@ -58,6 +58,28 @@ def numpy_imatrix(weights: dict, config: dict, chunks: list[list[int]]) -> dict[
     return out
 
 
+def llama_imatrix(model: Path, tmp_path: Path):
+    """llama.cpp's own llama-imatrix on `model` with our chunking: -c = -b = -ub (one sequence per decode)."""
+    from llama_tools import llama_tool
+
+    text = tmp_path / "calibration.txt"
+    text.write_text(default_text(), encoding="utf-8")
+    out = tmp_path / "ref.imatrix.gguf"
+    cmd = [str(llama_tool("llama-imatrix")), "-m", str(model), "-f", str(text), "-o", str(out),
+           "-c", str(N_CTX), "-b", str(N_CTX), "-ub", str(N_CTX), "--chunks", str(N_CHUNKS), "--no-ppl", "-t", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read_imatrix(out)
+
+
+def assert_same_statistics(ours, ref) -> None:
+    assert set(ref.entries) == set(ours.entries)
+    assert (ref.chunk_count, ref.chunk_size) == (ours.chunk_count, ours.chunk_size)
+    for name, e in ref.entries.items():
+        assert e.counts.tolist() == ours.entries[name].counts.tolist(), name
+        np.testing.assert_allclose(ours.entries[name].sums, e.sums, rtol=2e-5, err_msg=name)
+
+
 @pytest.fixture(scope="module")
 def collected(tiny_model, tiny_gguf_f16):
     run = ImatrixRun(tiny_gguf_f16, N_CTX)
@@ -98,22 +120,8 @@ def test_equal_to_llama_imatrix(tiny_gguf_f16, collected, tmp_path):
     """llama.cpp's own tool, built from the vendored sources, on the same file, text and chunking
     (-b = -c: one sequence per decode, as ours; measured: 5e-6 apart. With llama-imatrix's default
     -b 2048 it packs many chunks per decode and the attention rounds differently: 1e-3.)"""
-    from llama_tools import llama_tool
-
     _, ours = collected
-    text = tmp_path / "calibration.txt"
-    text.write_text(default_text(), encoding="utf-8")
-    out = tmp_path / "ref.imatrix.gguf"
-    cmd = [str(llama_tool("llama-imatrix")), "-m", str(tiny_gguf_f16), "-f", str(text), "-o", str(out),
-           "-c", str(N_CTX), "-b", str(N_CTX), "-ub", str(N_CTX), "--chunks", str(N_CHUNKS), "--no-ppl", "-t", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ref = read_imatrix(out)
-    assert set(ref.entries) == set(ours.entries)
-    assert (ref.chunk_count, ref.chunk_size) == (ours.chunk_count, ours.chunk_size)
-    for name, e in ref.entries.items():
-        assert e.counts.tolist() == ours.entries[name].counts.tolist(), name
-        np.testing.assert_allclose(ours.entries[name].sums, e.sums, rtol=2e-5, err_msg=name)
+    assert_same_statistics(ours, llama_imatrix(tiny_gguf_f16, tmp_path))
 
 
 @pytest.mark.integration
@@ -208,18 +216,5 @@ def test_moe_experts_get_their_own_sums_and_counts(moe):
 
 @pytest.mark.integration
 def test_moe_equal_to_llama_imatrix(moe, tmp_path):
-    from llama_tools import llama_tool
-
     path, ours = moe
-    text = tmp_path / "calibration.txt"
-    text.write_text(default_text(), encoding="utf-8")
-    out = tmp_path / "ref.imatrix.gguf"
-    cmd = [str(llama_tool("llama-imatrix")), "-m", str(path), "-f", str(text), "-o", str(out),
-           "-c", str(N_CTX), "-b", str(N_CTX), "-ub", str(N_CTX), "--chunks", str(N_CHUNKS), "--no-ppl", "-t", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ref = read_imatrix(out)
-    assert set(ref.entries) == set(ours.entries)
-    for name, e in ref.entries.items():
-        assert e.counts.tolist() == ours.entries[name].counts.tolist(), name
-        np.testing.assert_allclose(ours.entries[name].sums, e.sums, rtol=2e-5, err_msg=name)
+    assert_same_statistics(ours, llama_imatrix(path, tmp_path))
