@@ -2,15 +2,16 @@
 
     python benchmarks/run_all.py [--size 1b|7b|tiny] [--quants q4_k_m,q8_0,q4_0]
                                  [--chat-model M.gguf] [--chat-n 256] [--chat-repeats 10]
-                                 [--skip convert,chat,plan,hub] [--out benchmarks/RESULTS.md]
+                                 [--skip convert,chat,plan,hub,imatrix] [--out benchmarks/RESULTS.md]
 
 Each benchmark runs as its own process (so peak-memory numbers are its own):
   convert.py --size S --quants Q --json F   ours vs vendored convert_hf_to_gguf.py + quantize
   chat.py [MODEL] -n N --repeats R --json   chat -p tokens/s vs raw llama-cpp-python
   plan.py                                   planner latency and prediction error (its text, verbatim)
   hub.py --size S --quants Q1               convert org/name: streaming vs download-then-convert (first quant)
+  imatrix.py                                KLD with/without our imatrix on Gemma 3 270M, --calibrate time (verbatim)
 The defaults are the issue's sizes (1B model, 256 tokens, 10 repeats); `--size tiny
---chat-n 16 --chat-repeats 2 --skip plan` checks the plumbing in well under a minute.
+--chat-n 16 --chat-repeats 2 --skip plan,imatrix` checks the plumbing in well under a minute.
 A benchmark that fails or is missing is reported in RESULTS.md and the exit code is 1.
 convert.py needs LLAMA_CPP_VENDOR (the Makefile sets it).
 """
@@ -148,6 +149,10 @@ def run_hub(args: argparse.Namespace) -> str:
     return _run(argv + (["--work", str(args.work)] if args.work else []))
 
 
+def run_imatrix(args: argparse.Namespace) -> str:
+    return _run([str(HERE / "imatrix.py")])
+
+
 # --------------------------------------------------------------------------
 # Markdown
 # --------------------------------------------------------------------------
@@ -213,6 +218,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
         "chat": "Chat: `alpaca-local chat -p` tokens/s against raw llama-cpp-python",
         "plan": "Plan: latency and prediction error against llama.cpp's buffers",
         "hub": "Hub: `convert org/name` streaming against download-then-convert",
+        "imatrix": "Imatrix: KLD with and without our importance matrix on real weights; --calibrate time",
     }
     for name, title in titles.items():
         lines += ["", f"## {title}", ""]
@@ -241,16 +247,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chat-model", type=Path, help="chat.py model (default: its own, Gemma 3 270M)")
     ap.add_argument("--chat-n", type=int, default=256, help="chat.py tokens per run (default 256)")
     ap.add_argument("--chat-repeats", type=int, default=10, help="chat.py runs per path (default 10)")
-    ap.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: convert, chat, plan, hub")
+    ap.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: convert, chat, plan, hub, imatrix")
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="markdown file to write")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = skip - {"convert", "chat", "plan", "hub"}
+    unknown = skip - {"convert", "chat", "plan", "hub", "imatrix"}
     if unknown:
-        ap.error(f"--skip {min(unknown)!r}: choose from convert, chat, plan, hub")
+        ap.error(f"--skip {min(unknown)!r}: choose from convert, chat, plan, hub, imatrix")
     results: dict[str, object] = {}
-    for name, fn in (("convert", run_convert), ("chat", run_chat), ("plan", run_plan), ("hub", run_hub)):
+    for name, fn in (("convert", run_convert), ("chat", run_chat), ("plan", run_plan), ("hub", run_hub),
+                     ("imatrix", run_imatrix)):
         if name in skip:
             continue
         try:

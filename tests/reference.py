@@ -42,14 +42,59 @@ def reference_f16(src: Path, out: Path) -> Path:
     return out
 
 
-def reference_quantize(f16: Path, out: Path, quant: str) -> Path:
+def reference_quantize(f16: Path, out: Path, quant: str, imatrix: Path | None = None) -> Path:
+    """llama_model_quantize with default parameters; with `imatrix`, set up as
+    tools/quantize/quantize.cpp does for `--imatrix FILE` (the per-tensor map and the
+    quantize.imatrix.* kv_overrides)."""
+    import ctypes
+
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(QUANTS[quant])
+    keep = []  # ctypes buffers must outlive the call
+    if imatrix is not None:
+        data, datasets, chunks = load_imatrix_like_quantize(imatrix)
+        entries = (llama_cpp.llama_model_imatrix_data * (len(data) + 1))()
+        for i, (name, values) in enumerate(data.items()):
+            arr = (ctypes.c_float * len(values))(*values.tolist())
+            keep.append(arr)
+            entries[i].name, entries[i].data, entries[i].size = name.encode(), ctypes.cast(arr, ctypes.POINTER(ctypes.c_float)), len(values)
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        kv = [("quantize.imatrix.file", str(imatrix))]
+        if datasets:
+            kv.append(("quantize.imatrix.dataset", datasets[0]))
+        kv.append(("quantize.imatrix.entries_count", len(data)))
+        if chunks > 0:
+            kv.append(("quantize.imatrix.chunks_count", chunks))
+        overrides = (llama_cpp.llama_model_kv_override * (len(kv) + 1))()
+        for o, (key, value) in zip(overrides, kv):
+            o.key = key.encode()
+            if isinstance(value, str):
+                o.tag, o.value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()[:127]
+            else:
+                o.tag, o.value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, value
+        params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+        keep += [entries, overrides]
     rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), params)
     assert rc == 0, f"llama_model_quantize failed with {rc}"
     return out
+
+
+def load_imatrix_like_quantize(path: Path) -> tuple[dict[str, np.ndarray], list[str], int]:
+    """quantize.cpp's load_imatrix for a GGUF imatrix, through gguf-py (independent of our reader):
+    name -> in_sum2 / count per matrix (1.0 where the count is 0), the datasets, the chunk count."""
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1) for t in reader.tensors}
+    data = {}
+    for name in sorted(n[: -len(".in_sum2")] for n in tensors if n.endswith(".in_sum2")):
+        sums, counts = tensors[name + ".in_sum2"], np.rint(tensors[name + ".counts"]).astype(np.float32)
+        ne0 = sums.size // counts.size
+        data[name] = np.concatenate([sums[j * ne0:(j + 1) * ne0] / c if c > 0 else np.ones(ne0, np.float32)
+                                     for j, c in enumerate(counts)]).astype(np.float32)
+    datasets = list(reader.fields["imatrix.datasets"].contents()) if "imatrix.datasets" in reader.fields else []
+    chunks = int(reader.fields["imatrix.chunk_count"].contents()) if "imatrix.chunk_count" in reader.fields else 0
+    return data, datasets, chunks
 
 
 def reference_file(src: Path, workdir: Path, quant: str) -> Path:

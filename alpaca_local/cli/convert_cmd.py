@@ -25,6 +25,8 @@ EXAMPLES = """examples:
   alpaca-local convert Qwen/Qwen2.5-0.5B-Instruct        # stream from the Hub
   alpaca-local convert chavinlo/alpaca-native@main --download  # keep the weights in the HF cache
   alpaca-local convert Qwen/Qwen2.5-0.5B-Instruct --offline    # from the HF cache, no network
+  alpaca-local convert ./alpaca-7b --imatrix imatrix.gguf # importance-weighted, as llama-quantize --imatrix
+  alpaca-local convert ./alpaca-7b --calibrate            # compute the imatrix first (built-in text), then quantize
 
 quant levels (quality vs size, LLaMA 7B): f16 13.5 GB, q8_0 7.2 GB,
 q5_k_m 4.8 GB, q4_k_m 4.1 GB (recommended), q4_0 3.8 GB.
@@ -50,6 +52,16 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
         "--threads", type=int, metavar="N", default=None,
         help="quantize with N threads (default: all cores)",
     )
+    p.add_argument(
+        "--imatrix", metavar="FILE", type=Path,
+        help="importance matrix (GGUF or legacy .dat, from `alpaca-local imatrix` or llama-imatrix)",
+    )
+    p.add_argument(
+        "--calibrate", metavar="TEXT", nargs="?", const="", default=None,
+        help="compute an importance matrix on TEXT (default: the built-in calibration text) "
+             "from a temporary f16 (q8_0 if memory is short) of SRC, then quantize with it; "
+             "the temporaries are removed whatever happens",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
     hub = p.add_mutually_exclusive_group()
     hub.add_argument("--download", action="store_true",
@@ -57,16 +69,16 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     hub.add_argument("--offline", action="store_true", help="Hub id: use only the HF cache, no network")
 
 
-def open_source(arg: str, quant: str, download: bool = False, offline: bool = False):
+def open_source(arg: str, quant: str, download: bool = False, offline: bool = False, imatrix: Path | None = None):
     """(plan, Hub source or None) for a folder or a Hub id; the caller closes the source."""
     from alpaca_local.convert.pipeline import plan_conversion
     from alpaca_local.source.hub import resolve_source
 
     src = resolve_source(arg, download=download, offline=offline)
     if isinstance(src, Path):
-        return plan_conversion(src, quant), None
+        return plan_conversion(src, quant, imatrix=imatrix), None
     try:
-        return plan_conversion(src.folder, quant, weights=src.weights(), name=src.name), src
+        return plan_conversion(src.folder, quant, weights=src.weights(), name=src.name, imatrix=imatrix), src
     except BaseException:
         src.close()
         raise
@@ -75,25 +87,99 @@ def open_source(arg: str, quant: str, download: bool = False, offline: bool = Fa
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from alpaca_local.convert.pipeline import convert
+    from alpaca_local.convert.pipeline import plan_conversion
     from alpaca_local.errors import UsageError
 
     if args.threads is not None and not 1 <= args.threads <= 1024:
         raise UsageError(f"--threads {args.threads} is out of range; give 1 to 1024")
     err = Console(stderr=True)
-    plan, hub = open_source(args.source, args.quant, args.download, args.offline)
-    for note in plan.notes:
-        err.print(f"note: {note}", highlight=False, soft_wrap=True)
-    check = hub.verify if hub else None
+    if args.calibrate is None:
+        return _convert_and_report(args, err, args.imatrix)
+    if args.imatrix is not None:
+        raise UsageError("give either --imatrix FILE or --calibrate [TEXT], not both")
+    if not Path(args.source).exists():
+        # The calibration run needs the model on disk twice over (a temporary f16/q8_0 of it).
+        raise UsageError("--calibrate needs a local model folder; fetch the Hub model first "
+                         f"(alpaca-local convert {args.source} --download keeps it in the HF cache)")
+    from alpaca_local.convert.atomic import check_target
+    from alpaca_local.convert.pipeline import default_output
+
+    # Everything that can be refused is refused before the (long) calibration run.
+    if args.quant == "f16":
+        raise UsageError("--calibrate only applies to quantized levels (q8_0, q4_0, q4_k_m, q5_k_m), not f16")
+    args.source = Path(args.source)
+    plain = plan_conversion(args.source, args.quant, None)
+    if args.output is None:
+        args.output = default_output(plain, Path("models"))
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+    check_target(args.output, args.force, need_bytes=plain.tensor_bytes)
+    return _calibrate_and_convert(args, err)
+
+
+def _calibrate_and_convert(args: argparse.Namespace, err) -> int:
+    """Temporary f16/q8_0 -> imatrix -> final level; the temporaries go whatever happens."""
+    import dataclasses
+    from contextlib import ExitStack
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from alpaca_local.cli.quality_cmd import _read_text
+    from alpaca_local.convert.pipeline import plan_conversion
+    from alpaca_local.measure.calibrate import CalibrationHooks, calibration
+
+    text_path = Path(args.calibrate) if args.calibrate else None
+    text = _read_text(text_path) if text_path else None
+    columns = (TextColumn("[bold]{task.description:<28}"), BarColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with ExitStack() as temporaries:
+        # One live display for both calibration steps; closed before the final convert's bar.
+        with Progress(*columns, console=err, disable=args.json or not err.is_terminal) as bar:
+
+            def convert_progress(total: int):
+                task = bar.add_task("temporary model", total=total, info="")
+                return lambda name, nbytes: bar.update(
+                    task, advance=nbytes, info=f"{bar.tasks[task].completed / 1e6:,.0f}/{total / 1e6:,.0f} MB")
+
+            def chunk_progress(n: int):
+                task = bar.add_task("imatrix chunks", total=n, info="")
+                return lambda done: bar.update(task, completed=done.index, info=(
+                    f"{done.index}/{n} chunks, {done.tokens / max(done.seconds, 1e-9):,.0f} tok/s"))
+
+            hooks = CalibrationHooks(stage=lambda line: None, convert_progress=convert_progress,
+                                     chunk_progress=chunk_progress)
+            imatrix = temporaries.enter_context(calibration(
+                args.source, args.output.parent, text, str(text_path) if text_path else None,
+                threads=args.threads, hooks=hooks,
+            ))
+        plan = plan_conversion(args.source, args.quant, imatrix)
+        # The imatrix file is a temporary: name what it was computed on instead.
+        kv = {**dict(plan.imatrix_kv), "quantize.imatrix.file": f"calibrate:{text_path or 'built-in text'}"}
+        return _report(dataclasses.replace(plan, imatrix_kv=tuple(kv.items())), None, args, err)
+
+
+def _convert_and_report(args: argparse.Namespace, err, imatrix: Path | None) -> int:
+    """A folder or a Hub id → plan → convert; the Hub source is closed whatever happens."""
+    plan, hub = open_source(args.source, args.quant, args.download, args.offline, imatrix)
     try:
-        if args.json:
-            result = convert(plan.source, args.output, args.quant, args.force, plan=plan, workers=args.threads,
-                             check_source=check)
-        else:
-            result = _convert_with_progress(plan, args, err, check)
+        return _report(plan, hub, args, err)
     finally:
         if hub:
             hub.close()
+
+
+def _report(plan, hub, args: argparse.Namespace, err) -> int:
+    from rich.console import Console
+
+    from alpaca_local.convert.pipeline import convert
+
+    for note in plan.notes:
+        err.print(f"note: {note}", highlight=False, soft_wrap=True)
+    check = hub.verify if hub else None
+    if args.json:
+        result = convert(plan.source, args.output, args.quant, args.force, plan=plan, workers=args.threads,
+                         check_source=check)
+    else:
+        result = _convert_with_progress(plan, args, err, check)
     summary = {
         "output": str(result.output),
         "quant": result.quant,
@@ -102,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(result.seconds, 2),
         "peak_memory_bytes": result.peak_rss_bytes,
         "notes": list(plan.notes),
+        "imatrix": dict(plan.imatrix_kv) or None,
     }
     if hub:  # a Hub id: which commit was converted, and what came over the network for the weights
         summary["hub"] = {"repo": hub.hub_id.repo_id, "commit": hub.commit, "streamed": hub.stream,
@@ -154,6 +241,10 @@ def _print_summary(summary: dict, plan, console) -> None:
         how = f"streamed, {hub['fetched_bytes'] / 1e6:,.1f} MB fetched" if hub["streamed"] else "from the HF cache"
         table.add_row("source", f"{hub['repo']} @ {hub['commit'][:12]} ({how})")
     table.add_row("quant", summary["quant"].upper())
+    if summary["imatrix"]:
+        imat = summary["imatrix"]
+        chunks = f", {imat['quantize.imatrix.chunks_count']} chunks" if "quantize.imatrix.chunks_count" in imat else ""
+        table.add_row("imatrix", f"{imat['quantize.imatrix.file']} ({imat['quantize.imatrix.entries_count']} entries{chunks})")
     table.add_row("size", f"{summary['size_bytes'] / 1e6:,.1f} MB")
     table.add_row("tensors", str(summary["tensors"]))
     table.add_row("time", f"{summary['seconds']:.1f} s")

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("alpaca_local.cli.convert_cmd", "turn a Hugging Face model folder into one GGUF file"),
     "plan": ("alpaca_local.cli.plan_cmd", "say which quant level fits your GPU, and the memory it takes"),
     "chat": ("alpaca_local.cli.chat_cmd", "talk to a GGUF model in the Stanford Alpaca prompt format"),
+    "imatrix": ("alpaca_local.cli.imatrix_cmd", "compute an importance matrix for better quantization (llama-imatrix)"),
     "quality": ("alpaca_local.cli.quality_cmd", "measure what each quant level costs and loses against f16"),
     "serve": ("alpaca_local.cli.serve_cmd", "serve a model on an OpenAI-compatible HTTP API, in the Alpaca format"),
     "modelfile": ("alpaca_local.cli.modelfile_cmd", "write an Ollama Modelfile for a converted model"),

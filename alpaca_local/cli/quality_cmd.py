@@ -36,6 +36,7 @@ EXAMPLES = """examples:
   alpaca-local quality models/alpaca-7b.F16.gguf --quants q4_k_m,q8_0 --text notes.txt
   alpaca-local quality ./alpaca-7b --json > quality.json
   alpaca-local quality ./alpaca-7b --plot quality.png       # needs: pip install 'alpaca-local[plot]'
+  alpaca-local quality ./alpaca-7b --quants q4_k_m --imatrix alpaca.imatrix.gguf   # plain vs imatrix
 
 The default text (alpaca_local/data/eval.txt) is short: for numbers you can compare
 with published ones, give a long text such as wikitext-2's test set with --text.
@@ -58,6 +59,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for llama.cpp (default: its own choice)")
     p.add_argument("--gen-tokens", type=int, default=DEFAULT_GEN_TOKENS, metavar="N",
                    help=f"tokens generated to time generation (default: {DEFAULT_GEN_TOKENS})")
+    p.add_argument("--imatrix", type=Path, metavar="FILE",
+                   help="also measure each level quantized with this importance matrix, side by side")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="also draw quality against size (needs matplotlib)")
 
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     with err.status("starting", spinner="dots") as status:
         report = measure_quality(
             args.source, quants, text, args.ctx, args.work, args.threads, args.gen_tokens,
-            status=lambda line: status.update(line),
+            status=lambda line: status.update(line), imatrix=args.imatrix,
         )
     if args.plot is not None:
         write_plot(report, args.plot)
@@ -149,6 +152,23 @@ def write_plot(report: QualityReport, path: Path) -> None:
     plt.close(fig)
 
 
+def imatrix_comparison(report: QualityReport) -> list[str]:
+    """One line per level measured with and without an imatrix: KLD and size ratios."""
+    from alpaca_local.measure.quality import IMATRIX_TAG
+
+    plain = {lv.quant: lv for lv in report.levels}
+    lines = []
+    for lv in report.levels:
+        base = plain.get(lv.quant.removesuffix(IMATRIX_TAG)) if lv.quant.endswith(IMATRIX_TAG) else None
+        if base is not None and base.stats.mean_kld > 0:
+            lines.append(
+                f"{lv.quant}: mean KLD {lv.stats.mean_kld / base.stats.mean_kld:.2f}x, PPL/f16 "
+                f"{lv.stats.ppl_ratio:.4f} vs {base.stats.ppl_ratio:.4f}, same top {100 * lv.stats.same_top:.2f}% vs "
+                f"{100 * base.stats.same_top:.2f}%, size {lv.size_bytes / base.size_bytes:.3f}x of plain {base.quant}"
+            )
+    return lines
+
+
 def _print_table(report: QualityReport, console: Console) -> None:
     from rich import box
     from rich.console import Console
@@ -177,6 +197,8 @@ def _print_table(report: QualityReport, console: Console) -> None:
         f"{report.n_scored} scored: the second half of each chunk, as llama-perplexity --kl-divergence. "
         "KLD in nats against f16; prompt t/s from the scoring passes (logits for every position)."
     )
+    for line in imatrix_comparison(report):
+        console.print(line)
     if report.n_scored < KLD_MIN_COUNT:
         console.print(f"[yellow]only {report.n_scored} scored tokens: llama.cpp prints no statistics below "
                       f"{KLD_MIN_COUNT}; use a longer --text or a smaller --ctx")

@@ -63,6 +63,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+# For other long steps that must clean up on SIGTERM too (measure/calibrate.py's temporaries).
+sigterm_as_interrupt = _sigterm_as_interrupt
+
 _WRITE_ERRNOS = {
     errno.ENOSPC: "disk full",
     errno.EDQUOT: "disk quota exceeded",

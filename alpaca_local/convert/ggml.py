@@ -21,7 +21,8 @@ from gguf import GGMLQuantizationType
 from alpaca_local.errors import AlpacaError
 from alpaca_local.convert.quant_rules import row_nbytes
 
-# Types this module may be asked for; all need no importance matrix.
+# Types this module may be asked for; none *requires* an importance matrix
+# (ggml_quantize_requires_imatrix), but most use one when given (see quantize_rows).
 SUPPORTED = {
     GGMLQuantizationType.F32,
     GGMLQuantizationType.F16,
@@ -71,8 +72,21 @@ def _lib() -> ctypes.CDLL:
     raise GGMLUnavailable(f"no ggml library with ggml_quantize_chunk found in {lib_dir}; reinstall llama-cpp-python")
 
 
-def quantize_rows(values: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
-    """Quantize a 2-D float32 array row by row into ggml's byte layout (uint8, rows × row bytes)."""
+def library() -> ctypes.CDLL:
+    """The ggml base library llama-cpp-python ships (also used by measure/imatrix.py's eval callback)."""
+    return _lib()
+
+
+def quantize_rows(
+    values: np.ndarray, ggml_type: GGMLQuantizationType, imatrix: np.ndarray | None = None
+) -> np.ndarray:
+    """Quantize a 2-D float32 array row by row into ggml's byte layout (uint8, rows × row bytes).
+
+    `imatrix`: one float32 importance weight per column (llama-quantize's per-tensor
+    vector), passed to ggml_quantize_chunk as `quant_weights`; ggml's quantizers for
+    Q4_0/Q4_1/Q5_0/Q5_1 and the K-quants weight their error search with it, Q8_0 and
+    the float types ignore it.
+    """
     if ggml_type not in SUPPORTED:
         raise ValueError(f"quantizing to {ggml_type.name} is not supported")
     if values.ndim != 2 or values.dtype != np.float32:
@@ -80,6 +94,11 @@ def quantize_rows(values: np.ndarray, ggml_type: GGMLQuantizationType) -> np.nda
     n_rows, n_per_row = values.shape
     row_bytes = row_nbytes(ggml_type, n_per_row)  # raises before ggml could abort
     src = np.ascontiguousarray(values)
+    weights = None
+    if imatrix is not None:
+        weights = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if weights.shape != (n_per_row,):
+            raise ValueError(f"imatrix has {weights.size} values for rows of {n_per_row}")
     out = np.empty((n_rows, row_bytes), dtype=np.uint8)
     if n_rows == 0 or n_per_row == 0:
         return out
@@ -87,7 +106,8 @@ def quantize_rows(values: np.ndarray, ggml_type: GGMLQuantizationType) -> np.nda
     if lib.ggml_row_size(int(ggml_type), n_per_row) != row_bytes:
         raise GGMLUnavailable(f"ggml disagrees with gguf on the size of {ggml_type.name}; versions do not match")
     written = lib.ggml_quantize_chunk(
-        int(ggml_type), src.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, None
+        int(ggml_type), src.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row,
+        None if weights is None else weights.ctypes.data,
     )
     if written != out.nbytes:
         raise RuntimeError(f"ggml wrote {written} bytes for {ggml_type.name}, expected {out.nbytes}")

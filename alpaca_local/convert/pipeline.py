@@ -36,8 +36,9 @@ from alpaca_local.convert.architectures import (
     map_name,
 )
 from alpaca_local.convert.atomic import atomic_write, check_target
+from alpaca_local.convert.imatrix_file import check_against_model, quantize_kv, read_imatrix
 from alpaca_local.source.config import ModelConfig, load_config
-from alpaca_local.errors import InputError
+from alpaca_local.errors import InputError, UsageError
 from alpaca_local.convert.ggml import quantize_rows
 from alpaca_local.source.weights import read_weights
 from alpaca_local.template import ALPACA_CHAT_TEMPLATE
@@ -93,6 +94,8 @@ class TensorJob:
     # Added elementwise in the source's precision before quantizing (Gemma's
     # norm weights: 1 + w); works on any row chunk.
     offset: float = 0.0
+    # Per-column importance (llama-quantize --imatrix), float32 of the row length.
+    imatrix: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -113,6 +116,8 @@ class ConversionPlan:
     vocab: Vocab
     jobs: tuple[TensorJob, ...]
     notes: tuple[str, ...] = ()  # one-line facts the user should see (a skipped vision tower)
+    # quantize.imatrix.* keys llama-quantize writes when given an imatrix: (key, value).
+    imatrix_kv: tuple[tuple[str, str | int], ...] = ()
 
     @property
     def tensor_bytes(self) -> int:
@@ -200,18 +205,25 @@ def _load_vocab(source: Path, arch: Architecture, cfg: ModelConfig) -> Vocab:
 
 
 def plan_conversion(
-    source: Path, quant: str, weights: dict[str, TensorRef] | None = None, name: str | None = None
+    source: Path, quant: str, imatrix: Path | None = None, *,
+    weights: dict[str, TensorRef] | None = None, name: str | None = None,
 ) -> ConversionPlan:
     """Check the whole input and decide every output tensor, without touching the data.
 
-    `weights` and `name` come from a Hub source (`source.hub.HubSource`): its tensors
-    (streamed or cached) and the repository's name; `source` then holds the small files.
+    `imatrix`: an importance-matrix file (GGUF or legacy .dat), used as
+    `llama-quantize --imatrix` uses it: it changes a few type choices and weights
+    the quantizers' error search. `weights` and `name` come from a Hub source
+    (`source.hub.HubSource`): its tensors (streamed or cached) and the repository's
+    name; `source` then holds the small files.
     """
+    if imatrix is not None and quant == "f16":
+        raise UsageError("--imatrix only applies to quantized levels (q8_0, q4_0, q4_k_m, q5_k_m), not f16")
     if not source.exists():
         raise InputError(f"{source} does not exist; give the path of a Hugging Face model folder")
     if not source.is_dir():
         raise InputError(f"{source} is not a folder; give the Hugging Face model folder that holds config.json")
     quant_rules.file_type(quant)  # unknown quant names fail before any reading
+    imat = read_imatrix(imatrix) if imatrix is not None else None
     cfg = load_config(source, SUPPORTED, CONFIG_DEFAULTS)
     arch = ARCHITECTURES[cfg.hf_arch]
     arch.check(cfg)
@@ -226,18 +238,29 @@ def plan_conversion(
         vocab.chat_template = ALPACA_CHAT_TEMPLATE
     facts = quant_rules.ModelFacts(arch=arch.arch_name, n_layer=cfg.n_layer, n_head=cfg.n_head, n_head_kv=cfg.n_kv_head)
     specs = [quant_rules.TensorSpec(name=f"{name}", shape=ref.shape) for ref, name, _ in tensors]
-    types = quant_rules.choose_types(specs, quant, facts)
+    types = quant_rules.choose_types(specs, quant, facts, has_imatrix=imat is not None)
+    importance: dict[str, np.ndarray] = {}
+    imatrix_kv: tuple[tuple[str, str | int], ...] = ()
+    if imat is not None:
+        check_against_model(imat, imatrix, {name: ref.shape[-1] for ref, name, _ in tensors if len(ref.shape) == 2})
+        importance = imat.importance()
+        imatrix_kv = quantize_kv(imatrix, imat)
     jobs = [
         TensorJob(
             ref, name, kind, ggml_type,
             rope_head_dim=cfg.head_dim if kind in arch.rope_permuted else None,
             offset=arch.norm_offset if ref.name.endswith("norm.weight") else 0.0,
+            imatrix=importance.get(name) if ggml_type not in _FLOAT_TYPES else None,
         )
         for (ref, name, kind), ggml_type in zip(tensors, types)
     ]
     if quant != "f16":  # an f16 file is the converter's output; quantize rewrites it in its own order
         jobs.sort(key=lambda job: _llama_cpp_order(job.name))
-    return ConversionPlan(source, name or source.resolve().name, quant, cfg, arch, vocab, tuple(jobs), notes)
+    return ConversionPlan(source, name or source.resolve().name, quant, cfg, arch, vocab, tuple(jobs), notes,
+                          imatrix_kv)
+
+
+_FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
 
 
 def default_output(plan: ConversionPlan, models_dir: Path) -> Path:
@@ -256,6 +279,11 @@ def _header_writer(plan: ConversionPlan, path: Path) -> gguf.GGUFWriter:
     w.add_file_type(quant_rules.file_type(plan.quant))
     if plan.quant != "f16":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value in plan.imatrix_kv:  # INT overrides are written as u32 (llama-quant.cpp:1039)
+        if isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_uint32(key, value)
     plan.vocab.add_to(w)
     for job in plan.jobs:
         # A float dtype makes gguf-py take `shape` as the element shape (uint8 would mean bytes).
@@ -320,7 +348,9 @@ def _encode(job: TensorJob, raw: np.ndarray) -> bytes:
         rows = _add_offset(rows, job.offset, src.dtype)
     if job.rope_head_dim:
         rows = _rope_permute(rows, job.rope_head_dim)
-    return quantize_rows(rows, job.ggml_type).tobytes()
+    if job.imatrix is None:
+        return quantize_rows(rows, job.ggml_type).tobytes()
+    return quantize_rows(rows, job.ggml_type, job.imatrix).tobytes()
 
 
 def _read_order(plan: ConversionPlan, data_start: int) -> list[tuple[TensorJob, int]]:
@@ -424,6 +454,7 @@ def convert(
     workers: int | None = None,
     plan: ConversionPlan | None = None,
     check_source: Callable[[], None] | None = None,
+    imatrix: Path | None = None,
 ) -> ConvertResult:
     """Convert `source` into one GGUF file; the output appears only when complete.
 
@@ -431,7 +462,7 @@ def convert(
     its name (a streamed source's hash check): if it raises, nothing is left.
     """
     t0 = time.perf_counter()
-    plan = plan or plan_conversion(source, quant)
+    plan = plan or plan_conversion(source, quant, imatrix)
     if output is None:
         output = default_output(plan, models_dir)
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -209,19 +209,21 @@ def f16_type(spec: TensorSpec, facts: ModelFacts) -> GGMLQuantizationType:
 
 
 def choose_types(
-    tensors: Sequence[TensorSpec], quant: str, facts: ModelFacts
+    tensors: Sequence[TensorSpec], quant: str, facts: ModelFacts, has_imatrix: bool = False
 ) -> list[GGMLQuantizationType]:
     """Final GGML type per tensor, in the order given.
 
     `tensors` must be the model's complete tensor list (the rules count
     attn_v tensors and look for output.weight); any order is accepted, see
-    the module docstring.
+    the module docstring. `has_imatrix`: llama-quantize was given an
+    importance matrix (qs.has_imatrix), which changes a few choices.
     """
     ftype = file_type(quant)
     step1 = [f16_type(t, facts) for t in tensors]
     if ftype == F.MOSTLY_F16:
         return step1
     state = _QuantState.start([t.name for t in tensors], facts)
+    state.has_imatrix = has_imatrix
     result = list(step1)
     for i in llama_quantize_order([t.name for t in tensors]):
         result[i] = _quantize_type(state, tensors[i], step1[i], ftype, facts)
@@ -282,6 +284,7 @@ class _QuantState:
     i_ffn_up: int = 0
     n_fallback: int = 0
     has_tied_embeddings: bool = True
+    has_imatrix: bool = False
     fallbacks: list[str] = field(default_factory=list)
 
     @classmethod
@@ -384,7 +387,7 @@ def _quantize_type(
     # The preliminary loop of llama_model_quantize_impl (llama-quant.cpp:1111-1127)
     # plus llama_tensor_get_type (llama-quant.cpp:717), default params:
     # no --output-tensor-type / --token-embedding-type / --tensor-type,
-    # not --pure, no imatrix.
+    # not --pure; with or without an imatrix (state.has_imatrix).
     if not _allows_quantization(spec, facts.arch):
         return cur_type  # llama-quant.cpp:719/1126: keeps the input file's type
     new_type = _DEFAULT_TYPE[ftype]
@@ -458,7 +461,9 @@ def _get_type_impl(
                 new_type = T.Q6_K
         elif ftype == F.MOSTLY_Q5_K_M and _use_more_bits(i_layer, n_layer):  # :657
             new_type = T.Q6_K
-        # :661: Q4_0 -> Q4_1 on early layers needs an imatrix; we have none.
+        elif ftype == F.MOSTLY_Q4_0 and qs.has_imatrix and i_layer < n_layer // 8:  # :661
+            # "Guard against craziness in the first few ffn_down layers", only with an imatrix.
+            new_type = T.Q4_1
         qs.i_ffn_down += 1
     elif cat == _ATTN_OUTPUT:  # :669
         if arch != _FALCON and n_expert == 8 and ftype == F.MOSTLY_Q4_K_M:  # :671-677

@@ -58,6 +58,7 @@ DEFAULT_CTX = 512  # llama-perplexity's usual -c for these tables
 MIN_CTX = 16
 DEFAULT_GEN_TOKENS = 32
 BASELINE = "f16"
+IMATRIX_TAG = "+imatrix"  # level label of a file quantized with an importance matrix
 KLD_LOG_P_FLOOR = -16.0  # perplexity.cpp:230 skips f16 probabilities below e^-16
 KLD_MIN_COUNT = 100  # perplexity.cpp:1887 prints no statistics for fewer scored tokens
 
@@ -209,8 +210,9 @@ def _newest_mtime(folder: Path) -> float:
     return max((f.stat().st_mtime for f in folder.iterdir() if f.is_file()), default=0.0)
 
 
-def _level_path(work: Path, name: str, quant: str) -> Path:
-    return work / f"{name}.{QUANT_FILE_SUFFIX[quant]}.gguf"
+def _level_path(work: Path, name: str, quant: str, imatrix: Path | None = None) -> Path:
+    tag = f".imatrix-{imatrix.stem}" if imatrix is not None else ""
+    return work / f"{name}.{QUANT_FILE_SUFFIX[quant]}{tag}.gguf"
 
 
 def check_f16_gguf(path: Path) -> None:
@@ -242,32 +244,41 @@ def prepare_baseline(source: Path, work: Path, status: Status) -> Path:
     return _from_hf(source, work, BASELINE, status)
 
 
-def prepare_level(source: Path, baseline: Path, work: Path, quant: str, threads: int | None, status: Status) -> Path:
+def prepare_level(source: Path, baseline: Path, work: Path, quant: str, threads: int | None, status: Status,
+                  imatrix: Path | None = None) -> Path:
+    """The file for one level (with `imatrix`: quantized with that importance matrix), reused when fresh."""
     if source.is_dir():
-        return _from_hf(source, work, quant, status)
-    out = _level_path(work, baseline.name.removesuffix(".gguf").removesuffix(".F16"), quant)
-    if out.exists() and out.stat().st_mtime >= baseline.stat().st_mtime:
+        return _from_hf(source, work, quant, status, imatrix)
+    out = _level_path(work, baseline.name.removesuffix(".gguf").removesuffix(".F16"), quant, imatrix)
+    if out.exists() and out.stat().st_mtime >= max(_mtime(baseline), _mtime(imatrix)):
         return out
-    status(f"quantizing {baseline.name} to {quant} (llama.cpp quantize)")
-    quantize_gguf(baseline, out, quant, threads)
+    status(f"quantizing {baseline.name} to {quant}{' with the imatrix' if imatrix else ''} (llama.cpp quantize)")
+    quantize_gguf(baseline, out, quant, threads, imatrix)
     return out
 
 
-def _from_hf(source: Path, work: Path, quant: str, status: Status) -> Path:
+def _mtime(path: Path | None) -> float:
+    return path.stat().st_mtime if path is not None else 0.0
+
+
+def _from_hf(source: Path, work: Path, quant: str, status: Status, imatrix: Path | None = None) -> Path:
     from alpaca_local.convert.pipeline import convert
 
-    out = _level_path(work, source.resolve().name, quant)
+    out = _level_path(work, source.resolve().name, quant, imatrix)
     # Reuse only a file newer than every source file, so an edited checkpoint is re-converted.
-    if out.exists() and out.stat().st_mtime >= _newest_mtime(source):
+    if out.exists() and out.stat().st_mtime >= max(_newest_mtime(source), _mtime(imatrix)):
         return out
-    status(f"converting {source.name} to {quant}")
+    status(f"converting {source.name} to {quant}{' with the imatrix' if imatrix else ''}")
     work.mkdir(parents=True, exist_ok=True)
-    convert(source, out, quant, force=True)
+    convert(source, out, quant, force=True, imatrix=imatrix)
     return out
 
 
-def quantize_gguf(src: Path, out: Path, quant: str, threads: int | None = None) -> None:
-    """llama.cpp's quantize with default parameters (what `llama-quantize SRC OUT TYPE` does)."""
+def quantize_gguf(src: Path, out: Path, quant: str, threads: int | None = None, imatrix: Path | None = None) -> None:
+    """llama.cpp's quantize with default parameters (what `llama-quantize SRC OUT TYPE` does);
+    with `imatrix`, given the per-tensor importance as `llama-quantize --imatrix` gives it."""
+    import ctypes
+
     import llama_cpp
 
     from alpaca_local.convert.atomic import atomic_write
@@ -276,6 +287,19 @@ def quantize_gguf(src: Path, out: Path, quant: str, threads: int | None = None) 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(QUANTS[quant])
     params.nthread = threads or 0  # 0: every core
+    if imatrix is not None:
+        from alpaca_local.convert.gguf_read import read_gguf_header
+        from alpaca_local.convert.imatrix_file import check_against_model, read_imatrix
+
+        imat = read_imatrix(imatrix)
+        # llama.cpp skips unknown names silently: refuse an imatrix made for another model first.
+        check_against_model(imat, imatrix, {t.name: t.shape[-1] for t in read_gguf_header(src).tensors if len(t.shape) == 2})
+        data = {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in imat.importance().items()}
+        entries = (llama_cpp.llama_model_imatrix_data * (len(data) + 1))()  # zeroed: the last one ends the list
+        for entry, (name, values) in zip(entries, data.items()):
+            entry.name, entry.size = name.encode(), values.size
+            entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     with atomic_write(out) as tmp:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0:
@@ -420,8 +444,10 @@ def measure_quality(
     threads: int | None = None,
     gen_tokens: int = DEFAULT_GEN_TOKENS,
     status: Status = lambda line: None,
+    imatrix: Path | None = None,
 ) -> QualityReport:
-    """f16 first (its logits become the reference), then each quant level against it."""
+    """f16 first (its logits become the reference), then each quant level against it; with
+    `imatrix`, each level twice: plain, then quantized with the importance matrix ("q4_k_m+imatrix")."""
     if not source.exists():
         raise InputError(f"{source} does not exist; give a Hugging Face model folder or an f16 .gguf file")
     if n_ctx < MIN_CTX:
@@ -436,8 +462,10 @@ def measure_quality(
     try:
         results = [_evaluate(baseline, BASELINE, chunks, base, n_ctx, threads, gen_tokens, status)]
         for quant in quants:
-            path = prepare_level(source, baseline, work, quant, threads, status)
-            results.append(_evaluate(path, quant, chunks, base, n_ctx, threads, gen_tokens, status))
+            for imat in (None, imatrix) if imatrix is not None else (None,):
+                path = prepare_level(source, baseline, work, quant, threads, status, imat)
+                label = f"{quant}{IMATRIX_TAG}" if imat is not None else quant
+                results.append(_evaluate(path, label, chunks, base, n_ctx, threads, gen_tokens, status))
     finally:
         base.close()
     name = source.resolve().name if source.is_dir() else source.stem

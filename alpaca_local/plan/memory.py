@@ -521,7 +521,7 @@ def shape_from_hf(folder, weights=None, name: str | None = None) -> ModelShape:
     from alpaca_local.convert import pipeline as convert  # heavy imports only for this input kind
 
     folder = Path(folder)
-    first = convert.plan_conversion(folder, LEVELS[0], weights, name)
+    first = convert.plan_conversion(folder, LEVELS[0], weights=weights, name=name)
     shape = shape_from_config(first.config, first.name, "hf")
     headers = {}
     for level in LEVELS:
