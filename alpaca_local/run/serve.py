@@ -15,6 +15,10 @@ What we add to llama-cpp-python's server, and why:
 - `RequestGuard`, an ASGI middleware: the API key (401), the body size (413) and the
   request checks (400) happen before the route runs, because once an SSE stream has
   started the status line has already said 200.
+- `fairqueue.QueueGate` behind it: one generation at a time in arrival order, 503 past
+  `--max-queue`, a departed or stalled client frees the model (`PlainTextLlama.stop_flag`).
+- `webapp`: the chat page at `/` and the `/alpaca/prompt` and `/alpaca/status` endpoints
+  it uses; `--cors-origin` for pages served elsewhere.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import hmac
 import json
 import signal
 import socket
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +37,8 @@ from typing import Any
 import llama_cpp
 
 from alpaca_local.run.chat import LlamaModel, StopFilter, load_llama, prompt_ids
+from alpaca_local.run.fairqueue import DEFAULT_MAX_WAITING, DEFAULT_SEND_TIMEOUT, FairQueue, QueueGate
+from alpaca_local.run.webapp import PUBLIC_PATHS, add_page
 from alpaca_local.errors import UsageError
 from alpaca_local.template import MARKERS, messages_to_turns, render_prompt
 
@@ -86,6 +93,7 @@ class PlainTextLlama(llama_cpp.Llama):
 
     on_prompt: OnPrompt | None = None  # --show-prompt: called with each prompt and its ids
     alias: str | None = None  # the model name responses carry (llama-cpp-python: the request's, or the path)
+    stop_flag: threading.Event  # set when the client of the running request has gone: stop at the next token
 
     def prompt_ids(self, text: str) -> list[int]:
         """chat.prompt_ids: BOS when the model asks for it, then the text, specials never parsed."""
@@ -102,6 +110,9 @@ class PlainTextLlama(llama_cpp.Llama):
         check_room(len(prompt), kwargs.get("max_tokens", 16), self.n_ctx())
         if self.alias:  # one model is served, whatever name the client asked for: say which
             kwargs["model"] = self.alias
+        flag = self.stop_flag
+        kwargs["stopping_criteria"] = llama_cpp.StoppingCriteriaList(
+            [*(kwargs.get("stopping_criteria") or []), lambda ids, logits: flag.is_set()])
         return super().create_completion(prompt, **kwargs)
 
 
@@ -115,6 +126,7 @@ def load_server_model(
         chat_handler=AlpacaChatHandler(),
     )
     llm.on_prompt = on_prompt
+    llm.stop_flag = threading.Event()
     return llm
 
 
@@ -253,7 +265,8 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key is not None and not self._authorized(headers):
+        public = scope["method"] in ("GET", "HEAD") and scope["path"] in PUBLIC_PATHS  # the page holds no secret
+        if self.api_key is not None and not public and not self._authorized(headers):
             return await _error(send, 401, "Invalid API key: send it as 'Authorization: Bearer KEY'",
                                 "invalid_api_key", {"www-authenticate": "Bearer"})
         declared = headers.get("content-length", "0")
@@ -354,12 +367,15 @@ class _OneModel:
 SERVED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
 
 
-def build_app(llm: PlainTextLlama, alias: str, api_key: str | None = None, max_body: int = MAX_BODY_BYTES):
-    """llama-cpp-python's router and request lock around our model, behind RequestGuard."""
+def build_app(llm: PlainTextLlama, alias: str, api_key: str | None = None, max_body: int = MAX_BODY_BYTES,
+              max_queue: int = DEFAULT_MAX_WAITING, send_timeout: float = DEFAULT_SEND_TIMEOUT,
+              cors_origins: tuple[str, ...] = ()):
+    """llama-cpp-python's router around our model, behind RequestGuard and the fair queue; the page at `/`."""
     from fastapi import FastAPI
     from llama_cpp.server import app as server
     from llama_cpp.server.settings import ServerSettings
     from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
     from starlette_context.middleware import RawContextMiddleware
     from starlette_context.plugins import RequestIdPlugin
 
@@ -376,18 +392,34 @@ def build_app(llm: PlainTextLlama, alias: str, api_key: str | None = None, max_b
     # without our validation, and as a plain Llama.
     server._llama_proxy = _OneModel(alias, llm)
     llm.alias = alias
+    queue = FairQueue(max_waiting=max_queue)
+    cors = [Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                       allow_headers=["authorization", "content-type"], expose_headers=["retry-after"])]
     app = FastAPI(
         title="alpaca-local", version=__version__,
         middleware=[
+            *(cors if cors_origins else []),  # outermost: preflights carry no key, errors get the headers too
             Middleware(RequestGuard, check=lambda path, req: check_request(llm, path, req),
                        api_key=api_key, max_body=max_body),
+            Middleware(QueueGate, queue=queue, send_timeout=send_timeout,
+                       on_turn=llm.stop_flag.clear, on_leave=llm.stop_flag.set),
             Middleware(RawContextMiddleware, plugins=(RequestIdPlugin(),)),
         ],
     )
+    add_page(app, render=lambda messages: _render(llm, messages),
+             status=lambda: {"model": alias, "context": llm.n_ctx(), "queue": queue.status()})
     # Only the endpoints we serve through the Alpaca template: the library's others
     # (/v1/embeddings, /extras/tokenize with special-token parsing on) stay out.
     app.router.routes.extend(r for r in server.router.routes if getattr(r, "path", None) in SERVED_PATHS)
     return app
+
+
+def _render(llm: PlainTextLlama, messages: object) -> dict:
+    """What /v1/chat/completions would send the model for these messages (Refused when it would refuse)."""
+    if not isinstance(messages, list):
+        raise Refused("messages must be a list of {role, content} objects", param="messages")
+    prompt = chat_prompt(messages)
+    return {"prompt": prompt, "tokens": len(llm.prompt_ids(prompt)), "context": llm.n_ctx()}
 
 
 def bind(host: str, port: int) -> socket.socket:
