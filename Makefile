@@ -15,7 +15,7 @@ GEMMA_GGUF := models/gemma-3-270m-q4_k_m.gguf
 # llama-cpp-python compiles llama.cpp (~5 minutes on 2 cores): use every core.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install test test-integration demo bench clean
+.PHONY: install test test-integration demo bench clean browser-deps
 
 install: $(STAMP)
 
@@ -40,6 +40,13 @@ test: $(STAMP) $(VENDOR)/convert_hf_to_gguf.py
 
 test-integration: $(STAMP) $(VENDOR)/convert_hf_to_gguf.py
 	LLAMA_CPP_VENDOR=$(VENDOR) $(PY) -m pytest -q -m integration
+
+# The browser tests (tests/test_web.py) drive Debian's chromium through chromium-driver;
+# without them they are skipped. Needs root (apt-get); .ci/run calls it.
+browser-deps:
+	@if [ "$$(id -u)" != 0 ]; then echo "make browser-deps: run as root (it calls apt-get install chromium chromium-driver)"; exit 1; fi
+	apt-get update
+	apt-get install -y chromium chromium-driver
 
 demo: $(STAMP)
 	$(PY) tests/tinymodels.py $(DEMO_SRC)

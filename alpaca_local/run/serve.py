@@ -118,11 +118,11 @@ class PlainTextLlama(llama_cpp.Llama):
 
 def load_server_model(
     path: Path, n_ctx: int = 2048, n_gpu_layers: int = 0, n_threads: int | None = None,
-    on_prompt: OnPrompt | None = None,
+    on_prompt: OnPrompt | None = None, cls: type[PlainTextLlama] = PlainTextLlama,
 ) -> PlainTextLlama:
     """Validate the file as chat does (header, trained context), then load it once, quietly."""
     llm = load_llama(
-        path, n_ctx, PlainTextLlama, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
+        path, n_ctx, cls, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
         chat_handler=AlpacaChatHandler(),
     )
     llm.on_prompt = on_prompt

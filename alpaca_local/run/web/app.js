@@ -234,6 +234,7 @@ async function send() {
         if (!choice) return true;
         if (choice.delta && choice.delta.content) {
           text += choice.delta.content;
+          bubble.box.dataset.raw = text; // the answer as the server sent it (the page shows it as Markdown)
           bubble.answer.replaceChildren(renderMarkdown(text));
           bubble.box.scrollIntoView({ block: "end" });
         }
