@@ -8,6 +8,8 @@ Alpaca chat handler, llama-cpp-python's routes and SSE, the page) except generat
 a test decides what the "model" says (HTML, Markdown) by typing it:
 - an instruction starting with "slow" gets an endless answer, one word every 50 ms,
   until max_tokens or until the client leaves (the server's stop flag);
+- "flood": max_tokens pieces of 16 KB each, as fast as they are taken (a client that
+  does not read fills its socket buffers at once);
 - anything else is echoed: "Echo: INSTRUCTION" (+ " | Input: INPUT"), streamed in
   3-character pieces.
 """
@@ -31,8 +33,8 @@ def reply_for(prompt: str) -> tuple[str, bool]:
     """(answer, slow) for the last turn of an Alpaca prompt."""
     last = prompt.rsplit("### Instruction:\n", 1)[-1].removesuffix("\n\n### Response:")
     instruction, _, extra = last.partition("\n\n### Input:\n")
-    if instruction.startswith("slow"):
-        return "", True
+    if instruction.startswith(("slow", "flood")):
+        return instruction, True
     return "Echo: " + instruction + (" | Input: " + extra if extra else ""), False
 
 
@@ -48,9 +50,13 @@ class ScriptedLlama(PlainTextLlama):
     def create_completion(self, prompt, **kwargs):  # type: ignore[override]
         max_tokens = kwargs.get("max_tokens") or 16
         text, slow = reply_for(self.last_prompt)
-        pieces = [f"word{i} " for i in range(max_tokens)] if slow else \
-            [text[i:i + 3] for i in range(0, len(text), 3)][:max_tokens]
-        finish = "length" if slow or len(text) > 3 * max_tokens else "stop"
+        if text == "flood":
+            pieces, slow = ["x" * 16384] * max_tokens, False
+        elif slow:
+            pieces = [f"word{i} " for i in range(max_tokens)]
+        else:
+            pieces = [text[i:i + 3] for i in range(0, len(text), 3)][:max_tokens]
+        finish = "length" if slow or text == "flood" or len(text) > 3 * max_tokens else "stop"
         head = {"id": "cmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": self.alias or "scripted"}
         stop = kwargs.get("stopping_criteria")
         if not kwargs.get("stream"):
@@ -64,7 +70,7 @@ class ScriptedLlama(PlainTextLlama):
             if stop is not None and stop(None, None):  # the client left: the server set the stop flag
                 finish = "stop"
                 break
-            time.sleep(WORD_SECONDS if slow else 0.01)
+            time.sleep(WORD_SECONDS if slow else 0.01 if len(piece) < 16 else 0)
             yield {**head, "object": "text_completion",
                    "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": None}]}
         yield {**head, "object": "text_completion",

@@ -49,7 +49,9 @@ class FairQueue:
     max_waiting: int = DEFAULT_MAX_WAITING
     busy: bool = False
     served: int = 0
-    refused: int = 0
+    refused: int = 0  # 503: the queue was full
+    left: int = 0  # the client went away while its answer was generated
+    stalled: int = 0  # the client stopped reading for send_timeout: dropped
     _waiters: deque = field(default_factory=deque)
     _recent: deque = field(default_factory=lambda: deque(maxlen=20))  # seconds per answer
 
@@ -95,7 +97,7 @@ class FairQueue:
 
     def status(self) -> dict:
         return {"running": int(self.busy), "waiting": self.waiting, "max_waiting": self.max_waiting,
-                "served": self.served, "refused": self.refused}
+                "served": self.served, "refused": self.refused, "left": self.left, "stalled": self.stalled}
 
 
 Receive = Callable[[], Awaitable[dict]]
@@ -149,10 +151,12 @@ class QueueGate:
         return True
 
     async def _run(self, scope: dict, body: dict, gone: asyncio.Future, send: Send) -> None:
-        slow = False
+        slow = complete = False
 
         def left(_: asyncio.Future) -> None:
-            self.on_leave()
+            if not complete:  # after a complete response, receive() says "disconnect" too
+                self.queue.left += 1
+                self.on_leave()
 
         gone.add_done_callback(left)
 
@@ -166,7 +170,8 @@ class QueueGate:
             return await asyncio.shield(gone)
 
         async def timed_send(message: dict) -> None:
-            nonlocal slow
+            nonlocal slow, complete
+            complete = message["type"] == "http.response.body" and not message.get("more_body", False)
             try:
                 await asyncio.wait_for(send(message), self.send_timeout)
             except asyncio.TimeoutError:
@@ -180,6 +185,7 @@ class QueueGate:
         except Exception:
             if not slow:
                 raise  # a real error: uvicorn logs it
+            self.queue.stalled += 1
             self.on_leave()  # the client stopped reading: stop generating for it
         finally:
             gone.remove_done_callback(left)

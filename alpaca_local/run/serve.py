@@ -94,6 +94,9 @@ class PlainTextLlama(llama_cpp.Llama):
     on_prompt: OnPrompt | None = None  # --show-prompt: called with each prompt and its ids
     alias: str | None = None  # the model name responses carry (llama-cpp-python: the request's, or the path)
     stop_flag: threading.Event  # set when the client of the running request has gone: stop at the next token
+    # /alpaca/status: llama-cpp-python's stop checks since start, one per sampled token plus
+    # one as each answer ends (llama.py: generate() and the end of _create_completion)
+    sampling_steps: int = 0
 
     def prompt_ids(self, text: str) -> list[int]:
         """chat.prompt_ids: BOS when the model asks for it, then the text, specials never parsed."""
@@ -110,10 +113,14 @@ class PlainTextLlama(llama_cpp.Llama):
         check_room(len(prompt), kwargs.get("max_tokens", 16), self.n_ctx())
         if self.alias:  # one model is served, whatever name the client asked for: say which
             kwargs["model"] = self.alias
-        flag = self.stop_flag
         kwargs["stopping_criteria"] = llama_cpp.StoppingCriteriaList(
-            [*(kwargs.get("stopping_criteria") or []), lambda ids, logits: flag.is_set()])
+            [*(kwargs.get("stopping_criteria") or []), self._after_token])
         return super().create_completion(prompt, **kwargs)
+
+    def _after_token(self, ids: object, logits: object) -> bool:
+        """Called by llama-cpp-python after each sampled token: count it; stop if the client left."""
+        self.sampling_steps += 1
+        return self.stop_flag.is_set()
 
 
 def load_server_model(
@@ -407,7 +414,8 @@ def build_app(llm: PlainTextLlama, alias: str, api_key: str | None = None, max_b
         ],
     )
     add_page(app, render=lambda messages: _render(llm, messages),
-             status=lambda: {"model": alias, "context": llm.n_ctx(), "queue": queue.status()})
+             status=lambda: {"model": alias, "context": llm.n_ctx(), "queue": queue.status(),
+                             "sampling_steps": llm.sampling_steps})
     # Only the endpoints we serve through the Alpaca template: the library's others
     # (/v1/embeddings, /extras/tokenize with special-token parsing on) stay out.
     app.router.routes.extend(r for r in server.router.routes if getattr(r, "path", None) in SERVED_PATHS)
