@@ -2,12 +2,13 @@
 
     python benchmarks/run_all.py [--size 1b|7b|tiny] [--quants q4_k_m,q8_0,q4_0]
                                  [--chat-model M.gguf] [--chat-n 256] [--chat-repeats 10]
-                                 [--skip convert,chat,plan] [--out benchmarks/RESULTS.md]
+                                 [--load-clients 8] [--skip convert,chat,plan,load] [--out benchmarks/RESULTS.md]
 
 Each benchmark runs as its own process (so peak-memory numbers are its own):
   convert.py --size S --quants Q --json F   ours vs vendored convert_hf_to_gguf.py + quantize
   chat.py [MODEL] -n N --repeats R --json   chat -p tokens/s vs raw llama-cpp-python
   plan.py                                   planner latency and prediction error (its text, verbatim)
+  load.py [MODEL] --clients C --json        serve under load vs llama-cpp-python's server (its table, verbatim)
 The defaults are the issue's sizes (1B model, 256 tokens, 10 repeats); `--size tiny
 --chat-n 16 --chat-repeats 2 --skip plan` checks the plumbing in well under a minute.
 A benchmark that fails or is missing is reported in RESULTS.md and the exit code is 1.
@@ -142,6 +143,11 @@ def run_plan(args: argparse.Namespace) -> str:
     return _run([str(HERE / "plan.py")])
 
 
+def run_load(args: argparse.Namespace) -> str:
+    return _run([str(HERE / "load.py"), *([str(args.chat_model)] if args.chat_model else []),
+                 "--clients", str(args.load_clients)])
+
+
 # --------------------------------------------------------------------------
 # Markdown
 # --------------------------------------------------------------------------
@@ -206,6 +212,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
         "convert": "Convert: `alpaca-local convert` against llama.cpp's two-step route",
         "chat": "Chat: `alpaca-local chat -p` tokens/s against raw llama-cpp-python",
         "plan": "Plan: latency and prediction error against llama.cpp's buffers",
+        "load": "Load: `alpaca-local serve` with many clients against llama-cpp-python's server",
     }
     for name, title in titles.items():
         lines += ["", f"## {title}", ""]
@@ -232,16 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chat-model", type=Path, help="chat.py model (default: its own, Gemma 3 270M)")
     ap.add_argument("--chat-n", type=int, default=256, help="chat.py tokens per run (default 256)")
     ap.add_argument("--chat-repeats", type=int, default=10, help="chat.py runs per path (default 10)")
-    ap.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: convert, chat, plan")
+    ap.add_argument("--load-clients", type=int, default=8, help="load.py concurrent clients (default 8)")
+    ap.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: convert, chat, plan, load")
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="markdown file to write")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = skip - {"convert", "chat", "plan"}
+    unknown = skip - {"convert", "chat", "plan", "load"}
     if unknown:
-        ap.error(f"--skip {min(unknown)!r}: choose from convert, chat, plan")
+        ap.error(f"--skip {min(unknown)!r}: choose from convert, chat, plan, load")
     results: dict[str, object] = {}
-    for name, fn in (("convert", run_convert), ("chat", run_chat), ("plan", run_plan)):
+    for name, fn in (("convert", run_convert), ("chat", run_chat), ("plan", run_plan), ("load", run_load)):
         if name in skip:
             continue
         try:
