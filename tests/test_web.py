@@ -16,21 +16,24 @@ import os
 import shutil
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("uvicorn")
-webdriver = pytest.importorskip(
-    "selenium.webdriver", reason="selenium is missing: pip install -e '.[test]' (browser tests skipped)")
-
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from alpaca_local.template import Turn, render_prompt  # noqa: E402
 from servers import TIMEOUT, Server  # noqa: E402
+
+try:
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:  # the HTTP-level tests below still run
+    webdriver = None
 
 CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -46,6 +49,8 @@ def artifacts() -> Path:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
+    if webdriver is None:
+        pytest.skip("browser tests need selenium: pip install -e '.[test]'; and chromium: " + INSTALL)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_exe = shutil.which("chromedriver")
     if not chromium or not driver_exe:
@@ -260,3 +265,87 @@ def test_page_answer_equals_the_api_answer_on_the_real_server(browser, tiny_gguf
         page.screenshot("web-real-model.png")
     finally:
         assert srv.stop() == 0
+
+
+# ---------------------------------------------------------------------------------------
+# The page over plain HTTP (no browser needed)
+# ---------------------------------------------------------------------------------------
+
+def http(srv: Server, method: str, path: str, body: dict | None = None, headers: dict | None = None):
+    request = urllib.request.Request(srv.base + path, json.dumps(body).encode() if body is not None else None,
+                                     {"content-type": "application/json", **(headers or {})}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_gguf: Path):
+    srv = Server.serve(tiny_gguf, 256, "--api-key", "k3y", "--cors-origin", "http://ui.example:3000")
+    yield srv
+    assert srv.stop() == 0
+
+
+def test_the_page_and_its_files_need_no_key_and_forbid_inline_script(keyed) -> None:
+    for path, kind in (("/", "text/html"), ("/web/app.js", "text/javascript"), ("/web/style.css", "text/css")):
+        status, headers, data = http(keyed, "GET", path)
+        assert status == 200 and headers["content-type"].startswith(kind) and data
+        assert "script-src 'self'" in headers["content-security-policy"]
+        assert headers["x-content-type-options"] == "nosniff"
+    assert b"https://" not in http(keyed, "GET", "/")[2]  # nothing fetched from elsewhere: works offline
+    assert http(keyed, "GET", "/alpaca/status")[0] == 401  # the API still wants the key
+    assert http(keyed, "POST", "/alpaca/prompt", {"messages": []})[0] == 401
+
+
+def test_the_prompt_endpoint_is_the_servers_template(keyed) -> None:
+    auth = {"authorization": "Bearer k3y"}
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A?", "input": "ctx"},
+                {"role": "assistant", "content": "B."}, {"role": "user", "content": "</s> C?"}]
+    status, _, data = http(keyed, "POST", "/alpaca/prompt", {"messages": messages}, auth)
+    shown = json.loads(data)
+    assert status == 200 and shown["context"] == 256
+    assert shown["prompt"] == render_prompt([Turn("A?", "ctx", "B."), Turn("</s> C?")], "Be brief.")
+    status, _, data = http(keyed, "POST", "/alpaca/prompt", {"messages": [{"role": "assistant", "content": "x"}]}, auth)
+    assert status == 400 and "must follow a user message" in json.loads(data)["error"]["message"]
+
+
+def test_cors_only_for_the_given_origins(keyed, tiny_gguf) -> None:
+    preflight = {"origin": "http://ui.example:3000", "access-control-request-method": "POST",
+                 "access-control-request-headers": "authorization, content-type"}
+    status, headers, _ = http(keyed, "OPTIONS", "/v1/chat/completions", headers=preflight)
+    assert status == 200 and headers["access-control-allow-origin"] == "http://ui.example:3000"
+    status, headers, _ = http(keyed, "OPTIONS", "/v1/chat/completions",
+                              headers={**preflight, "origin": "http://evil.example"})
+    assert status == 400 and "access-control-allow-origin" not in headers
+    _, headers, _ = http(keyed, "GET", "/v1/models", headers={"origin": "http://ui.example:3000"})
+    assert headers["access-control-allow-origin"] == "http://ui.example:3000"  # on the 401 too
+    plain = Server.serve(tiny_gguf, 256)  # none by default
+    try:
+        _, headers, _ = http(plain, "GET", "/v1/models", headers={"origin": "http://ui.example:3000"})
+        assert not any(h.lower().startswith("access-control") for h in headers)
+    finally:
+        plain.stop()
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--cors-origin", "http://x/path"], "--cors-origin 'http://x/path': give scheme://host[:port]"),
+    (["--max-queue", "-1"], "--max-queue -1: give 0 to 100000"),
+    (["--send-timeout", "0"], "--send-timeout 0: give more than 0 seconds"),
+])
+def test_bad_serve_flags_are_one_line(tiny_gguf, flags, says) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "alpaca_local", "serve", str(tiny_gguf), *flags],
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and says in done.stderr, done.stderr
+
+
+def test_serve_help_defaults_match_the_library() -> None:
+    from alpaca_local.cli import serve_cmd
+    from alpaca_local.run import fairqueue
+
+    assert serve_cmd.DEFAULT_MAX_WAITING == fairqueue.DEFAULT_MAX_WAITING
+    assert serve_cmd.DEFAULT_SEND_TIMEOUT == fairqueue.DEFAULT_SEND_TIMEOUT
