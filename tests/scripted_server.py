@@ -58,16 +58,15 @@ class ScriptedLlama(PlainTextLlama):
             pieces = [text[i:i + 3] for i in range(0, len(text), 3)][:max_tokens]
         finish = "length" if slow or text == "flood" or len(text) > 3 * max_tokens else "stop"
         head = {"id": "cmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": self.alias or "scripted"}
-        stop = kwargs.get("stopping_criteria")
         if not kwargs.get("stream"):
             return {**head, "object": "text_completion",
                     "choices": [{"text": "".join(pieces), "index": 0, "logprobs": None, "finish_reason": finish}],
                     "usage": {"prompt_tokens": 1, "completion_tokens": len(pieces), "total_tokens": 1 + len(pieces)}}
-        return self._stream(head, pieces, finish, slow, stop)
+        return self._stream(head, pieces, finish, slow)
 
-    def _stream(self, head, pieces, finish, slow, stop):
+    def _stream(self, head, pieces, finish, slow):
         for piece in pieces:
-            if stop is not None and stop(None, None):  # the client left: the server set the stop flag
+            if self._after_token(None, None):  # as llama-cpp-python calls it: the client left, stop
                 finish = "stop"
                 break
             time.sleep(WORD_SECONDS if slow else 0.01 if len(piece) < 16 else 0)

@@ -176,6 +176,8 @@ def test_a_client_that_never_reads_does_not_block_the_others(tiny_gguf) -> None:
         assert stream(srv, body("after the stall", 64)) == ("Echo: after the stall", "stop", True)
         state = wait_status(srv, lambda s: s["queue"]["served"] == 2, "both requests done")["queue"]
         assert state["stalled"] == 1 and state["left"] == 0
+        srv.wait_for(srv.err, r"dropped client 127\.0\.0\.1:\d+: it took no data for 2 s")  # said, in one line
+        assert not any("ASGI" in line or "Traceback" in line for line in srv.err)
         stalled.close()
     finally:
         assert srv.stop() == 0

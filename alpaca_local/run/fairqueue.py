@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -187,9 +189,19 @@ class QueueGate:
                 raise  # a real error: uvicorn logs it
             self.queue.stalled += 1
             self.on_leave()  # the client stopped reading: stop generating for it
+            host, port = scope.get("client") or ("?", 0)
+            print(f"dropped client {host}:{port}: it took no data for {self.send_timeout:g} s (--send-timeout)",
+                  file=sys.stderr, flush=True)
         finally:
             gone.remove_done_callback(left)
             self.queue.release(time.monotonic() - started)
+
+
+class QuietDrop(logging.Filter):
+    """For uvicorn's error logger: a dropped stalled client is reported by us, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "returned without completing response" not in record.getMessage()
 
 
 async def _disconnect(receive: Receive) -> dict:

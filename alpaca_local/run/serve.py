@@ -37,7 +37,7 @@ from typing import Any
 import llama_cpp
 
 from alpaca_local.run.chat import LlamaModel, StopFilter, load_llama, prompt_ids
-from alpaca_local.run.fairqueue import DEFAULT_MAX_WAITING, DEFAULT_SEND_TIMEOUT, FairQueue, QueueGate
+from alpaca_local.run.fairqueue import DEFAULT_MAX_WAITING, DEFAULT_SEND_TIMEOUT, FairQueue, QueueGate, QuietDrop
 from alpaca_local.run.webapp import PUBLIC_PATHS, add_page
 from alpaca_local.errors import UsageError
 from alpaca_local.template import MARKERS, messages_to_turns, render_prompt
@@ -450,9 +450,12 @@ def serve_forever(app, sock: socket.socket) -> None:
     uvicorn re-raises the stopping signal after its graceful shutdown; a no-op handler
     installed first receives it, so stopping the server is an ordinary exit (code 0).
     """
+    import logging
+
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    logging.getLogger("uvicorn.error").addFilter(QuietDrop())  # QueueGate says it instead
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run(sockets=[sock])
