@@ -32,6 +32,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -59,11 +60,15 @@ class Proc:
 
     def __init__(self, cmd: list[str], port: int, ready_path: str) -> None:
         self.port = port
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
+        # A file, not a pipe: llama-cpp-python's server logs the whole model load, and an
+        # unread pipe would fill and stop it.
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise SystemExit(f"server exited: {self.proc.stderr.read()[-2000:]}")
+                self.log.seek(0)
+                raise SystemExit(f"server exited: {self.log.read()[-2000:]}")
             try:
                 if get(port, ready_path)[0] == 200:
                     return
@@ -79,6 +84,7 @@ class Proc:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.log.close()
 
 
 def get(port: int, path: str) -> tuple[int, bytes]:

@@ -210,7 +210,8 @@ async function send() {
     messages: messages(instruction, input), stream: true,
     temperature: Number(els.temperature.value), max_tokens: Math.max(1, Math.floor(Number(els.maxTokens.value))),
   };
-  els.conversation.appendChild(userBubble(instruction, input));
+  const asked = userBubble(instruction, input);
+  els.conversation.appendChild(asked);
   const bubble = answerBubble();
   els.conversation.appendChild(bubble.box);
   bubble.box.scrollIntoView({ block: "end" });
@@ -250,6 +251,12 @@ async function send() {
     setBusy(false);
   }
   if (mine !== epoch) return;
+  if (finish === "stopped" && !text) { // stopped before the first word: as if never sent
+    asked.remove();
+    bubble.box.remove();
+    setStatus("stopped");
+    return;
+  }
   if (failed && !text) {
     bubble.box.classList.add("error");
     bubble.answer.replaceChildren(el("p", failed));
