@@ -106,7 +106,8 @@ def test_chat_completions_evaluates_that_prompt(llama_server, tiny_gguf) -> None
 
 def test_the_input_field_does_not_reach_llama_servers_template(llama_server) -> None:
     messages = [{"role": "user", "content": "Summarize.", "input": "Llamas are camelids."}]
-    assert post(llama_server, "/apply-template", {"messages": messages})["prompt"] == render_prompt([Turn("Summarize.")])
+    prompt = post(llama_server, "/apply-template", {"messages": messages})["prompt"]
+    assert prompt == render_prompt([Turn("Summarize.")])
 
 
 def grammar_for(text: str) -> str:

@@ -141,8 +141,10 @@ def load_server_model(
 # Chat: messages -> Alpaca prompt -> ids -> completion -> chat response
 # ---------------------------------------------------------------------------------------
 
-def chat_prompt(messages: list) -> str:
+def chat_prompt(messages: object) -> str:
     """The Alpaca prompt for chat messages; Refused (400) when they do not fit the convention."""
+    if not isinstance(messages, list):
+        raise Refused("messages must be a list of {role, content} objects", param="messages")
     try:
         turns, system = messages_to_turns(messages)
     except ValueError as exc:
@@ -235,10 +237,7 @@ def check_request(llm: PlainTextLlama, path: str, request: dict) -> None:
     """What the routes would only find out mid-stream: bad messages, unsupported fields, no room."""
     if path == CHAT_PATH:
         refuse_unsupported(request)
-        messages = request.get("messages")
-        if not isinstance(messages, list):
-            raise Refused("messages must be a list of {role, content} objects", param="messages")
-        check_room(len(llm.prompt_ids(chat_prompt(messages))), _max_tokens(request, None), llm.n_ctx())
+        check_room(len(llm.prompt_ids(chat_prompt(request.get("messages")))), _max_tokens(request, None), llm.n_ctx())
     elif path == COMPLETIONS_PATH:
         if request.get("suffix") is not None:
             raise Refused("suffix (fill-in-the-middle) is not supported by this server", param="suffix")
@@ -424,8 +423,6 @@ def build_app(llm: PlainTextLlama, alias: str, api_key: str | None = None, max_b
 
 def _render(llm: PlainTextLlama, messages: object) -> dict:
     """What /v1/chat/completions would send the model for these messages (Refused when it would refuse)."""
-    if not isinstance(messages, list):
-        raise Refused("messages must be a list of {role, content} objects", param="messages")
     prompt = chat_prompt(messages)
     return {"prompt": prompt, "tokens": len(llm.prompt_ids(prompt)), "context": llm.n_ctx()}
 
