@@ -9,8 +9,8 @@ Retry-After the server gave (at most 20 times), so they cost time, never answers
 Phases:
   ours          alpaca-local serve, --max-queue C      (everyone may wait)
   ours, capped  alpaca-local serve, --max-queue C/2    (some get 503 + Retry-After)
-  reference     python -m llama_cpp.server, its defaults (interrupt_requests on: a waiting
-                request cuts the running stream off)
+  reference     python -m llama_cpp.server --chat_format alpaca, otherwise its defaults
+                (interrupt_requests on: a waiting request cuts the running stream off)
   reference, queued   the same with --interrupt_requests False (requests wait on its lock)
 Reported per phase: requests whole / lost, 503s, most requests held at once (running +
 waiting, from /alpaca/status), time to first token and total latency (p50/p90/p99),
@@ -213,8 +213,11 @@ def ours(model: Path, ctx: int, max_queue: int, threads: int | None) -> Proc:
 
 def reference(model: Path, ctx: int, threads: int | None, interrupt: bool) -> Proc:
     port = free_port()
+    # --chat_format alpaca: llama-cpp-python's own Alpaca formatter (no preamble, so its prompts
+    # are shorter than ours); the model's embedded template (Gemma's) made it answer nothing.
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
-           "--port", str(port), "--n_ctx", str(ctx), *(["--n_threads", str(threads)] if threads else []),
+           "--port", str(port), "--n_ctx", str(ctx), "--chat_format", "alpaca",
+           *(["--n_threads", str(threads)] if threads else []),
            *([] if interrupt else ["--interrupt_requests", "False"])]
     return Proc(cmd, port, "/v1/models")
 

@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
     print(f"serving {alias} on {url} (context {args.ctx}{', API key required' if args.api_key else ''}); "
           "Ctrl-C to stop", flush=True)
+    print(f"chat page: {url.removesuffix('/v1')}/", flush=True)
     if not args.api_key and not _is_loopback(args.host):
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use it",
               file=sys.stderr, flush=True)
