@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -178,7 +179,10 @@ def run_load(port: int, clients: int, requests: int, n: int, watch: bool) -> dic
         t.join(max(0.0, DEADLINE - (time.monotonic() - started)))
     wall = time.monotonic() - started
     stop.set()
-    return summarize(results, clients * requests, wall, peak[0] if watch else None)
+    # The machine's 1-minute load average after the phase: other work on the same cores
+    # shows here, and makes a phase slower without any fault of the server's.
+    return {**summarize(results, clients * requests, wall, peak[0] if watch else None),
+            "load_avg": round(os.getloadavg()[0], 1)}
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -259,7 +263,7 @@ def main() -> int:
 
 def table(result: dict) -> str:
     keys = ["requests", "whole", "lost", "503s", "most_held", "ttft_p50", "ttft_p90", "ttft_p99",
-            "latency_p50", "latency_p90", "latency_p99", "tokens", "seconds", "tokens_per_s"]
+            "latency_p50", "latency_p90", "latency_p99", "tokens", "seconds", "tokens_per_s", "load_avg"]
     names = list(result["phases"])
     lines = [f"{'':<14}" + "".join(f"{n:>19}" for n in names)]
     for key in keys:
