@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from alpaca_local.cli.serve_cmd import print_prompt  # noqa: E402
 from alpaca_local.run.serve import PlainTextLlama, bind, build_app, load_server_model, serve_forever  # noqa: E402
 
 WORD_SECONDS = 0.05
@@ -83,8 +84,9 @@ def main() -> None:
     p.add_argument("--max-queue", type=int, default=16)
     p.add_argument("--send-timeout", type=float, default=30.0)
     p.add_argument("--cors-origin", action="append", default=[])
+    p.add_argument("--show-prompt", action="store_true")
     args = p.parse_args()
-    llm = load_server_model(args.model, 512, cls=ScriptedLlama)
+    llm = load_server_model(args.model, 512, cls=ScriptedLlama, on_prompt=print_prompt if args.show_prompt else None)
     app = build_app(llm, "scripted", args.api_key, max_queue=args.max_queue, send_timeout=args.send_timeout,
                     cors_origins=tuple(args.cors_origin))
     sock = bind("127.0.0.1", 0)

@@ -1,9 +1,12 @@
-"""`alpaca-local serve` under load: the real server (tiny GGUF, 127.0.0.1) and many clients.
+"""`alpaca-local serve` under load: the server on 127.0.0.1 and many clients.
 
+With the real model (tiny GGUF):
 - every client streaming at once gets its whole answer, and at temperature 0 the same
-  answer as the same request alone; they are served in the order they arrived;
-- past `--max-queue` the answer is 503 with Retry-After;
-- a client that disconnects mid-stream frees the model at the next token;
+  answer as the same request alone;
+- a client that disconnects mid-answer frees the model at the next token.
+With the real app and a scripted model (tests/scripted_server.py), whose answers take
+as long as a test needs:
+- requests are served in the order they arrived; past `--max-queue`, 503 + Retry-After;
 - a client that never reads is dropped after `--send-timeout`, and the others go on.
 The state is read from /alpaca/status (queue counters, sampling steps), never from timings.
 """
@@ -27,13 +30,22 @@ from servers import TIMEOUT, Server  # noqa: E402
 
 N_CTX = 2048
 MAX_QUEUE = 6
-LONG = 1800  # tokens: with EOS banned, an answer that fills the socket buffers
-NO_EOS = {"2": -100}  # logit_bias: the tiny model's EOS id (tinymodels: bos 1, eos 2)
+LONG = 1800  # tokens
+# An answer of exactly LONG tokens: EOS banned (the tiny model's id 2, tinymodels: bos 1,
+# eos 2) and a grammar without '#', so no marker ends it (left alone, it stops after ~250).
+ENDLESS = {"logit_bias": {"2": -100}, "grammar": "root ::= [a-z ]+"}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_gguf: Path):
-    srv = Server.serve(tiny_gguf, N_CTX, "--max-queue", str(MAX_QUEUE), "--send-timeout", "3", "--show-prompt")
+    srv = Server.serve(tiny_gguf, N_CTX, "--max-queue", str(MAX_QUEUE))
+    yield srv
+    assert srv.stop() == 0, "".join(srv.err)[-2000:]
+
+
+@pytest.fixture(scope="module")
+def scripted(tiny_gguf: Path):
+    srv = Server.scripted(tiny_gguf, "--max-queue", str(MAX_QUEUE), "--show-prompt")
     yield srv
     assert srv.stop() == 0, "".join(srv.err)[-2000:]
 
@@ -105,8 +117,8 @@ PROMPTS = [f"Write item {i} of a list about llamas." for i in range(MAX_QUEUE)]
 
 
 def hold(srv: Server) -> RawClient:
-    """A client of a long answer that it does not read: it holds the model until it is closed."""
-    client = RawClient(srv, body("hold", LONG, logit_bias=NO_EOS))
+    """A client of a slow scripted answer (300 words, 50 ms each): it holds the model until it is closed."""
+    client = RawClient(srv, body("slow hold", 300))
     wait_status(srv, lambda s: s["queue"]["running"], "the holding request running")
     return client
 
@@ -119,45 +131,51 @@ def test_concurrent_streams_each_get_their_whole_answer_as_alone(server) -> None
     assert under_load == alone  # every answer whole, [DONE] included, and token for token the same
 
 
-def test_served_in_arrival_order(server) -> None:
-    """A long answer holds the model; two more arrive one after the other; the model gets them in that order."""
-    seen = len(server.prompts())
-    holder = hold(server)
+def test_served_in_arrival_order(scripted) -> None:
+    """A long answer holds the model; three more arrive one after the other; the model gets them in that order."""
+    seen = len(scripted.prompts())
+    holder = hold(scripted)
     threads = []
     for i in range(3):
-        t = threading.Thread(target=stream, args=(server, body(f"next {i}", 8)))
+        t = threading.Thread(target=stream, args=(scripted, body(f"next {i}", 8)))
         t.start()
         threads.append(t)
-        wait_status(server, lambda s, n=i + 1: s["queue"]["waiting"] == n, f"{i + 1} waiting")
+        wait_status(scripted, lambda s, n=i + 1: s["queue"]["waiting"] == n, f"{i + 1} waiting")
     holder.close()
     for t in threads:
         t.join(TIMEOUT)
-    served = [prompt.rsplit("### Instruction:\n", 1)[1].split("\n")[0] for prompt, _ in server.prompts()[seen:]]
-    assert served == ["hold", "next 0", "next 1", "next 2"]
+    served = [prompt.rsplit("### Instruction:\n", 1)[1].split("\n")[0] for prompt, _ in scripted.prompts()[seen:]]
+    assert served == ["slow hold", "next 0", "next 1", "next 2"]
 
 
-def test_beyond_max_queue_is_503_with_retry_after(server) -> None:
-    before = status(server)["queue"]["refused"]
-    holder = hold(server)
-    waiters = [threading.Thread(target=stream, args=(server, body(f"wait {i}", 4))) for i in range(MAX_QUEUE)]
+def test_beyond_max_queue_is_503_with_retry_after(scripted) -> None:
+    before = status(scripted)["queue"]["refused"]
+    holder = hold(scripted)
+    waiters = [threading.Thread(target=stream, args=(scripted, body(f"wait {i}", 4))) for i in range(MAX_QUEUE)]
     for i, t in enumerate(waiters):
         t.start()
-        wait_status(server, lambda s, n=i + 1: s["queue"]["waiting"] == n, f"{i + 1} waiting")
+        wait_status(scripted, lambda s, n=i + 1: s["queue"]["waiting"] == n, f"{i + 1} waiting")
     with pytest.raises(urllib.error.HTTPError) as refused:
-        stream(server, body("one too many", 4))
+        stream(scripted, body("one too many", 4))
     assert refused.value.code == 503
     assert int(refused.value.headers["Retry-After"]) >= 1
     assert json.load(refused.value)["error"]["code"] == "queue_full"
     holder.close()
     for t in waiters:
         t.join(TIMEOUT)
-    assert status(server)["queue"]["refused"] == before + 1
+    assert status(scripted)["queue"]["refused"] == before + 1
 
 
-def test_disconnect_mid_stream_frees_the_model_at_once(server) -> None:
+@pytest.mark.parametrize("streamed", [True, False])
+def test_disconnect_mid_answer_frees_the_model_at_once(server, streamed) -> None:
+    """llama-cpp-python alone notices a departed client only between streamed chunks, and
+    never for a non-streamed answer; our stop flag ends generation at the next token."""
     before = status(server)
-    client = RawClient(server, body("a long answer", LONG, logit_bias=NO_EOS))
-    client.read_until(b'"content"')  # streaming has begun
+    client = RawClient(server, body("a long answer", LONG, stream=streamed, **ENDLESS))
+    if streamed:
+        client.read_until(b'"content"')  # streaming has begun
+    else:
+        wait_status(server, lambda s: s["sampling_steps"] > before["sampling_steps"], "generation under way")
     client.close()
     after = wait_status(server, lambda s: not s["queue"]["running"], "the model free again")
     assert after["queue"]["left"] == before["queue"]["left"] + 1
