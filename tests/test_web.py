@@ -186,6 +186,17 @@ def test_exact_prompt_comes_from_the_server_and_history_is_kept(browser, scripte
     page.screenshot("web-prompt.png")
 
 
+def test_a_request_waiting_in_line_says_so(browser, scripted) -> None:
+    page = Page(browser, scripted.base)
+    holder = _hold_the_model(scripted.base, 4)
+    page.wait_until(lambda d: _queue(scripted.base, None)["running"], "the other client to hold the model")
+    page.send_with_enter("Behind the other one")
+    note = page.wait_until(lambda d: "in line" in page.last_answer().text and page.last_answer().text, "the note")
+    assert "waiting for the model: 1 request in line, this one included" in note
+    assert page.wait_answer_done().get_attribute("data-raw") == "Echo: Behind the other one"
+    holder.join(TIMEOUT)
+
+
 def test_shift_enter_is_a_new_line(browser, scripted) -> None:
     page = Page(browser, scripted.base)
     box = page.find("#instruction")
@@ -238,8 +249,8 @@ def test_key_busy_and_down_are_said_plainly(browser, tiny_gguf) -> None:
     page.screenshot("web-down.png")
 
 
-def _queue(base: str, key: str) -> dict:
-    request = urllib.request.Request(base + "/alpaca/status", headers={"authorization": f"Bearer {key}"})
+def _queue(base: str, key: str | None) -> dict:
+    request = urllib.request.Request(base + "/alpaca/status", headers={"authorization": f"Bearer {key}"} if key else {})
     with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
         return json.load(response)["queue"]
 

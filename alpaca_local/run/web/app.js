@@ -219,11 +219,23 @@ async function send() {
   const mine = epoch;
   setBusy(true);
   setStatus("generating…");
-  let text = "", finish = null, failed = null;
+  let text = "", finish = null, failed = null, answered = false;
+  // The server answers once this request has the model; until then, say how long the line is.
+  const line = setInterval(async () => {
+    try {
+      const r = await fetch("alpaca/status", { headers: headers() });
+      const q = r.ok ? (await r.json()).queue : null;
+      if (q && !answered) {
+        bubble.note.textContent = "waiting for the model: " + q.waiting + (q.waiting === 1 ? " request" : " requests") +
+          " in line, this one included";
+      }
+    } catch (e) { /* the answer's own request reports a server that is down */ }
+  }, 1000);
   try {
     const res = await fetch("v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
     });
+    answered = true;
     if (!res.ok) {
       failed = await explain(res);
     } else {
@@ -247,6 +259,8 @@ async function send() {
     if (e.name === "AbortError") finish = "stopped";
     else failed = text ? "The connection to the server was lost mid-answer." : DOWN;
   } finally {
+    answered = true;
+    clearInterval(line);
     controller = null;
     setBusy(false);
   }
