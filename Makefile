@@ -15,7 +15,7 @@ GEMMA_GGUF := models/gemma-3-270m-q4_k_m.gguf
 # llama-cpp-python compiles llama.cpp (~5 minutes on 2 cores): use every core.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install test test-integration ci llama-tools demo bench clean
+.PHONY: install test test-integration ci llama-tools browser-deps demo bench clean
 
 install: $(STAMP)
 
@@ -52,6 +52,13 @@ llama-tools: $(STAMP) $(VENDOR)/convert_hf_to_gguf.py
 ci: llama-tools
 	CI=true PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(MAKE) test PYTEST_ARGS="--durations=15"
 	CI=true PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(MAKE) test-integration PYTEST_ARGS="--durations=15"
+
+# The browser tests (tests/test_web.py) drive Debian's chromium through chromium-driver;
+# without them they are skipped. Needs root (apt-get); .ci/run calls it.
+browser-deps:
+	@if [ "$$(id -u)" != 0 ]; then echo "make browser-deps: run as root (it calls apt-get install chromium chromium-driver)"; exit 1; fi
+	apt-get update
+	apt-get install -y chromium chromium-driver
 
 demo: $(STAMP)
 	$(PY) tests/tinymodels.py $(DEMO_SRC)

@@ -2,7 +2,7 @@
 
     python benchmarks/run_all.py [--size 1b|7b|tiny] [--quants q4_k_m,q8_0,q4_0]
                                  [--chat-model M.gguf] [--chat-n 256] [--chat-repeats 10]
-                                 [--skip convert,chat,plan,hub,imatrix] [--out benchmarks/RESULTS.md]
+                                 [--load-clients 8] [--skip convert,chat,plan,hub,imatrix,load] [--out benchmarks/RESULTS.md]
 
 Each benchmark runs as its own process (so peak-memory numbers are its own):
   convert.py --size S --quants Q --json F   ours vs vendored convert_hf_to_gguf.py + quantize
@@ -10,6 +10,7 @@ Each benchmark runs as its own process (so peak-memory numbers are its own):
   plan.py                                   planner latency and prediction error (its text, verbatim)
   hub.py --size S --quants Q1               convert org/name: streaming vs download-then-convert (first quant)
   imatrix.py                                KLD with/without our imatrix on Gemma 3 270M, --calibrate time (verbatim)
+  load.py [MODEL] --clients C --json        serve under load vs llama-cpp-python's server (its table, verbatim)
 The defaults are the issue's sizes (1B model, 256 tokens, 10 repeats); `--size tiny
 --chat-n 16 --chat-repeats 2 --skip plan,imatrix` checks the plumbing in well under a minute.
 A benchmark that fails or is missing is reported in RESULTS.md and the exit code is 1.
@@ -153,6 +154,11 @@ def run_imatrix(args: argparse.Namespace) -> str:
     return _run([str(HERE / "imatrix.py")])
 
 
+def run_load(args: argparse.Namespace) -> str:
+    return _run([str(HERE / "load.py"), *([str(args.chat_model)] if args.chat_model else []),
+                 "--clients", str(args.load_clients)])
+
+
 # --------------------------------------------------------------------------
 # Markdown
 # --------------------------------------------------------------------------
@@ -219,6 +225,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
         "plan": "Plan: latency and prediction error against llama.cpp's buffers",
         "hub": "Hub: `convert org/name` streaming against download-then-convert",
         "imatrix": "Imatrix: KLD with and without our importance matrix on real weights; --calibrate time",
+        "load": "Load: `alpaca-local serve` with many clients against llama-cpp-python's server",
     }
     for name, title in titles.items():
         lines += ["", f"## {title}", ""]
@@ -239,6 +246,11 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+# Every benchmark, in the order RESULTS.md shows them; --skip takes these names.
+BENCHMARKS = {"convert": run_convert, "chat": run_chat, "plan": run_plan, "hub": run_hub,
+              "imatrix": run_imatrix, "load": run_load}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1b", help="convert.py model size: 1b (default), 7b or tiny")
@@ -247,17 +259,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chat-model", type=Path, help="chat.py model (default: its own, Gemma 3 270M)")
     ap.add_argument("--chat-n", type=int, default=256, help="chat.py tokens per run (default 256)")
     ap.add_argument("--chat-repeats", type=int, default=10, help="chat.py runs per path (default 10)")
-    ap.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: convert, chat, plan, hub, imatrix")
+    ap.add_argument("--load-clients", type=int, default=8, help="load.py concurrent clients (default 8)")
+    ap.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: " + ", ".join(BENCHMARKS))
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="markdown file to write")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = skip - {"convert", "chat", "plan", "hub", "imatrix"}
+    unknown = skip - set(BENCHMARKS)
     if unknown:
-        ap.error(f"--skip {min(unknown)!r}: choose from convert, chat, plan, hub, imatrix")
+        ap.error(f"--skip {min(unknown)!r}: choose from {', '.join(BENCHMARKS)}")
     results: dict[str, object] = {}
-    for name, fn in (("convert", run_convert), ("chat", run_chat), ("plan", run_plan), ("hub", run_hub),
-                     ("imatrix", run_imatrix)):
+    for name, fn in BENCHMARKS.items():
         if name in skip:
             continue
         try:

@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,57 +24,15 @@ pytest.importorskip("uvicorn")
 from alpaca_local.run import chat  # noqa: E402
 from alpaca_local.run.serve import MAX_BODY_BYTES, RequestGuard, chat_chunks, chat_response  # noqa: E402
 from alpaca_local.template import Turn, render_prompt  # noqa: E402
+from servers import TIMEOUT, Server  # noqa: E402
 
 KEY = "test-key-123"
 N_CTX = 256
-TIMEOUT = 60.0  # every wait below is bounded by this
-
-
-class Server:
-    """`alpaca-local serve` in a subprocess; its stdout/stderr lines collected by threads."""
-
-    def __init__(self, model: Path, *flags: str) -> None:
-        cmd = [sys.executable, "-m", "alpaca_local", "serve", str(model), "--port", "0", "-c", str(N_CTX), *flags]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.out: list[str] = []
-        self.err: list[str] = []
-        for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
-            threading.Thread(target=lambda s=stream, k=sink: k.extend(iter(s.readline, "")), daemon=True).start()
-        banner = self.wait_for(self.out, r"on http://127\.0\.0\.1:(\d+)/v1")
-        self.port = int(re.search(r":(\d+)/v1", banner).group(1))
-        self.base = f"http://127.0.0.1:{self.port}"
-
-    def wait_for(self, lines: list[str], pattern: str, start: int = 0) -> str:
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            for line in lines[start:]:
-                if re.search(pattern, line):
-                    return line
-            if self.proc.poll() is not None and not any(re.search(pattern, x) for x in lines[start:]):
-                raise AssertionError(f"server exited {self.proc.returncode}: {''.join(self.err)}")
-            time.sleep(0.05)
-        raise AssertionError(f"no {pattern!r} within {TIMEOUT}s; stderr: {''.join(self.err)[-2000:]}")
-
-    def prompts(self) -> list[tuple[str, list[int]]]:
-        """Every (prompt, ids) block `--show-prompt` printed so far."""
-        text = "".join(self.err)
-        blocks = re.findall(r"----- prompt \(\d+ tokens\) -----\n(.*?)\n----- token ids -----\n(\[.*?\])\n-----\n",
-                            text, re.S)
-        return [(prompt, json.loads(ids)) for prompt, ids in blocks]
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            return self.proc.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=TIMEOUT)
-            raise
 
 
 @pytest.fixture(scope="module")
 def server(tiny_gguf: Path):
-    srv = Server(tiny_gguf, "--api-key", KEY, "--show-prompt")
+    srv = Server.serve(tiny_gguf, N_CTX, "--api-key", KEY, "--show-prompt")
     yield srv
     code = srv.stop()
     assert code == 0, "".join(srv.err)[-2000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import sys
 
 DESCRIPTION = """Serve a GGUF model on an OpenAI-compatible HTTP API: /v1/chat/completions
@@ -14,18 +15,23 @@ an "input" field on a user message is its Input block, a system message replaces
 preamble, earlier user/assistant pairs are history. Message text is tokenized as plain
 text: it can never inject special tokens or change the template. /v1/completions sends
 its prompt as it is (no template, plain-text tokenization, no default stop strings).
-Requests are served one at a time; others wait their turn."""
+Requests are served one at a time, in arrival order; up to --max-queue wait, more get 503
+with Retry-After. The chat page is at http://HOST:PORT/ (no API key needed for the page
+itself; it asks for one when the server wants it)."""
 
 EXAMPLES = """examples:
   alpaca-local serve models/alpaca-7b.Q4_K_M.gguf
   alpaca-local serve alpaca-7b --port 8080 -ngl -1
   ALPACA_LOCAL_API_KEY=secret alpaca-local serve --host 0.0.0.0
+  alpaca-local serve --max-queue 4 --cors-origin http://localhost:3000
 
 MODEL is a .gguf path, a name in models/ (alpaca-7b -> models/alpaca-7b.*.gguf),
 or left out for the most recently converted model there.
 exit codes: 0 stopped (Ctrl-C or SIGTERM), 1 bad model, 2 usage error."""
 
 API_KEY_ENV = "ALPACA_LOCAL_API_KEY"
+# Repeated here (not imported) so `serve --help` stays instant; tests check they match.
+DEFAULT_MAX_WAITING, DEFAULT_SEND_TIMEOUT = 16, 30.0
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -43,6 +49,14 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
                    help="layers to offload to the GPU; -1 all (default: 0)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: llama.cpp's)")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_WAITING, metavar="N",
+                   help=f"requests that may wait behind the running one; more get 503 (default: {DEFAULT_MAX_WAITING})")
+    p.add_argument("--send-timeout", type=float, default=DEFAULT_SEND_TIMEOUT, metavar="S",
+                   help="drop a client that accepts no data for S seconds, so it cannot hold the model "
+                        f"(default: {DEFAULT_SEND_TIMEOUT:g})")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN (e.g. http://localhost:3000) to call the API; "
+                        "repeatable (default: none)")
     p.add_argument("--show-prompt", action="store_true",
                    help="print each prompt and its token ids on stderr as the model receives them")
 
@@ -58,11 +72,13 @@ def run(args: argparse.Namespace) -> int:
     llm = load_server_model(path, args.ctx, args.n_gpu_layers, args.threads,
                             on_prompt=print_prompt if args.show_prompt else None)
     alias = args.alias or path.name.removesuffix(".gguf")
-    app = build_app(llm, alias, args.api_key)
+    app = build_app(llm, alias, args.api_key, max_queue=args.max_queue, send_timeout=args.send_timeout,
+                    cors_origins=tuple(args.cors_origin))
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
     print(f"serving {alias} on {url} (context {args.ctx}{', API key required' if args.api_key else ''}); "
           "Ctrl-C to stop", flush=True)
+    print(f"chat page: {url.removesuffix('/v1')}/", flush=True)
     if not args.api_key and not _is_loopback(args.host):
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use it",
               file=sys.stderr, flush=True)
@@ -83,7 +99,13 @@ def _check_args(args: argparse.Namespace) -> None:
         (args.n_gpu_layers >= -1, f"-ngl {args.n_gpu_layers}: give -1 (all) or more"),
         (args.api_key is None or args.api_key.strip() == args.api_key != "",
          "--api-key: give a key without spaces at its ends"),
+        (0 <= args.max_queue <= 100_000, f"--max-queue {args.max_queue}: give 0 to 100000"),
+        (0 < args.send_timeout <= 86_400, f"--send-timeout {args.send_timeout:g}: give more than 0 seconds"),
     ]
+    for origin in args.cors_origin:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise UsageError(f"--cors-origin {origin!r}: give scheme://host[:port] with no path, "
+                             "e.g. http://localhost:3000 (or * for any)")
     for ok, message in checks:
         if not ok:
             raise UsageError(message)

@@ -15,6 +15,10 @@ What we add to llama-cpp-python's server, and why:
 - `RequestGuard`, an ASGI middleware: the API key (401), the body size (413) and the
   request checks (400) happen before the route runs, because once an SSE stream has
   started the status line has already said 200.
+- `fairqueue.QueueGate` behind it: one generation at a time in arrival order, 503 past
+  `--max-queue`, a departed or stalled client frees the model (`PlainTextLlama.stop_flag`).
+- `webapp`: the chat page at `/` and the `/alpaca/prompt` and `/alpaca/status` endpoints
+  it uses; `--cors-origin` for pages served elsewhere.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import hmac
 import json
 import signal
 import socket
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +37,8 @@ from typing import Any
 import llama_cpp
 
 from alpaca_local.run.chat import LlamaModel, StopFilter, load_llama, prompt_ids
+from alpaca_local.run.fairqueue import DEFAULT_MAX_WAITING, DEFAULT_SEND_TIMEOUT, FairQueue, QueueGate, QuietDrop
+from alpaca_local.run.webapp import PUBLIC_PATHS, add_page
 from alpaca_local.errors import UsageError
 from alpaca_local.template import MARKERS, messages_to_turns, render_prompt
 
@@ -86,6 +93,10 @@ class PlainTextLlama(llama_cpp.Llama):
 
     on_prompt: OnPrompt | None = None  # --show-prompt: called with each prompt and its ids
     alias: str | None = None  # the model name responses carry (llama-cpp-python: the request's, or the path)
+    stop_flag: threading.Event  # set when the client of the running request has gone: stop at the next token
+    # /alpaca/status: llama-cpp-python's stop checks since start, one per sampled token plus
+    # one as each answer ends (llama.py: generate() and the end of _create_completion)
+    sampling_steps: int = 0
 
     def prompt_ids(self, text: str) -> list[int]:
         """chat.prompt_ids: BOS when the model asks for it, then the text, specials never parsed."""
@@ -102,19 +113,27 @@ class PlainTextLlama(llama_cpp.Llama):
         check_room(len(prompt), kwargs.get("max_tokens", 16), self.n_ctx())
         if self.alias:  # one model is served, whatever name the client asked for: say which
             kwargs["model"] = self.alias
+        kwargs["stopping_criteria"] = llama_cpp.StoppingCriteriaList(
+            [*(kwargs.get("stopping_criteria") or []), self._after_token])
         return super().create_completion(prompt, **kwargs)
+
+    def _after_token(self, ids: object, logits: object) -> bool:
+        """Called by llama-cpp-python after each sampled token: count it; stop if the client left."""
+        self.sampling_steps += 1
+        return self.stop_flag.is_set()
 
 
 def load_server_model(
     path: Path, n_ctx: int = 2048, n_gpu_layers: int = 0, n_threads: int | None = None,
-    on_prompt: OnPrompt | None = None,
+    on_prompt: OnPrompt | None = None, cls: type[PlainTextLlama] = PlainTextLlama,
 ) -> PlainTextLlama:
     """Validate the file as chat does (header, trained context), then load it once, quietly."""
     llm = load_llama(
-        path, n_ctx, PlainTextLlama, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
+        path, n_ctx, cls, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
         chat_handler=AlpacaChatHandler(),
     )
     llm.on_prompt = on_prompt
+    llm.stop_flag = threading.Event()
     return llm
 
 
@@ -122,8 +141,10 @@ def load_server_model(
 # Chat: messages -> Alpaca prompt -> ids -> completion -> chat response
 # ---------------------------------------------------------------------------------------
 
-def chat_prompt(messages: list) -> str:
+def chat_prompt(messages: object) -> str:
     """The Alpaca prompt for chat messages; Refused (400) when they do not fit the convention."""
+    if not isinstance(messages, list):
+        raise Refused("messages must be a list of {role, content} objects", param="messages")
     try:
         turns, system = messages_to_turns(messages)
     except ValueError as exc:
@@ -216,10 +237,7 @@ def check_request(llm: PlainTextLlama, path: str, request: dict) -> None:
     """What the routes would only find out mid-stream: bad messages, unsupported fields, no room."""
     if path == CHAT_PATH:
         refuse_unsupported(request)
-        messages = request.get("messages")
-        if not isinstance(messages, list):
-            raise Refused("messages must be a list of {role, content} objects", param="messages")
-        check_room(len(llm.prompt_ids(chat_prompt(messages))), _max_tokens(request, None), llm.n_ctx())
+        check_room(len(llm.prompt_ids(chat_prompt(request.get("messages")))), _max_tokens(request, None), llm.n_ctx())
     elif path == COMPLETIONS_PATH:
         if request.get("suffix") is not None:
             raise Refused("suffix (fill-in-the-middle) is not supported by this server", param="suffix")
@@ -253,7 +271,8 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key is not None and not self._authorized(headers):
+        public = scope["method"] in ("GET", "HEAD") and scope["path"] in PUBLIC_PATHS  # the page holds no secret
+        if self.api_key is not None and not public and not self._authorized(headers):
             return await _error(send, 401, "Invalid API key: send it as 'Authorization: Bearer KEY'",
                                 "invalid_api_key", {"www-authenticate": "Bearer"})
         declared = headers.get("content-length", "0")
@@ -354,12 +373,15 @@ class _OneModel:
 SERVED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
 
 
-def build_app(llm: PlainTextLlama, alias: str, api_key: str | None = None, max_body: int = MAX_BODY_BYTES):
-    """llama-cpp-python's router and request lock around our model, behind RequestGuard."""
+def build_app(llm: PlainTextLlama, alias: str, api_key: str | None = None, max_body: int = MAX_BODY_BYTES,
+              max_queue: int = DEFAULT_MAX_WAITING, send_timeout: float = DEFAULT_SEND_TIMEOUT,
+              cors_origins: tuple[str, ...] = ()):
+    """llama-cpp-python's router around our model, behind RequestGuard and the fair queue; the page at `/`."""
     from fastapi import FastAPI
     from llama_cpp.server import app as server
     from llama_cpp.server.settings import ServerSettings
     from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
     from starlette_context.middleware import RawContextMiddleware
     from starlette_context.plugins import RequestIdPlugin
 
@@ -376,18 +398,33 @@ def build_app(llm: PlainTextLlama, alias: str, api_key: str | None = None, max_b
     # without our validation, and as a plain Llama.
     server._llama_proxy = _OneModel(alias, llm)
     llm.alias = alias
+    queue = FairQueue(max_waiting=max_queue)
+    cors = [Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                       allow_headers=["authorization", "content-type"], expose_headers=["retry-after"])]
     app = FastAPI(
         title="alpaca-local", version=__version__,
         middleware=[
+            *(cors if cors_origins else []),  # outermost: preflights carry no key, errors get the headers too
             Middleware(RequestGuard, check=lambda path, req: check_request(llm, path, req),
                        api_key=api_key, max_body=max_body),
+            Middleware(QueueGate, queue=queue, send_timeout=send_timeout,
+                       on_turn=llm.stop_flag.clear, on_leave=llm.stop_flag.set),
             Middleware(RawContextMiddleware, plugins=(RequestIdPlugin(),)),
         ],
     )
+    add_page(app, render=lambda messages: _render(llm, messages),
+             status=lambda: {"model": alias, "context": llm.n_ctx(), "queue": queue.status(),
+                             "sampling_steps": llm.sampling_steps})
     # Only the endpoints we serve through the Alpaca template: the library's others
     # (/v1/embeddings, /extras/tokenize with special-token parsing on) stay out.
     app.router.routes.extend(r for r in server.router.routes if getattr(r, "path", None) in SERVED_PATHS)
     return app
+
+
+def _render(llm: PlainTextLlama, messages: object) -> dict:
+    """What /v1/chat/completions would send the model for these messages (Refused when it would refuse)."""
+    prompt = chat_prompt(messages)
+    return {"prompt": prompt, "tokens": len(llm.prompt_ids(prompt)), "context": llm.n_ctx()}
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -410,9 +447,12 @@ def serve_forever(app, sock: socket.socket) -> None:
     uvicorn re-raises the stopping signal after its graceful shutdown; a no-op handler
     installed first receives it, so stopping the server is an ordinary exit (code 0).
     """
+    import logging
+
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    logging.getLogger("uvicorn.error").addFilter(QuietDrop())  # QueueGate says it instead
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run(sockets=[sock])
