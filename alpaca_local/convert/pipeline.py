@@ -19,7 +19,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
@@ -34,8 +35,10 @@ from alpaca_local.convert.architectures import (
     map_name,
 )
 from alpaca_local.convert.atomic import atomic_write, check_target
+from alpaca_local.convert.lora_merge import MergePlan, merge_rows, merged_name, plan_merge
+from alpaca_local.source.adapter import Adapter, LoraPair
 from alpaca_local.source.config import ModelConfig, load_config
-from alpaca_local.errors import InputError
+from alpaca_local.errors import InputError, UnsupportedError
 from alpaca_local.convert.ggml import quantize_rows
 from alpaca_local.source.weights import read_weights
 from alpaca_local.template import ALPACA_CHAT_TEMPLATE
@@ -91,6 +94,8 @@ class TensorJob:
     # Added elementwise in the source's precision before quantizing (Gemma's
     # norm weights: 1 + w); works on any row chunk.
     offset: float = 0.0
+    # LoRAs merged into the source rows, in order, before anything else (lora_merge).
+    lora: tuple[LoraPair, ...] = ()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -110,6 +115,7 @@ class ConversionPlan:
     arch: Architecture
     vocab: Vocab
     jobs: tuple[TensorJob, ...]
+    merge: MergePlan | None = None  # the adapters merged while converting
 
     @property
     def tensor_bytes(self) -> int:
@@ -194,8 +200,12 @@ def _load_vocab(source: Path, arch: Architecture, cfg: ModelConfig) -> Vocab:
     return vocab
 
 
-def plan_conversion(source: Path, quant: str) -> ConversionPlan:
-    """Check the whole input and decide every output tensor, without touching the data."""
+def plan_conversion(source: Path, quant: str, adapters: Sequence[Adapter] = ()) -> ConversionPlan:
+    """Check the whole input and decide every output tensor, without touching the data.
+
+    `adapters` (PEFT LoRA adapters, `source.adapter.read_adapter`) are merged
+    into the weights in order as they stream; see `lora_merge`.
+    """
     if not source.exists():
         raise InputError(f"{source} does not exist; give the path of a Hugging Face model folder")
     if not source.is_dir():
@@ -204,10 +214,22 @@ def plan_conversion(source: Path, quant: str) -> ConversionPlan:
     cfg = load_config(source, SUPPORTED, CONFIG_DEFAULTS)
     arch = ARCHITECTURES[cfg.hf_arch]
     arch.check(cfg)
-    tensors = _map_tensors(cfg, arch, read_weights(source))
-    vocab = _load_vocab(source, arch, cfg)
+    refs, merge = read_weights(source), None
+    if source_is_quantized(cfg):
+        raise UnsupportedError(
+            f"{source} holds a quantized model ({cfg.raw['quantization_config'].get('quant_method', 'unknown')}); "
+            "give the unquantized (16-bit) base model"
+        )
+    if adapters:
+        merge = plan_merge(refs, adapters, cfg.hf_arch, cfg.vocab_size)
+        refs, cfg = merge.refs, replace(cfg, vocab_size=merge.vocab_size)
+    tensors = _map_tensors(cfg, arch, refs)
+    vocab = _load_vocab(merge.vocab_folder if merge and merge.vocab_folder else source, arch, cfg)
+    if merge and merge.chat_template:
+        vocab.chat_template = merge.chat_template  # the adapter's template wins over the base's
     if vocab.chat_template is None:
         vocab.chat_template = ALPACA_CHAT_TEMPLATE
+    lora_of = {merge.refs[name]: pairs for name, pairs in merge.ops.items()} if merge else {}
     facts = quant_rules.ModelFacts(arch=arch.arch_name, n_layer=cfg.n_layer, n_head=cfg.n_head, n_head_kv=cfg.n_kv_head)
     specs = [quant_rules.TensorSpec(name=f"{name}", shape=ref.shape) for ref, name, _ in tensors]
     types = quant_rules.choose_types(specs, quant, facts)
@@ -216,10 +238,17 @@ def plan_conversion(source: Path, quant: str) -> ConversionPlan:
             ref, name, kind, ggml_type,
             rope_head_dim=cfg.head_dim if kind in arch.rope_permuted else None,
             offset=arch.norm_offset if ref.name.endswith("norm.weight") else 0.0,
+            lora=lora_of.get(ref, ()) if isinstance(ref, TensorRef) else (),
         )
         for (ref, name, kind), ggml_type in zip(tensors, types)
     )
-    return ConversionPlan(source, source.resolve().name, quant, cfg, arch, vocab, jobs)
+    name = merged_name(adapters) if adapters else source.resolve().name
+    return ConversionPlan(source, name, quant, cfg, arch, vocab, jobs, merge)
+
+
+def source_is_quantized(cfg: ModelConfig) -> bool:
+    """config.json declares a quantization (bitsandbytes, GPTQ, AWQ...): the weights are not floats we read."""
+    return isinstance(cfg.raw.get("quantization_config"), dict)
 
 
 def default_output(plan: ConversionPlan, models_dir: Path) -> Path:
@@ -239,10 +268,22 @@ def _header_writer(plan: ConversionPlan, path: Path) -> gguf.GGUFWriter:
     if plan.quant != "f16":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     plan.vocab.add_to(w)
+    if plan.merge:
+        _provenance(w, plan)
     for job in plan.jobs:
         # A float dtype makes gguf-py take `shape` as the element shape (uint8 would mean bytes).
         w.add_tensor_info(job.name, job.shape, np.dtype(np.float32), job.nbytes, raw_dtype=job.ggml_type)
     return w
+
+
+def _provenance(w: gguf.GGUFWriter, plan: ConversionPlan) -> None:
+    """Where a merged model came from: the base (general.base_model.*) and the adapters merged."""
+    assert plan.merge is not None
+    w.add_base_model_count(1)
+    w.add_base_model_name(0, plan.source.resolve().name)
+    w.add_array("alpaca_local.lora.merged", [a.name for a in plan.merge.adapters])
+    w.add_array("alpaca_local.lora.scale", [float(a.user_scale) for a in plan.merge.adapters])
+    w.add_array("alpaca_local.lora.base_model_name_or_path", [a.base_name or "" for a in plan.merge.adapters])
 
 
 def header_nbytes(plan: ConversionPlan) -> int:
@@ -274,6 +315,9 @@ def _add_offset(rows: np.ndarray, offset: float, src_dtype: str) -> np.ndarray:
     return rows + np.float32(offset)
 
 
+_FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+
+
 def _chunks(job: TensorJob) -> Iterator[tuple[int, int]]:
     n_rows, row_len = job.source.n_rows, (job.shape[-1] if job.shape else 1)
     step = max(1, CHUNK_ELEMENTS // max(row_len, 1))
@@ -286,12 +330,18 @@ def _chunks(job: TensorJob) -> Iterator[tuple[int, int]]:
 def _encode(job: TensorJob, start: int, stop: int) -> bytes:
     src = job.source
     same = (src.dtype, job.ggml_type) in (("F16", gguf.GGMLQuantizationType.F16), ("F32", gguf.GGMLQuantizationType.F32))
-    if same and job.rope_head_dim is None and not job.offset:
+    if same and job.rope_head_dim is None and not job.offset and not job.lora:
         raw = src.raw()  # identical bytes: copy, do not round-trip through float32
         row_len = job.shape[-1] if job.shape else 1
         flat = raw.reshape(-1)[start * row_len : stop * row_len]
         return flat.tobytes()
     rows = src.read_rows(start, stop)
+    if job.lora:
+        rows = merge_rows(rows, job.lora, start, stop)
+        if job.ggml_type not in _FLOAT_TYPES:
+            # The quantized levels follow from the merged F16 file, as llama-quantize
+            # makes them from the reference route's merged F16 GGUF.
+            rows = rows.astype(np.float16).astype(np.float32)
     if job.offset:
         rows = _add_offset(rows, job.offset, src.dtype)
     if job.rope_head_dim:
@@ -340,10 +390,11 @@ def convert(
     progress: Progress | None = None,
     workers: int | None = None,
     plan: ConversionPlan | None = None,
+    adapters: Sequence[Adapter] = (),
 ) -> ConvertResult:
-    """Convert `source` into one GGUF file; the output appears only when complete."""
+    """Convert `source` (merging `adapters`, if any) into one GGUF file; the output appears only when complete."""
     t0 = time.perf_counter()
-    plan = plan or plan_conversion(source, quant)
+    plan = plan or plan_conversion(source, quant, adapters)
     if output is None:
         output = default_output(plan, models_dir)
         output.parent.mkdir(parents=True, exist_ok=True)

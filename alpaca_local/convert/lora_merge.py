@@ -1,0 +1,100 @@
+"""Merge LoRA adapters into a base model's weights while they stream, as PEFT does.
+
+In: the base's tensors (`TensorRef`s by Hugging Face name) and `Adapter`s in
+the order given. Out: a `MergePlan` (the tensors after the adapters' whole
+replacements, the LoRAs to add to each tensor in order, the vocabulary size
+and tokenizer folder that win) and `merge_rows`, which applies those LoRAs to
+one chunk of rows, so the pipeline never holds more than a chunk of a weight.
+
+The arithmetic is PEFT's `merge_and_unload` (peft/tuners/lora/layer.py
+Linear.get_delta_weight / Embedding.get_delta_weight, variants.py
+DoraLinearVariant.merge_unsafe), in float32:
+    delta = (B @ A) * scale                  (embedding: (B @ A).T * scale)
+    W'    = W + delta                        (plain LoRA)
+    W'    = m / ||W + delta||_row * (W + delta)   (DoRA: each output row rescaled)
+Each output row depends only on the same row of W, of B (linear) or of Aᵀ
+(embedding), so a chunk of rows is merged from that chunk alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from alpaca_local.errors import InputError
+from alpaca_local.source.adapter import Adapter, LoraPair, chat_template_of, check_against_base
+from alpaca_local.source.tensors import TensorRef
+
+# Tensors whose rows are the vocabulary: a resize must change all of them alike.
+_VOCAB_ROW_TENSORS = ("embed_tokens.weight", "lm_head.weight")
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    refs: dict[str, TensorRef]  # the base's tensors, adapter replacements swapped in
+    ops: dict[str, tuple[LoraPair, ...]]  # HF tensor name -> LoRAs to add, in order
+    vocab_size: int  # embedding rows after the adapters (a resize changes it)
+    vocab_folder: Path | None  # the last adapter folder with tokenizer files, which win over the base's
+    chat_template: str | None  # the last adapter's template, if it declares one
+    adapters: tuple[Adapter, ...] = field(default=())
+
+
+def plan_merge(base: dict[str, TensorRef], adapters: Sequence[Adapter], hf_arch: str, vocab_size: int) -> MergePlan:
+    """Check every adapter against the base (and the adapters before it) and decide the merge."""
+    refs = dict(base)
+    ops: dict[str, list[LoraPair]] = {}
+    for adapter in adapters:
+        check_against_base(adapter, refs, hf_arch)
+        for target, ref in adapter.replacements.items():
+            refs[target] = ref
+            ops[target] = []  # a saved copy of the trained module: earlier LoRAs on it are part of it
+        for target, pair in adapter.pairs.items():
+            ops.setdefault(target, []).append(pair)
+    rows = {name: ref.shape[0] for name, ref in refs.items() if name.endswith(_VOCAB_ROW_TENSORS)}
+    if len(set(rows.values())) > 1:
+        detail = ", ".join(f"{n} has {r}" for n, r in sorted(rows.items()))
+        raise InputError(
+            f"the adapters resize the vocabulary of only some tensors ({detail} rows); "
+            "save the adapter with save_embedding_layers=True so embed_tokens and lm_head both come with it"
+        )
+    new_vocab = next(iter(rows.values()), vocab_size)
+    vocab_folder = next((a.folder for a in reversed(adapters) if a.has_tokenizer), None)
+    if new_vocab != vocab_size and vocab_folder is None:
+        raise InputError(
+            f"the adapter resizes the vocabulary from {vocab_size} to {new_vocab} tokens but its folder has no "
+            "tokenizer files; copy the fine-tune's tokenizer (tokenizer.model or tokenizer.json) into it"
+        )
+    template = next((t for a in reversed(adapters) if (t := chat_template_of(a.folder))), None)
+    return MergePlan(
+        refs, {k: tuple(v) for k, v in ops.items() if v}, new_vocab, vocab_folder, template, tuple(adapters)
+    )
+
+
+def delta_rows(pair: LoraPair, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of scale · B·A (embedding: of scale · (B·A)ᵀ), float32."""
+    scale = np.float32(pair.scale)  # torch multiplies a float32 tensor by a Python float in float32
+    if pair.embedding:
+        a_cols = pair.a.to_f32()[:, start:stop]  # (r, n): the rows of (B·A)ᵀ are A's columns
+        return (a_cols.T @ pair.b.to_f32().T) * scale
+    return (pair.b.read_rows(start, stop) @ pair.a.to_f32()) * scale
+
+
+def merge_rows(rows: np.ndarray, pairs: Sequence[LoraPair], start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a weight after every LoRA in `pairs`, applied in order."""
+    out = np.asarray(rows, dtype=np.float32)
+    for pair in pairs:
+        out = out + delta_rows(pair, start, stop)
+        if pair.magnitude is not None:
+            # DoraLinearVariant.merge_unsafe: m / ||W + ΔW|| per output row, times W + ΔW.
+            norm = np.sqrt(np.einsum("ij,ij->i", out, out, dtype=np.float32))
+            magnitude = pair.magnitude.to_f32()[start:stop]
+            out = (magnitude / norm)[:, None] * out
+    return out
+
+
+def merged_name(adapters: Sequence[Adapter]) -> str:
+    """What a merged model is called: the (last) fine-tune's folder name."""
+    return adapters[-1].name
