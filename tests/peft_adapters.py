@@ -70,13 +70,16 @@ def add_tokens(base: Path, out: Path, vocab_rows: int) -> None:
 
 
 def peft_merged(base: Path, adapters: list[Path], out: Path, *, vocab_rows: int | None = None) -> Path:
-    """PEFT's merge_and_unload of each adapter in turn, saved as a float32 HF folder with the winning tokenizer."""
+    """PEFT's merge_and_unload of each adapter in turn, in float32, saved in the base's dtype
+    (as a user saves a merged fine-tune) with the tokenizer that wins."""
+    import torch
     from peft import PeftModel
 
     model = _load_base(base, vocab_rows)
     for adapter in adapters:
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model.save_pretrained(out)
+    dtype = json.loads((base / "config.json").read_text()).get("torch_dtype", "float32")
+    model.to(getattr(torch, dtype)).save_pretrained(out)
     tok_from = next((a for a in reversed(adapters) if (a / "tokenizer.model").is_file() or (a / "tokenizer.json").is_file()), base)
     for name in TOKENIZER_FILES:
         if (tok_from / name).is_file():
