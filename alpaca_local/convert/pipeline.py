@@ -140,7 +140,7 @@ def _padded(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
 
-def _llama_cpp_order(name: str) -> tuple[int, str]:
+def llama_cpp_order(name: str) -> tuple[int, str]:
     """llama.cpp's weight_name_comparer: layer number (-1 outside blocks), then name.
 
     quantize walks (and writes) tensors in this order, and its per-layer
@@ -186,7 +186,7 @@ def _map_tensors(
         )
     for name, (kind, values) in generated.items():
         mapped[name] = (GeneratedTensor(name, np.ascontiguousarray(values, dtype=np.float32)), name, kind)
-    return sorted(mapped.values(), key=lambda t: _llama_cpp_order(t[1]))
+    return sorted(mapped.values(), key=lambda t: llama_cpp_order(t[1]))
 
 
 def _load_vocab(source: Path, arch: Architecture, cfg: ModelConfig) -> Vocab:
@@ -301,7 +301,7 @@ def header_nbytes(plan: ConversionPlan) -> int:
         return _padded(path.stat().st_size)
 
 
-def _rope_permute(rows: np.ndarray, head_dim: int) -> np.ndarray:
+def rope_permute(rows: np.ndarray, head_dim: int) -> np.ndarray:
     """HF rotate-half rows -> llama.cpp interleaved rows, per head (LlamaModel.permute)."""
     n, cols = rows.shape
     return rows.reshape(n // head_dim, 2, head_dim // 2, cols).swapaxes(1, 2).reshape(n, cols)
@@ -345,7 +345,7 @@ def _encode(job: TensorJob, start: int, stop: int) -> bytes:
     if job.offset:
         rows = _add_offset(rows, job.offset, src.dtype)
     if job.rope_head_dim:
-        rows = _rope_permute(rows, job.rope_head_dim)
+        rows = rope_permute(rows, job.rope_head_dim)
     return quantize_rows(rows, job.ggml_type).tobytes()
 
 

@@ -93,6 +93,9 @@ class Adapter:
     config: dict[str, Any]
     pairs: dict[str, LoraPair]  # base tensor name -> its LoRA
     replacements: dict[str, TensorRef]  # base tensor name -> the adapter's whole tensor
+    # Replacements that are the frozen base layer of an adapted embedding
+    # (".base_layer.weight", saved by save_embedding_layers), not trained copies.
+    base_layer_copies: frozenset[str]
     lora_alpha: float
     rank: int
     use_rslora: bool
@@ -279,6 +282,7 @@ def read_adapter(folder: Path, user_scale: float = 1.0) -> Adapter:
     wfile = _weights_file(folder)
     grouped: dict[str, dict[str, TensorRef]] = {}
     replacements: dict[str, TensorRef] = {}
+    base_layers: set[str] = set()
     for key, ref in _read_tensors(wfile).items():
         module, role = _split_key(key, wfile)
         if role.startswith("R") or role == "W":
@@ -289,6 +293,8 @@ def read_adapter(folder: Path, user_scale: float = 1.0) -> Adapter:
                 )
             target = module + (".weight" if role == "W" else role[1:])
             replacements[target] = ref
+            if role == "W":
+                base_layers.add(target)
             continue
         grouped.setdefault(module, {})[role] = ref
     pairs = {}
@@ -300,7 +306,7 @@ def read_adapter(folder: Path, user_scale: float = 1.0) -> Adapter:
     for ref in [*replacements.values(), *(t for p in pairs.values() for t in (p.a, p.b, p.magnitude) if t is not None)]:
         check_finite(ref, str(wfile))
     return Adapter(
-        folder, folder.resolve().name, cfg, pairs, replacements,
+        folder, folder.resolve().name, cfg, pairs, replacements, frozenset(base_layers),
         lora_alpha=float(cfg.get("lora_alpha", 8)), rank=int(cfg["r"]),
         use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
         user_scale=user_scale,
