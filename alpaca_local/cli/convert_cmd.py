@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from alpaca_local.cli import lora_flags
 from alpaca_local.convert.quant_rules import QUANTS
 
 DESCRIPTION = """Turn a Hugging Face model folder (config.json, safetensors or pytorch .bin
@@ -19,6 +20,9 @@ EXAMPLES = """examples:
 
 quant levels (quality vs size, LLaMA 7B): f16 13.5 GB, q8_0 7.2 GB,
 q5_k_m 4.8 GB, q4_k_m 4.1 GB (recommended), q4_0 3.8 GB.
+
+""" + lora_flags.HELP_EXAMPLES + """
+
 exit codes: 0 done, 1 bad input or failed write, 2 usage error, 130 interrupted."""
 
 
@@ -42,6 +46,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
         help="quantize with N threads (default: all cores)",
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
+    lora_flags.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,8 +57,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads is not None and not 1 <= args.threads <= 1024:
         raise UsageError(f"--threads {args.threads} is out of range; give 1 to 1024")
+    from alpaca_local.source.adapter import is_adapter_folder
+
+    if is_adapter_folder(args.source):
+        return lora_flags.run_adapter(args)
     err = Console(stderr=True)
-    plan = plan_conversion(args.source, args.quant)
+    plan = plan_conversion(args.source, args.quant, lora_flags.read_adapters(args))
     if args.json:
         result = convert(args.source, args.output, args.quant, args.force, plan=plan, workers=args.threads)
     else:
@@ -66,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(result.seconds, 2),
         "peak_memory_bytes": result.peak_rss_bytes,
     }
+    if plan.merge:
+        summary["merged_adapters"] = [str(a.folder) for a in plan.merge.adapters]
     if args.json:
         import json
 
@@ -107,6 +118,8 @@ def _print_summary(summary: dict, plan, console) -> None:
     table.add_column()
     table.add_row("output", summary["output"])
     table.add_row("model", f"{plan.name} ({plan.arch.arch_name}, {plan.config.n_layer} layers, vocab {plan.config.vocab_size})")
+    if plan.merge:
+        table.add_row("merged", ", ".join(f"{a.name} (x{a.user_scale:g})" for a in plan.merge.adapters))
     table.add_row("quant", summary["quant"].upper())
     table.add_row("size", f"{summary['size_bytes'] / 1e6:,.1f} MB")
     table.add_row("tensors", str(summary["tensors"]))
