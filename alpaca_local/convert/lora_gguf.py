@@ -169,3 +169,66 @@ def write_adapter_gguf(
         w.close()
         size = tmp.stat().st_size
     return AdapterResult(output, outtype, len(plan.tensors), size, plan.alpha, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------
+# Reading an adapter GGUF back (chat/serve --lora, plan --lora): checked before llama.cpp sees it
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterHeader:
+    path: Path
+    arch: str
+    alpha: float
+    tensors: tuple  # gguf_read.TensorInfo of every .lora_a / .lora_b
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def read_adapter_header(path: Path) -> AdapterHeader:
+    """The header of a llama.cpp LoRA adapter GGUF, refusing a model file or another adapter kind."""
+    from alpaca_local.convert.gguf_read import printable, read_gguf_header
+    from alpaca_local.errors import InputError
+
+    header = read_gguf_header(path)
+    kind = header.kv.get("general.type")
+    if kind != "adapter":
+        raise InputError(f"{path} is not a LoRA adapter (general.type {printable(kind)}); give the adapter GGUF "
+                         "that `alpaca-local convert ADAPTER --base BASE` writes")
+    if header.kv.get(gguf.Keys.Adapter.TYPE) != "lora":
+        raise InputError(f"{path}: adapter.type {printable(header.kv.get(gguf.Keys.Adapter.TYPE))} is not 'lora'")
+    alpha = header.kv.get(gguf.Keys.Adapter.LORA_ALPHA, 0.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha):
+        raise InputError(f"{path}: adapter.lora.alpha = {printable(alpha)} is not a number")
+    odd = [t.name for t in header.tensors if not t.name.endswith((".lora_a", ".lora_b"))]
+    if odd:
+        raise InputError(f"{path}: tensor {printable(odd[0])} is not a .lora_a/.lora_b tensor; not a LoRA adapter")
+    return AdapterHeader(Path(path), header.arch, float(alpha), header.tensors)
+
+
+def check_adapter_fits(adapter: AdapterHeader, model_arch: str, model_tensors: dict[str, tuple[int, ...]],
+                       model_path: Path) -> None:
+    """Every pair targets a tensor of the model with shapes that fit (llama_adapter_lora_init's checks,
+    src/llama-adapter.cpp, said in one line instead of a failed load)."""
+    from alpaca_local.errors import InputError
+
+    if adapter.arch != model_arch:
+        raise InputError(f"{adapter.path} is a LoRA for {adapter.arch} but {model_path.name} is {model_arch}; "
+                         "give the adapter made for this base")
+    by_name = {t.name: t.shape for t in adapter.tensors}
+    for name, shape in by_name.items():
+        base, part = name.rsplit(".", 1)
+        other = by_name.get(f"{base}.{'lora_b' if part == 'lora_a' else 'lora_a'}")
+        w = model_tensors.get(base)
+        if other is None or w is None or len(shape) != 2 or len(w) != 2:
+            what = "has no partner" if other is None else f"targets {base!r}, which {model_path.name} lacks"
+            raise InputError(f"{adapter.path}: {name} {what}; is this adapter for this base model?")
+        a, b = (shape, other) if part == "lora_a" else (other, shape)
+        embd = base == "token_embd.weight"  # lora_a is Aᵀ there (n_vocab x r)
+        ok = (a[0] == w[0] and b[0] == w[1] and a[1] == b[1]) if embd else (a[1] == w[1] and b[0] == w[0] and a[0] == b[1])
+        if not ok:
+            raise InputError(f"{adapter.path}: {base} lora_a {list(a)} / lora_b {list(b)} do not fit the model's "
+                             f"{list(w)}; is this adapter for this base model?")
