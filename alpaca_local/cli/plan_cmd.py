@@ -56,6 +56,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
                    help="KV cache type: f16, q8_0, q4_0 (quantized caches use flash attention)")
     p.add_argument("--batch", type=int, default=512, metavar="N", help="n_batch (default 512; n_ubatch is min(N, 512))")
     p.add_argument("--cpu", action="store_true", help="plan for CPU RAM even if a GPU is found")
+    p.add_argument("--lora", metavar="FILE", default=None,
+                   help="count a LoRA adapter GGUF applied at run time (chat/serve --lora) in the weights")
     p.add_argument("--json", action="store_true", help="print a JSON object (see module docs) instead of a table")
 
 
@@ -94,12 +96,30 @@ def _device(args: argparse.Namespace):
     return dev, "detected"
 
 
+def _lora(path: str | None, shape) -> tuple:
+    """The adapter's tensors as the planner counts them, after checking it is a LoRA for this architecture."""
+    if path is None:
+        return ()
+    from pathlib import Path
+
+    from alpaca_local.convert.lora_gguf import read_adapter_header
+    from alpaca_local.errors import InputError
+    from alpaca_local.plan.shape import PlannedTensor
+
+    adapter = read_adapter_header(Path(path))
+    if adapter.arch != shape.arch:
+        raise InputError(f"{path} is a LoRA for {adapter.arch} but the model is {shape.arch}; give the adapter made for it")
+    return tuple(PlannedTensor(t.name, t.shape, t.ggml_type, t.nbytes) for t in adapter.tensors)
+
+
 def build_report(args: argparse.Namespace) -> dict:
     from alpaca_local.plan import memory as plan
 
     dev, origin = _device(args)
     s, ctx_max = _settings(args, dev.backend)
     shape = plan.load_shape(args.model)
+    lora = _lora(args.lora, shape)
+    s = replace(s, lora=lora)
     budget = dev.budget
     levels = plan.levels_for(shape)
     rows, plans = [], {}
@@ -127,6 +147,7 @@ def build_report(args: argparse.Namespace) -> dict:
         "settings": {"n_ctx": "max" if ctx_max else s.n_ctx, "n_ctx_padded": None if ctx_max else plan.padded_ctx(s.n_ctx),
                      "n_batch": s.n_batch, "n_ubatch": s.n_ubatch, "cache_type": s.cache_type, "flash_attn": s.flash_attn},
         "levels": rows,
+        "lora": {"file": args.lora, "tensors": len(lora), "bytes": sum(t.nbytes for t in lora)} if args.lora else None,
         "recommendation": {"level": rec.level, "full_offload": rec.full, "n_gpu_layers": rec.n_gpu_layers,
                            "gpu_bytes": rec.gpu_bytes, "cpu_bytes": rec.cpu_bytes, "reason": rec.reason},
     }
@@ -192,6 +213,9 @@ def _print(report: dict) -> None:
     console = Console()
     console.print(t)
     console.print(f"sizes in GiB; ~ = header size estimated; usable {gib(d['usable_bytes'])} GiB after the safety margin. {d['note']}")
+    if report["lora"]:
+        lo = report["lora"]
+        console.print(f"weights include the LoRA {lo['file']}: {lo['tensors']} tensors, {lo['bytes'] / 1e6:,.1f} MB.")
     if repack:
         c = d["cpu"]
         console.print(f"repack: llama.cpp copies {', '.join(c['repack_types'])} weights into an interleaved layout "
