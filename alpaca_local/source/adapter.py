@@ -278,6 +278,9 @@ def read_adapter(folder: Path, user_scale: float = 1.0) -> Adapter:
     if not math.isfinite(user_scale):
         raise InputError(f"--lora-scale {user_scale} is not a finite number")
     where = folder / CONFIG_FILE
+    if not where.is_file():
+        what = "a model folder (config.json), not" if (folder / "config.json").is_file() else "not"
+        raise InputError(f"{folder} is {what} a PEFT LoRA adapter: an adapter folder holds {CONFIG_FILE} and {WEIGHT_FILES[0]}")
     cfg = parse_adapter_config(read_json(where, "the adapter's config"), where)
     wfile = _weights_file(folder)
     grouped: dict[str, dict[str, TensorRef]] = {}
