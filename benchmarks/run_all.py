@@ -2,12 +2,13 @@
 
     python benchmarks/run_all.py [--size 1b|7b|tiny] [--quants q4_k_m,q8_0,q4_0]
                                  [--chat-model M.gguf] [--chat-n 256] [--chat-repeats 10]
-                                 [--skip convert,chat,plan] [--out benchmarks/RESULTS.md]
+                                 [--skip convert,chat,plan,lora] [--out benchmarks/RESULTS.md]
 
 Each benchmark runs as its own process (so peak-memory numbers are its own):
   convert.py --size S --quants Q --json F   ours vs vendored convert_hf_to_gguf.py + quantize
   chat.py [MODEL] -n N --repeats R --json   chat -p tokens/s vs raw llama-cpp-python
   plan.py                                   planner latency and prediction error (its text, verbatim)
+  lora.py --size S --json F                 convert --lora vs plain convert vs PEFT merge + convert + quantize
 The defaults are the issue's sizes (1B model, 256 tokens, 10 repeats); `--size tiny
 --chat-n 16 --chat-repeats 2 --skip plan` checks the plumbing in well under a minute.
 A benchmark that fails or is missing is reported in RESULTS.md and the exit code is 1.
@@ -142,6 +143,19 @@ def run_plan(args: argparse.Namespace) -> str:
     return _run([str(HERE / "plan.py")])
 
 
+def run_lora(args: argparse.Namespace) -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "lora.json"
+        argv = [str(HERE / "lora.py"), "--size", args.size, "--json", str(out)]
+        if args.work:
+            argv += ["--work", str(args.work)]
+        _run(argv)
+        sys.path.insert(0, str(HERE))
+        from lora import markdown
+
+        return markdown(json.loads(out.read_text()))
+
+
 # --------------------------------------------------------------------------
 # Markdown
 # --------------------------------------------------------------------------
@@ -206,6 +220,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
         "convert": "Convert: `alpaca-local convert` against llama.cpp's two-step route",
         "chat": "Chat: `alpaca-local chat -p` tokens/s against raw llama-cpp-python",
         "plan": "Plan: latency and prediction error against llama.cpp's buffers",
+        "lora": "LoRA: `convert --lora` against a plain convert and PEFT merge + convert + quantize",
     }
     for name, title in titles.items():
         lines += ["", f"## {title}", ""]
@@ -218,6 +233,8 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
             lines += convert_section(result)
         elif name == "chat":
             lines += chat_section(result)
+        elif name == "lora":
+            lines += list(result)
         else:
             lines += ["```text", str(result).rstrip(), "```"]
     lines += ["", f"Command: `python benchmarks/run_all.py {' '.join(args.argv)}`", ""]
@@ -232,16 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chat-model", type=Path, help="chat.py model (default: its own, Gemma 3 270M)")
     ap.add_argument("--chat-n", type=int, default=256, help="chat.py tokens per run (default 256)")
     ap.add_argument("--chat-repeats", type=int, default=10, help="chat.py runs per path (default 10)")
-    ap.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: convert, chat, plan")
+    ap.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: convert, chat, plan, lora")
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="markdown file to write")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = skip - {"convert", "chat", "plan"}
+    unknown = skip - {"convert", "chat", "plan", "lora"}
     if unknown:
-        ap.error(f"--skip {min(unknown)!r}: choose from convert, chat, plan")
+        ap.error(f"--skip {min(unknown)!r}: choose from convert, chat, plan, lora")
     results: dict[str, object] = {}
-    for name, fn in (("convert", run_convert), ("chat", run_chat), ("plan", run_plan)):
+    for name, fn in (("convert", run_convert), ("chat", run_chat), ("plan", run_plan), ("lora", run_lora)):
         if name in skip:
             continue
         try:

@@ -18,6 +18,7 @@ Each output row depends only on the same row of W, of B (linear) or of Aᵀ
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +43,16 @@ class MergePlan:
     adapters: tuple[Adapter, ...] = field(default=())
 
 
+@functools.lru_cache(maxsize=64)
+def _f32(ref: TensorRef) -> np.ndarray:
+    """A small adapter tensor (A, an embedding's B, a magnitude) as float32, kept for the
+    next chunks of the same weight; 64 of them stay well under the adapter's own size."""
+    return ref.to_f32()
+
+
 def plan_merge(base: dict[str, TensorRef], adapters: Sequence[Adapter], hf_arch: str, vocab_size: int) -> MergePlan:
     """Check every adapter against the base (and the adapters before it) and decide the merge."""
+    _f32.cache_clear()  # files may have changed since an earlier conversion in this process
     refs = dict(base)
     ops: dict[str, list[LoraPair]] = {}
     for adapter in adapters:
@@ -77,9 +86,9 @@ def delta_rows(pair: LoraPair, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of scale · B·A (embedding: of scale · (B·A)ᵀ), float32."""
     scale = np.float32(pair.scale)  # torch multiplies a float32 tensor by a Python float in float32
     if pair.embedding:
-        a_cols = pair.a.to_f32()[:, start:stop]  # (r, n): the rows of (B·A)ᵀ are A's columns
-        return (a_cols.T @ pair.b.to_f32().T) * scale
-    return (pair.b.read_rows(start, stop) @ pair.a.to_f32()) * scale
+        a_cols = _f32(pair.a)[:, start:stop]  # (r, n): the rows of (B·A)ᵀ are A's columns
+        return (a_cols.T @ _f32(pair.b).T) * scale
+    return (pair.b.read_rows(start, stop) @ _f32(pair.a)) * scale
 
 
 def merge_rows(rows: np.ndarray, pairs: Sequence[LoraPair], start: int, stop: int) -> np.ndarray:
@@ -90,7 +99,7 @@ def merge_rows(rows: np.ndarray, pairs: Sequence[LoraPair], start: int, stop: in
         if pair.magnitude is not None:
             # DoraLinearVariant.merge_unsafe: m / ||W + ΔW|| per output row, times W + ΔW.
             norm = np.sqrt(np.einsum("ij,ij->i", out, out, dtype=np.float32))
-            magnitude = pair.magnitude.to_f32()[start:stop]
+            magnitude = _f32(pair.magnitude)[start:stop]
             out = (magnitude / norm)[:, None] * out
     return out
 
