@@ -186,3 +186,27 @@ def test_adapter_without_base_flag(made, adapter: Path, tmp_path: Path, capsys) 
     rc, err = cli(capsys, "convert", str(adapter), "-o", str(tmp_path / "a.gguf"))
     one_line(rc, err, 2, "--base")
     assert not (tmp_path / "a.gguf").exists()
+
+
+def test_lora_on_a_tensor_the_gguf_drops(tmp_path: Path, capsys) -> None:
+    """Gemma 2 ties the output to the embedding; a saved lm_head is dropped, so a LoRA on it would be lost."""
+    import tinyarch
+
+    base = tinyarch.build_gemma2(tmp_path / "gemma2").path
+    weights = load_file(base / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].copy()
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    vocab, hidden = weights["lm_head.weight"].shape
+    adapter = tmp_path / "lm-head-lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["lm_head"], "bias": "none"}))
+    rng = np.random.default_rng(0)
+    save_file({"base_model.model.lm_head.lora_A.weight": rng.standard_normal((2, hidden), dtype=np.float32),
+               "base_model.model.lm_head.lora_B.weight": rng.standard_normal((vocab, 2), dtype=np.float32)},
+              adapter / ST)
+    out = tmp_path / "out"
+    out.mkdir()
+    rc, err = cli(capsys, "convert", str(base), "--lora", str(adapter), "-o", str(out / "m.gguf"))
+    one_line(rc, err, 1, "lm_head.weight", "does not use")
+    assert leftovers(out) == []

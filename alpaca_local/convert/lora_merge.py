@@ -41,6 +41,7 @@ class MergePlan:
     vocab_folder: Path | None  # the last adapter folder with tokenizer files, which win over the base's
     chat_template: str | None  # the last adapter's template, if it declares one
     adapters: tuple[Adapter, ...] = field(default=())
+    touched: frozenset[str] = frozenset()  # every HF tensor name an adapter replaces or adds a LoRA to
 
 
 @functools.lru_cache(maxsize=64)
@@ -78,7 +79,8 @@ def plan_merge(base: dict[str, TensorRef], adapters: Sequence[Adapter], hf_arch:
         )
     template = next((t for a in reversed(adapters) if (t := chat_template_of(a.folder))), None)
     return MergePlan(
-        refs, {k: tuple(v) for k, v in ops.items() if v}, new_vocab, vocab_folder, template, tuple(adapters)
+        refs, {k: tuple(v) for k, v in ops.items() if v}, new_vocab, vocab_folder, template, tuple(adapters),
+        frozenset(ops),
     )
 
 

@@ -242,8 +242,21 @@ def plan_conversion(source: Path, quant: str, adapters: Sequence[Adapter] = ()) 
         )
         for (ref, name, kind), ggml_type in zip(tensors, types)
     )
+    if merge:
+        _check_all_used(merge, {job.source for job in jobs if isinstance(job.source, TensorRef)}, arch)
     name = merged_name(adapters) if adapters else source.resolve().name
     return ConversionPlan(source, name, quant, cfg, arch, vocab, jobs, merge)
+
+
+def _check_all_used(merge: MergePlan, used: set[TensorRef], arch: Architecture) -> None:
+    """An adapter tensor the GGUF would not contain (e.g. Gemma 2's saved but unused lm_head)
+    is refused: dropping it would silently lose part of the fine-tune."""
+    for name in sorted(merge.touched):
+        if merge.refs[name] not in used:
+            raise InputError(
+                f"the adapter changes {name!r}, which llama.cpp's {arch.arch_name} does not use "
+                "(tied to the embedding or dropped by the converter); its training would be lost"
+            )
 
 
 def source_is_quantized(cfg: ModelConfig) -> bool:
