@@ -120,3 +120,35 @@ def test_other_architectures(arch: str, tmp_path: Path) -> None:
     model = getattr(tinyarch, f"build_{arch}")(tmp_path / f"tiny-{arch}")
     adapter = pa.make_adapter(model.path, tmp_path / "lora", r=4, lora_alpha=8, target_modules=ALL_LINEAR)
     _equal_to_reference(tmp_path, model.path, [adapter], pre=model.pre)
+
+
+def _kv(path: Path) -> dict:
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    return {k: f.contents() for k, f in fields.items() if k.startswith(("general.", "alpaca_local.", "tokenizer.chat"))}
+
+
+def test_provenance_and_chat_template(base: Path, tmp_path: Path) -> None:
+    """Metadata names the base and the adapters; the chat template is the adapter's, else the base's, else Alpaca."""
+    import json
+
+    from alpaca_local.template import ALPACA_CHAT_TEMPLATE
+
+    adapter = pa.make_adapter(base, tmp_path / "my-alpaca-lora", r=4, lora_alpha=8, target_modules=["q_proj"])
+    kv = _kv(convert(base, tmp_path / "a.gguf", "q8_0", adapters=[read_adapter(adapter, 0.5)]).output)
+    assert kv["general.name"] == "my-alpaca-lora"
+    assert kv["general.base_model.0.name"] == "tiny-base"
+    assert kv["alpaca_local.lora.merged"] == ["my-alpaca-lora"]
+    assert kv["alpaca_local.lora.scale"] == [0.5]
+    assert kv["tokenizer.chat_template"] == ALPACA_CHAT_TEMPLATE  # neither folder has one
+    template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+    (adapter / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    kv = _kv(convert(base, tmp_path / "b.gguf", "q8_0", adapters=[read_adapter(adapter)]).output)
+    assert kv["tokenizer.chat_template"] == template
+
+
+def test_default_output_is_named_after_the_fine_tune(base: Path, tmp_path: Path) -> None:
+    adapter = pa.make_adapter(base, tmp_path / "alpaca-lora-7b", r=4, lora_alpha=8, target_modules=["q_proj"])
+    result = convert(base, None, "q8_0", models_dir=tmp_path / "models", adapters=[read_adapter(adapter)])
+    assert result.output == tmp_path / "models" / "alpaca-lora-7b.Q8_0.gguf"
