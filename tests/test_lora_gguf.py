@@ -162,3 +162,24 @@ def test_chat_refuses_a_lora_for_another_base(base: Path, base_gguf: Path, tmp_p
     one_line(rc, err, 1, "do not fit")
     rc, err = cli(capsys, "chat", str(base_gguf), "--lora", str(base_gguf), "-p", "hi", "-n", "2")
     one_line(rc, err, 1, "not a LoRA adapter")
+
+
+def test_serve_applies_the_lora(base: Path, base_gguf: Path, tmp_path: Path, capsys) -> None:
+    """serve --lora: the server's model is loaded with the adapter (same logits as llama.cpp applying it);
+    a file that is not a LoRA for the model is refused before the port is bound."""
+    pytest.importorskip("uvicorn")
+    from alpaca_local.run.chat import lora_kwargs
+    from alpaca_local.run.serve import load_server_model
+
+    adapter = pa.make_adapter(base, tmp_path / "lora", r=4, lora_alpha=8, target_modules=ALL, std=0.1)
+    lora = write_adapter_gguf(read_adapter(adapter), base, tmp_path / "lora.gguf", "f16").output
+    llm = load_server_model(base_gguf, 64, n_threads=2, logits_all=True, **lora_kwargs(lora, 1.0, base_gguf))
+    try:
+        llm.eval(TOKENS)
+        served = np.array(llm.scores[len(TOKENS) - 1], dtype=np.float64)
+    finally:
+        llm.close()
+    assert np.array_equal(served, _logits(base_gguf, lora)[-1])
+    capsys.readouterr()
+    rc, err = cli(capsys, "serve", str(base_gguf), "--port", "0", "--lora", str(base_gguf))
+    one_line(rc, err, 1, "not a LoRA adapter")
