@@ -17,9 +17,8 @@ import os
 import resource
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -214,12 +213,12 @@ def plan_conversion(source: Path, quant: str, adapters: Sequence[Adapter] = ()) 
     cfg = load_config(source, SUPPORTED, CONFIG_DEFAULTS)
     arch = ARCHITECTURES[cfg.hf_arch]
     arch.check(cfg)
-    refs, merge = read_weights(source), None
     if source_is_quantized(cfg):
         raise UnsupportedError(
             f"{source} holds a quantized model ({cfg.raw['quantization_config'].get('quant_method', 'unknown')}); "
             "give the unquantized (16-bit) base model"
         )
+    refs, merge = read_weights(source), None
     if adapters:
         merge = plan_merge(refs, adapters, cfg.hf_arch, cfg.vocab_size)
         refs, cfg = merge.refs, replace(cfg, vocab_size=merge.vocab_size)
