@@ -214,9 +214,10 @@ def plan_conversion(source: Path, quant: str, adapters: Sequence[Adapter] = ()) 
     arch = ARCHITECTURES[cfg.hf_arch]
     arch.check(cfg)
     if source_is_quantized(cfg):
+        method = cfg.raw["quantization_config"].get("quant_method")
+        named = method if isinstance(method, str) and method.replace("-", "_").isidentifier() and len(method) < 40 else "?"
         raise UnsupportedError(
-            f"{source} holds a quantized model ({cfg.raw['quantization_config'].get('quant_method', 'unknown')}); "
-            "give the unquantized (16-bit) base model"
+            f"{source} holds a quantized model (quant_method {named}); give the unquantized (16-bit) base model"
         )
     refs, merge = read_weights(source), None
     if adapters:
