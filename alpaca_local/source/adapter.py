@@ -30,7 +30,7 @@ import numpy as np
 
 from alpaca_local.errors import InputError, UnsupportedError
 from alpaca_local.source.config import read_json
-from alpaca_local.source.safetensors_io import read_safetensors
+from alpaca_local.source.safetensors_io import _short, read_safetensors
 from alpaca_local.source.tensors import TensorRef
 
 CONFIG_FILE = "adapter_config.json"
@@ -140,7 +140,7 @@ def pattern_key(patterns: dict[str, Any], module: str, where: Path) -> str | Non
             if re.match(rf"(.*\.)?({key})$", module):
                 return key
         except re.error as exc:
-            raise InputError(f"{where}: pattern {key[:60]!r} is not a valid regular expression ({exc})") from None
+            raise InputError(f"{where}: pattern {_short(key)} is not a valid regular expression ({exc})") from None
     return None
 
 
@@ -150,7 +150,7 @@ def _number(cfg: dict, key: str, where: Path, default: Any, kind: type) -> Any:
     if kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok:
-        raise InputError(f"{where}: {key} is {value!r}; it must be a {'number' if kind is float else 'whole number'}")
+        raise InputError(f"{where}: {key} is {_short(value)}; it must be a {'number' if kind is float else 'whole number'}")
     return value
 
 
@@ -169,7 +169,7 @@ def parse_adapter_config(cfg: Any, where: Path) -> dict[str, Any]:
         raise InputError(f"{where} is not a JSON object; the adapter config is corrupt")
     peft_type = cfg.get("peft_type")
     if peft_type != "LORA":
-        raise UnsupportedError(f"{where}: peft_type {peft_type!r} is not supported; only LoRA adapters (peft_type LORA) are")
+        raise UnsupportedError(f"{where}: peft_type {_short(peft_type)} is not supported; only LoRA adapters (peft_type LORA) are")
     rank = _number(cfg, "r", where, None, int)
     if not 0 < rank <= MAX_RANK:
         raise InputError(f"{where}: r is {rank}; a LoRA rank is between 1 and {MAX_RANK}")
@@ -177,14 +177,14 @@ def parse_adapter_config(cfg: Any, where: Path) -> dict[str, Any]:
     bias = cfg.get("bias", "none")
     if bias != "none":
         raise UnsupportedError(
-            f"{where}: bias={bias!r} (trained bias tensors) is not supported; only bias='none' adapters can be merged"
+            f"{where}: bias={_short(bias)} (trained bias tensors) is not supported; only bias='none' adapters can be merged"
         )
     for key, what in _UNSUPPORTED_KEYS.items():
         if cfg.get(key) not in (None, False, [], {}, ""):
             raise UnsupportedError(f"{where}: {key} is set ({what}); this is not supported")
     for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
         if not isinstance(cfg.get(key, False), bool):
-            raise InputError(f"{where}: {key} is {cfg.get(key)!r}; it must be true or false")
+            raise InputError(f"{where}: {key} is {_short(cfg.get(key))}; it must be true or false")
     _pattern(cfg, "rank_pattern", where, int)
     _pattern(cfg, "alpha_pattern", where, float)
     return cfg
@@ -208,17 +208,17 @@ def _read_tensors(path: Path) -> dict[str, TensorRef]:
 def _split_key(key: str, where: Path) -> tuple[str, str]:
     """(module name in the base, role) of one saved tensor name."""
     if not key.startswith(_PREFIX):
-        raise InputError(f"{where}: tensor {key[:80]!r} does not start with {_PREFIX!r}; not a PEFT adapter file")
+        raise InputError(f"{where}: tensor {_short(key)} does not start with {_PREFIX!r}; not a PEFT adapter file")
     name = key[len(_PREFIX):]
     for suffix, role in _ROLES:
         if name.endswith(suffix):
             return name[: -len(suffix)], role
     if name.endswith(".lora_B.bias"):
-        raise UnsupportedError(f"{where}: tensor {key!r} is a trained bias on lora_B (lora_bias), which is not supported")
+        raise UnsupportedError(f"{where}: tensor {_short(key)} is a trained bias on lora_B (lora_bias), which is not supported")
     for suffix in (".weight", ".bias"):
         if name.endswith(suffix):
             return name[: -len(suffix)], "R" + suffix
-    raise InputError(f"{where}: tensor {key[:80]!r} is neither a LoRA factor nor a saved module; not supported")
+    raise InputError(f"{where}: tensor {_short(key)} is neither a LoRA factor nor a saved module; not supported")
 
 
 def check_finite(ref: TensorRef, what: str) -> None:
@@ -227,7 +227,7 @@ def check_finite(ref: TensorRef, what: str) -> None:
     for start in range(0, ref.n_rows, rows_per):
         rows = ref.read_rows(start, min(ref.n_rows, start + rows_per))
         if not np.isfinite(rows).all():
-            raise InputError(f"{what}: tensor {ref.name!r} contains NaN or Inf; the adapter is broken, retrain or re-download it")
+            raise InputError(f"{what}: tensor {_short(ref.name)} contains NaN or Inf; the adapter is broken, retrain or re-download it")
 
 
 def _saved_whole(module: str, cfg: dict) -> bool:
@@ -243,10 +243,10 @@ def _pair(module: str, parts: dict[str, TensorRef], cfg: dict, user_scale: float
     a, b = (parts.get("EA"), parts.get("EB")) if embedding else (parts.get("A"), parts.get("B"))
     if a is None or b is None:
         missing = ("lora_embedding_A" if embedding else "lora_A") if a is None else ("lora_embedding_B" if embedding else "lora_B")
-        raise InputError(f"{where}: module {module!r} has no {missing} tensor; the adapter file is incomplete")
+        raise InputError(f"{where}: module {_short(module)} has no {missing} tensor; the adapter file is incomplete")
     if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
         raise InputError(
-            f"{where}: module {module!r} has A {list(a.shape)} and B {list(b.shape)}, whose ranks disagree; the adapter is corrupt"
+            f"{where}: module {_short(module)} has A {list(a.shape)} and B {list(b.shape)}, whose ranks disagree; the adapter is corrupt"
         )
     r_key = pattern_key(cfg.get("rank_pattern") or {}, module, where)
     a_key = pattern_key(cfg.get("alpha_pattern") or {}, module, where)
@@ -254,18 +254,18 @@ def _pair(module: str, parts: dict[str, TensorRef], cfg: dict, user_scale: float
     alpha = (cfg.get("alpha_pattern") or {}).get(a_key, cfg.get("lora_alpha", 8)) if a_key else cfg.get("lora_alpha", 8)
     if a.shape[0] != rank:
         raise InputError(
-            f"{where}: module {module!r} has rank {a.shape[0]} but adapter_config.json says r={rank}; "
+            f"{where}: module {_short(module)} has rank {a.shape[0]} but adapter_config.json says r={rank}; "
             "the config does not belong to these weights"
         )
     magnitude = parts.get("M")
     if magnitude is not None and not cfg.get("use_dora", False):
-        raise InputError(f"{where}: module {module!r} has a DoRA magnitude but use_dora is false; the config is contradictory")
+        raise InputError(f"{where}: module {_short(module)} has a DoRA magnitude but use_dora is false; the config is contradictory")
     if cfg.get("use_dora", False) and not embedding and magnitude is None:
-        raise InputError(f"{where}: use_dora is true but module {module!r} has no lora_magnitude_vector")
+        raise InputError(f"{where}: use_dora is true but module {_short(module)} has no lora_magnitude_vector")
     if embedding and magnitude is not None:
-        raise UnsupportedError(f"{where}: DoRA on the embedding {module!r} is not supported")
+        raise UnsupportedError(f"{where}: DoRA on the embedding {_short(module)} is not supported")
     if magnitude is not None and magnitude.shape != (b.shape[0],):
-        raise InputError(f"{where}: the DoRA magnitude of {module!r} has shape {list(magnitude.shape)}, not [{b.shape[0]}]")
+        raise InputError(f"{where}: the DoRA magnitude of {_short(module)} has shape {list(magnitude.shape)}, not [{b.shape[0]}]")
     scale = peft_scale(float(alpha), int(rank), bool(cfg.get("use_rslora", False))) * user_scale
     return LoraPair(module, a, b, int(rank), scale, embedding, magnitude)
 
@@ -291,7 +291,7 @@ def read_adapter(folder: Path, user_scale: float = 1.0) -> Adapter:
         if role.startswith("R") or role == "W":
             if role.startswith("R") and not _saved_whole(module, cfg):
                 raise InputError(
-                    f"{wfile}: tensor {key!r} is a whole module that adapter_config.json does not list "
+                    f"{wfile}: tensor {_short(key)} is a whole module that adapter_config.json does not list "
                     "in modules_to_save; the config and the weights disagree"
                 )
             target = module + (".weight" if role == "W" else role[1:])
@@ -331,11 +331,11 @@ def check_against_base(adapter: Adapter, base: dict[str, TensorRef], hf_arch: st
     for target, ref in adapter.replacements.items():
         have = base.get(target)
         if have is None:
-            raise InputError(f"adapter {adapter.name} replaces {target!r}, which the base model lacks; is this the right base?")
+            raise InputError(f"adapter {adapter.name} replaces {_short(target)}, which the base model lacks; is this the right base?")
         resizable = target.rsplit(".", 2)[-2] in _EMBEDDING_LAYERS and len(ref.shape) == 2
         if ref.shape != have.shape and not (resizable and ref.shape[1:] == have.shape[1:]):
             raise InputError(
-                f"adapter {adapter.name} gives {target!r} shape {list(ref.shape)} but the base has "
+                f"adapter {adapter.name} gives {_short(target)} shape {list(ref.shape)} but the base has "
                 f"{list(have.shape)}; is this the right base?"
             )
     for target, pair in adapter.pairs.items():
@@ -343,15 +343,15 @@ def check_against_base(adapter: Adapter, base: dict[str, TensorRef], hf_arch: st
         if have is None:
             hint = " (the base ties it to embed_tokens)" if pair.module.endswith("lm_head") else ""
             raise InputError(
-                f"adapter {adapter.name} adapts {pair.module!r}, which the base model lacks{hint}; is this the right base?"
+                f"adapter {adapter.name} adapts {_short(pair.module)}, which the base model lacks{hint}; is this the right base?"
             )
         if len(have.shape) != 2:
-            raise InputError(f"adapter {adapter.name} adapts {pair.module!r}, which is not a matrix in the base")
+            raise InputError(f"adapter {adapter.name} adapts {_short(pair.module)}, which is not a matrix in the base")
         rows, cols = have.shape
         want_a, want_b = ((pair.rank, rows), (cols, pair.rank)) if pair.embedding else ((pair.rank, cols), (rows, pair.rank))
         if pair.a.shape != want_a or pair.b.shape != want_b:
             raise InputError(
-                f"adapter {adapter.name}: {pair.module!r} has A {list(pair.a.shape)} and B {list(pair.b.shape)} "
+                f"adapter {adapter.name}: {_short(pair.module)} has A {list(pair.a.shape)} and B {list(pair.b.shape)} "
                 f"but the base weight is {list(have.shape)}; is this the right base?"
             )
 
