@@ -183,3 +183,15 @@ def test_serve_applies_the_lora(base: Path, base_gguf: Path, tmp_path: Path, cap
     capsys.readouterr()
     rc, err = cli(capsys, "serve", str(base_gguf), "--port", "0", "--lora", str(base_gguf))
     one_line(rc, err, 1, "not a LoRA adapter")
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("arch", ["mistral", "llama3", "qwen2", "gemma2"])
+def test_other_architectures_equal_vendored(arch: str, tmp_path: Path) -> None:
+    import tinyarch
+
+    model = getattr(tinyarch, f"build_{arch}")(tmp_path / f"tiny-{arch}").path
+    adapter = pa.make_adapter(model, tmp_path / "lora", r=4, lora_alpha=8, target_modules=ALL)
+    ref = reference.tensor_table(_vendored(adapter, model, tmp_path / "ref.gguf", "f16"))
+    ours = write_adapter_gguf(read_adapter(adapter), model, tmp_path / "ours.gguf", "f16").output
+    assert reference.tensor_table(ours) == ref
