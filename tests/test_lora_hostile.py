@@ -210,3 +210,14 @@ def test_lora_on_a_tensor_the_gguf_drops(tmp_path: Path, capsys) -> None:
     rc, err = cli(capsys, "convert", str(base), "--lora", str(adapter), "-o", str(out / "m.gguf"))
     one_line(rc, err, 1, "lm_head.weight", "does not use")
     assert leftovers(out) == []
+
+
+def test_existing_output_needs_force(made, adapter: Path, tmp_path: Path, capsys) -> None:
+    for argv in (["convert", str(made["base"]), "--lora", str(adapter)],
+                 ["convert", str(adapter), "--base", str(made["base"])]):
+        target = tmp_path / "taken.gguf"
+        target.write_bytes(b"keep me")
+        capsys.readouterr()
+        rc, err = cli(capsys, *argv, "-o", str(target))
+        one_line(rc, err, 2, "--force")
+        assert target.read_bytes() == b"keep me"
