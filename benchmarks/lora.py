@@ -11,7 +11,12 @@ and prints wall time, peak RSS and bytes written of each, and the ratios.
 Targets (issue 13): ours within 1.1x the time of plain, and a peak within plain
 + adapter size + 50 MB.
 
-    python benchmarks/lora.py [--size 1b|7b|tiny] [--quant q4_k_m] [--rank 16] [--work DIR] [--json F]
+    python benchmarks/lora.py [--size 1b|7b|tiny] [--quant q4_k_m] [--rank 16] [--repeats N]
+                              [--no-three-step] [--work DIR] [--json F]
+
+With --repeats N, plain and ours run N times each, alternating (plain, ours, ours,
+plain, ...) so that a load change on a shared machine hits both alike; the time
+ratio is the median of the paired ratios, times and peaks the medians.
 """
 
 from __future__ import annotations
@@ -86,7 +91,21 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def run(size: str, quant: str, rank: int, work_root: Path) -> dict:
+def _paired(plain_cmd: list[str], ours_cmd: list[str], repeats: int) -> tuple[dict, dict, list[float]]:
+    plain, ours, ratios = [], [], []
+    for i in range(repeats):
+        order = (plain_cmd, ours_cmd) if i % 2 == 0 else (ours_cmd, plain_cmd)
+        first, second = measure(order[0]), measure(order[1])
+        p, o = (first, second) if i % 2 == 0 else (second, first)
+        plain.append(p)
+        ours.append(o)
+        ratios.append(o[0] / p[0])
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    return ({"s": med([x[0] for x in plain]), "peak": int(med([x[1] for x in plain])), "runs": plain},
+            {"s": med([x[0] for x in ours]), "peak": int(med([x[1] for x in ours])), "runs": ours}, ratios)
+
+
+def run(size: str, quant: str, rank: int, work_root: Path, repeats: int = 1, three_step: bool = True) -> dict:
     from reference import vendor_dir
 
     work = work_root / f"llama-{size}"
@@ -103,9 +122,19 @@ def run(size: str, quant: str, rank: int, work_root: Path) -> dict:
                 pass
     cli = [py, "-m", "alpaca_local", "convert", str(src), "-q", quant, "--force", "--json"]
     plain_out, ours_out = work / f"plain.{quant}.gguf", work / f"lora.{quant}.gguf"
-    plain_s, plain_rss = measure([*cli, "-o", str(plain_out)])
-    ours_s, ours_rss = measure([*cli, "-o", str(ours_out), "--lora", str(adapter)])
-    ours_disk = _size(ours_out)
+    plain, ours, ratios = _paired([*cli, "-o", str(plain_out)], [*cli, "-o", str(ours_out), "--lora", str(adapter)],
+                                  repeats)
+    ours["disk"] = _size(ours_out)
+    result = {
+        "size": size, "quant": quant, "rank": rank, "repeats": repeats, "time_ratios": ratios,
+        "source_bytes": sum(f.stat().st_size for f in src.glob("*.safetensors")),
+        "adapter_bytes": _size(adapter / "adapter_model.safetensors"),
+        "plain": plain, "ours": ours, "three_step": None,
+    }
+    for p in (plain_out, ours_out):
+        p.unlink(missing_ok=True)
+    if not three_step:
+        return result
     merged, f16, q_out = work / "peft-merged", work / "ref.F16.gguf", work / f"ref.{quant}.gguf"
     shutil.rmtree(merged, ignore_errors=True)
     m_s, m_rss = measure([py, "-c", PEFT_MERGE, str(src), str(adapter), str(merged)])
@@ -113,25 +142,20 @@ def run(size: str, quant: str, rank: int, work_root: Path) -> dict:
                           "--outfile", str(f16)])
     q_s, q_rss = measure([py, "-c", QUANTIZE, str(f16), str(q_out), quant])
     three_disk = _size(merged) + _size(f16) + _size(q_out)
-    for p in (plain_out, ours_out, f16, q_out):
+    for p in (f16, q_out):
         p.unlink(missing_ok=True)
     shutil.rmtree(merged, ignore_errors=True)
-    return {
-        "size": size, "quant": quant, "rank": rank,
-        "source_bytes": sum(f.stat().st_size for f in src.glob("*.safetensors")),
-        "adapter_bytes": _size(adapter / "adapter_model.safetensors"),
-        "plain": {"s": plain_s, "peak": plain_rss},
-        "ours": {"s": ours_s, "peak": ours_rss, "disk": ours_disk},
-        "three_step": {"s": m_s + c_s + q_s, "peak": max(m_rss, c_rss, q_rss), "disk": three_disk,
-                       "steps_s": [m_s, c_s, q_s], "steps_peak": [m_rss, c_rss, q_rss]},
-    }
+    result["three_step"] = {"s": m_s + c_s + q_s, "peak": max(m_rss, c_rss, q_rss), "disk": three_disk,
+                            "steps_s": [m_s, c_s, q_s], "steps_peak": [m_rss, c_rss, q_rss]}
+    return result
 
 
 def markdown(r: dict) -> list[str]:
     """The result as RESULTS.md lines (also what this script prints)."""
-    plain, ours, three = r["plain"], r["ours"], r["three_step"]
+    plain, ours, three = r["plain"], r["ours"], r.get("three_step")
     peak_budget = plain["peak"] + r["adapter_bytes"] + PEAK_SLACK
-    t_ratio = ours["s"] / plain["s"]
+    ratios = r.get("time_ratios") or [ours["s"] / plain["s"]]
+    t_ratio = float(np.median(ratios))
     mb = lambda n: f"{n / 1e6:,.0f}"  # noqa: E731
     return [
         (f"{r['size']} LLaMA-shaped model ({r['source_bytes'] / 1e9:.2f} GB f16), r={r['rank']} adapter on every linear "
@@ -143,16 +167,17 @@ def markdown(r: dict) -> list[str]:
         "|---|---:|---:|---:|",
         f"| plain convert (no adapter) | {plain['s']:.1f} | {mb(plain['peak'])} | - |",
         f"| ours: convert --lora | {ours['s']:.1f} | {mb(ours['peak'])} | {mb(ours['disk'])} |",
-        f"| three-step route | {three['s']:.1f} | {mb(three['peak'])} | {mb(three['disk'])} |",
+        *([f"| three-step route | {three['s']:.1f} | {mb(three['peak'])} | {mb(three['disk'])} |"] if three else []),
         "",
         "| ratio | value | target |",
         "|---|---:|---|",
-        f"| ours / plain time | {t_ratio:.2f}x | ≤ {TIME_TARGET}x: {'yes' if t_ratio <= TIME_TARGET else '**no**'} |",
+        f"| ours / plain time{' (median of ' + str(len(ratios)) + ' paired runs: ' + ', '.join(f'{x:.2f}' for x in ratios) + ')' if len(ratios) > 1 else ''} "
+        f"| {t_ratio:.2f}x | ≤ {TIME_TARGET}x: {'yes' if t_ratio <= TIME_TARGET else '**no**'} |",
         f"| ours peak - plain peak | {mb(ours['peak'] - plain['peak'])} MB | ≤ adapter + 50 MB "
         f"({mb(r['adapter_bytes'] + PEAK_SLACK)} MB): {'yes' if ours['peak'] <= peak_budget else '**no**'} |",
-        f"| ours / three-step time | {ours['s'] / three['s']:.2f}x | - |",
-        f"| ours / three-step peak | {ours['peak'] / three['peak']:.2f}x | - |",
-        f"| ours / three-step disk written | {ours['disk'] / three['disk']:.2f}x | - |",
+        *([f"| ours / three-step time | {ours['s'] / three['s']:.2f}x | - |",
+           f"| ours / three-step peak | {ours['peak'] / three['peak']:.2f}x | - |",
+           f"| ours / three-step disk written | {ours['disk'] / three['disk']:.2f}x | - |"] if three else []),
     ]
 
 
@@ -162,6 +187,8 @@ def main() -> int:
     ap.add_argument("--quant", default="q4_k_m")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--work", type=Path, default=HERE / "out")
+    ap.add_argument("--repeats", type=int, default=1, help="paired plain/ours runs (default 1)")
+    ap.add_argument("--no-three-step", action="store_true", help="leave out the PEFT merge + convert + quantize route")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -169,7 +196,7 @@ def main() -> int:
         work = args.work / f"llama-{args.size}"
         build_adapter(work / f"lora-r{args.rank}", work / "src", args.rank)
         return 0
-    result = run(args.size, args.quant, args.rank, args.work)
+    result = run(args.size, args.quant, args.rank, args.work, args.repeats, not args.no_three_step)
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print("\n".join(markdown(result)))
     if args.json:

@@ -8,7 +8,7 @@ Each benchmark runs as its own process (so peak-memory numbers are its own):
   convert.py --size S --quants Q --json F   ours vs vendored convert_hf_to_gguf.py + quantize
   chat.py [MODEL] -n N --repeats R --json   chat -p tokens/s vs raw llama-cpp-python
   plan.py                                   planner latency and prediction error (its text, verbatim)
-  lora.py --size S --json F                 convert --lora vs plain convert vs PEFT merge + convert + quantize
+  lora.py --size S --repeats R --json F     convert --lora vs plain convert vs PEFT merge + convert + quantize
 The defaults are the issue's sizes (1B model, 256 tokens, 10 repeats); `--size tiny
 --chat-n 16 --chat-repeats 2 --skip plan` checks the plumbing in well under a minute.
 A benchmark that fails or is missing is reported in RESULTS.md and the exit code is 1.
@@ -146,7 +146,7 @@ def run_plan(args: argparse.Namespace) -> str:
 def run_lora(args: argparse.Namespace) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "lora.json"
-        argv = [str(HERE / "lora.py"), "--size", args.size, "--json", str(out)]
+        argv = [str(HERE / "lora.py"), "--size", args.size, "--repeats", str(args.lora_repeats), "--json", str(out)]
         if args.work:
             argv += ["--work", str(args.work)]
         _run(argv)
@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chat-model", type=Path, help="chat.py model (default: its own, Gemma 3 270M)")
     ap.add_argument("--chat-n", type=int, default=256, help="chat.py tokens per run (default 256)")
     ap.add_argument("--chat-repeats", type=int, default=10, help="chat.py runs per path (default 10)")
+    ap.add_argument("--lora-repeats", type=int, default=3, help="lora.py paired plain/--lora runs (default 3)")
     ap.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: convert, chat, plan, lora")
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="markdown file to write")
     args = ap.parse_args(argv)
