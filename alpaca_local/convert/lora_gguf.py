@@ -183,10 +183,6 @@ class AdapterHeader:
     alpha: float
     tensors: tuple  # gguf_read.TensorInfo of every .lora_a / .lora_b
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
 
 def read_adapter_header(path: Path) -> AdapterHeader:
     """The header of a llama.cpp LoRA adapter GGUF, refusing a model file or another adapter kind."""

@@ -81,10 +81,6 @@ class LoraPair:
     def target(self) -> str:
         return f"{self.module}.weight"
 
-    @property
-    def out_features(self) -> int:
-        return self.b.shape[0]
-
 
 @dataclass(frozen=True)
 class Adapter:
@@ -116,12 +112,6 @@ class Adapter:
     @property
     def has_tokenizer(self) -> bool:
         return any((self.folder / f).is_file() for f in TOKENIZER_FILES)
-
-    @property
-    def nbytes(self) -> int:
-        refs = [p.a for p in self.pairs.values()] + [p.b for p in self.pairs.values()]
-        refs += [p.magnitude for p in self.pairs.values() if p.magnitude is not None]
-        return sum(r.nbytes for r in refs) + sum(r.nbytes for r in self.replacements.values())
 
 
 def is_adapter_folder(folder: Path) -> bool:
