@@ -13,7 +13,8 @@
                   "repack_bytes", "kv_bytes", "compute_bytes", "output_bytes", "overhead_bytes", "total_bytes",
                   "fits": bool, "max_ctx": int|null (only with --ctx max), "max_gpu_layers"}],
       "recommendation": {"level": str|null, "full_offload": bool, "n_gpu_layers",
-                         "gpu_bytes", "cpu_bytes", "reason"}
+                         "gpu_bytes", "cpu_bytes", "reason"},
+      "lora": {"file", "tensors", "bytes"}   (only with --lora: the adapter counted in the weights)
     }
 With `--ctx max`, each level's row is planned at its own largest context.
 "repack_bytes" is the part of weights_cpu_bytes (and, on the cpu backend, of
@@ -136,7 +137,7 @@ def build_report(args: argparse.Namespace) -> dict:
         ngl = shape.n_layer + 1 if fits else plan.max_gpu_layers(shape, level, ls, budget)
         rows.append(_row(p, fits, best_ctx, ngl))
     rec = plan.recommend(shape, plans, s, budget) if not ctx_max else _ctx_max_recommendation(shape, plans, rows, budget)
-    return {
+    report = {
         "model": {**{k: getattr(shape, k) for k in ("name", "source", "arch", "n_layer", "hidden", "n_head",
                                                     "n_kv_head", "head_dim", "intermediate")},
                   "vocab": shape.vocab_size, "n_ctx_train": shape.n_ctx},
@@ -147,10 +148,12 @@ def build_report(args: argparse.Namespace) -> dict:
         "settings": {"n_ctx": "max" if ctx_max else s.n_ctx, "n_ctx_padded": None if ctx_max else plan.padded_ctx(s.n_ctx),
                      "n_batch": s.n_batch, "n_ubatch": s.n_ubatch, "cache_type": s.cache_type, "flash_attn": s.flash_attn},
         "levels": rows,
-        "lora": {"file": args.lora, "tensors": len(lora), "bytes": sum(t.nbytes for t in lora)} if args.lora else None,
         "recommendation": {"level": rec.level, "full_offload": rec.full, "n_gpu_layers": rec.n_gpu_layers,
                            "gpu_bytes": rec.gpu_bytes, "cpu_bytes": rec.cpu_bytes, "reason": rec.reason},
     }
+    if args.lora:
+        report["lora"] = {"file": args.lora, "tensors": len(lora), "bytes": sum(t.nbytes for t in lora)}
+    return report
 
 
 def _row(p, fits: bool, max_ctx: int | None, max_ngl: int) -> dict:
@@ -213,7 +216,7 @@ def _print(report: dict) -> None:
     console = Console()
     console.print(t)
     console.print(f"sizes in GiB; ~ = header size estimated; usable {gib(d['usable_bytes'])} GiB after the safety margin. {d['note']}")
-    if report["lora"]:
+    if report.get("lora"):
         lo = report["lora"]
         console.print(f"weights include the LoRA {lo['file']}: {lo['tensors']} tensors, {lo['bytes'] / 1e6:,.1f} MB.")
     if repack:
