@@ -67,6 +67,8 @@ def _lib() -> ctypes.CDLL:
         lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
         lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
         lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+        lib.ggml_fp16_to_fp32_row.restype = None
+        lib.ggml_fp16_to_fp32_row.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         return lib
     raise GGMLUnavailable(f"no ggml library with ggml_quantize_chunk found in {lib_dir}; reinstall llama-cpp-python")
 
@@ -91,4 +93,15 @@ def quantize_rows(values: np.ndarray, ggml_type: GGMLQuantizationType) -> np.nda
     )
     if written != out.nbytes:
         raise RuntimeError(f"ggml wrote {written} bytes for {ggml_type.name}, expected {out.nbytes}")
+    return out
+
+
+def round_to_f16(values: np.ndarray) -> np.ndarray:
+    """`values` (2-D float32) rounded to float16 precision and widened back, as numpy's
+    astype(float16).astype(float32) does (round to nearest even), in ggml's faster row
+    conversions: the merged LoRA rows take this trip before a quantizer."""
+    half = quantize_rows(values, GGMLQuantizationType.F16)
+    out = np.empty(values.shape, dtype=np.float32)
+    if out.size:
+        _lib().ggml_fp16_to_fp32_row(half.ctypes.data, out.ctypes.data, out.size)
     return out

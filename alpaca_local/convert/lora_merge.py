@@ -18,8 +18,9 @@ Each output row depends only on the same row of W, of B (linear) or of Aᵀ
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,21 +90,38 @@ def delta_rows(pair: LoraPair, start: int, stop: int) -> np.ndarray:
     scale = np.float32(pair.scale)  # torch multiplies a float32 tensor by a Python float in float32
     if pair.embedding:
         a_cols = _f32(pair.a)[:, start:stop]  # (r, n): the rows of (B·A)ᵀ are A's columns
-        return (a_cols.T @ _f32(pair.b).T) * scale
-    return (pair.b.read_rows(start, stop) @ _f32(pair.a)) * scale
+        product = a_cols.T @ _f32(pair.b).T
+    else:
+        product = pair.b.read_rows(start, stop) @ _f32(pair.a)
+    return np.multiply(product, scale, out=product)
 
 
 def merge_rows(rows: np.ndarray, pairs: Sequence[LoraPair], start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of a weight after every LoRA in `pairs`, applied in order."""
     out = np.asarray(rows, dtype=np.float32)
     for pair in pairs:
-        out = out + delta_rows(pair, start, stop)
+        delta = delta_rows(pair, start, stop)
+        out = np.add(out, delta, out=delta)  # the delta's buffer is ours to reuse
         if pair.magnitude is not None:
             # DoraLinearVariant.merge_unsafe: m / ||W + ΔW|| per output row, times W + ΔW.
             norm = np.sqrt(np.einsum("ij,ij->i", out, out, dtype=np.float32))
             magnitude = _f32(pair.magnitude)[start:stop]
             out = (magnitude / norm)[:, None] * out
     return out
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Run the merge's small matmuls (B @ A per chunk) on the calling thread only.
+
+    OpenBLAS starts its own thread pool for them, and its threads spin-wait between
+    calls on the very cores the quantizer's worker threads need: on 2 cores that made
+    a 1B `convert --lora` 2.5x slower than a plain convert (benchmarks/lora.py).
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def merged_name(adapters: Sequence[Adapter]) -> str:

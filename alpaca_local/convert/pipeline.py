@@ -13,6 +13,7 @@ whatever the model size.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import time
@@ -34,11 +35,11 @@ from alpaca_local.convert.architectures import (
     map_name,
 )
 from alpaca_local.convert.atomic import atomic_write, check_target
-from alpaca_local.convert.lora_merge import MergePlan, merge_rows, merged_name, plan_merge
+from alpaca_local.convert.lora_merge import MergePlan, merge_rows, merged_name, one_blas_thread, plan_merge
 from alpaca_local.source.adapter import Adapter, LoraPair
 from alpaca_local.source.config import ModelConfig, load_config
 from alpaca_local.errors import InputError, UnsupportedError
-from alpaca_local.convert.ggml import quantize_rows
+from alpaca_local.convert.ggml import quantize_rows, round_to_f16
 from alpaca_local.source.weights import read_weights
 from alpaca_local.template import ALPACA_CHAT_TEMPLATE
 from alpaca_local.source.tensors import TensorRef
@@ -354,7 +355,7 @@ def _encode(job: TensorJob, start: int, stop: int) -> bytes:
         if job.ggml_type not in _FLOAT_TYPES:
             # The quantized levels follow from the merged F16 file, as llama-quantize
             # makes them from the reference route's merged F16 GGUF.
-            rows = rows.astype(np.float16).astype(np.float32)
+            rows = round_to_f16(rows)
     if job.offset:
         rows = _add_offset(rows, job.offset, src.dtype)
     if job.rope_head_dim:
@@ -418,7 +419,8 @@ def convert(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         writer.close()
-        _write_tensor_data(plan, tmp, progress, workers or os.cpu_count() or 1)
+        with one_blas_thread() if plan.merge else contextlib.nullcontext():
+            _write_tensor_data(plan, tmp, progress, workers or os.cpu_count() or 1)
         size = tmp.stat().st_size
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return ConvertResult(output, plan.quant, len(plan.jobs), size, time.perf_counter() - t0, peak)
