@@ -152,3 +152,19 @@ def test_default_output_is_named_after_the_fine_tune(base: Path, tmp_path: Path)
     adapter = pa.make_adapter(base, tmp_path / "alpaca-lora-7b", r=4, lora_alpha=8, target_modules=["q_proj"])
     result = convert(base, None, "q8_0", models_dir=tmp_path / "models", adapters=[read_adapter(adapter)])
     assert result.output == tmp_path / "models" / "alpaca-lora-7b.Q8_0.gguf"
+
+
+def test_round_to_f16_is_numpys_rounding() -> None:
+    """The merged rows' trip through f16 (ggml's row conversions) rounds exactly as numpy's astype,
+    which is what the reference route's F16 file holds: normals, f16 subnormals, ties, signed zeros."""
+    import numpy as np
+
+    from alpaca_local.convert.ggml import round_to_f16
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([
+        rng.standard_normal(4096) * 0.02, rng.standard_normal(1024) * 1e-6, rng.standard_normal(512) * 300,
+        np.float32([0.0, -0.0, 1 + 2**-11, 1 + 3 * 2**-11, 2**-24, 3 * 2**-25, 65504.0]),
+    ]).astype(np.float32).reshape(1, -1)
+    want = values.astype(np.float16).astype(np.float32)
+    assert np.array_equal(round_to_f16(values).view(np.uint32), want.view(np.uint32))
