@@ -171,8 +171,8 @@ def markdown(r: dict) -> list[str]:
         "",
         "| ratio | value | target |",
         "|---|---:|---|",
-        f"| ours / plain time{' (median of ' + str(len(ratios)) + ' paired runs: ' + ', '.join(f'{x:.2f}' for x in ratios) + ')' if len(ratios) > 1 else ''} "
-        f"| {t_ratio:.2f}x | ≤ {TIME_TARGET}x: {'yes' if t_ratio <= TIME_TARGET else '**no**'} |",
+        f"| ours / plain time{' (median of ' + str(len(ratios)) + ' paired runs: ' + ', '.join(f'{x:.3f}' for x in ratios) + ')' if len(ratios) > 1 else ''} "
+        f"| {t_ratio:.3f}x | ≤ {TIME_TARGET}x: {'yes' if t_ratio <= TIME_TARGET else '**no**'} |",
         f"| ours peak - plain peak | {mb(ours['peak'] - plain['peak'])} MB | ≤ adapter + 50 MB "
         f"({mb(r['adapter_bytes'] + PEAK_SLACK)} MB): {'yes' if ours['peak'] <= peak_budget else '**no**'} |",
         *([f"| ours / three-step time | {ours['s'] / three['s']:.2f}x | - |",
