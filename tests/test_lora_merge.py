@@ -168,3 +168,8 @@ def test_round_to_f16_is_numpys_rounding() -> None:
     ]).astype(np.float32).reshape(1, -1)
     want = values.astype(np.float16).astype(np.float32)
     assert np.array_equal(round_to_f16(values).view(np.uint32), want.view(np.uint32))
+    for n in (1, 7, 8, 15, 16, 17, 63, 64, 65, 1000):  # ggml's SIMD loops and the tail after them
+        v = (rng.standard_normal((2, n)) * 10.0 ** rng.integers(-9, 4, (2, n))).astype(np.float32)
+        with np.errstate(over="ignore"):
+            want = v.astype(np.float16).astype(np.float32)
+        assert np.array_equal(round_to_f16(v).view(np.uint32), want.view(np.uint32)), n
