@@ -2,7 +2,8 @@
 
     python benchmarks/run_all.py [--size 1b|7b|tiny] [--quants q4_k_m,q8_0,q4_0]
                                  [--chat-model M.gguf] [--chat-n 256] [--chat-repeats 10]
-                                 [--load-clients 8] [--skip convert,chat,plan,hub,imatrix,load] [--out benchmarks/RESULTS.md]
+                                 [--load-clients 8] [--lora-repeats 3] [--skip convert,chat,plan,hub,imatrix,load,lora]
+                                 [--out benchmarks/RESULTS.md]
 
 Each benchmark runs as its own process (so peak-memory numbers are its own):
   convert.py --size S --quants Q --json F   ours vs vendored convert_hf_to_gguf.py + quantize
@@ -11,6 +12,7 @@ Each benchmark runs as its own process (so peak-memory numbers are its own):
   hub.py --size S --quants Q1               convert org/name: streaming vs download-then-convert (first quant)
   imatrix.py                                KLD with/without our imatrix on Gemma 3 270M, --calibrate time (verbatim)
   load.py [MODEL] --clients C --json        serve under load vs llama-cpp-python's server (its table, verbatim)
+  lora.py --size S --repeats R --json F     convert --lora vs plain convert vs PEFT merge + convert + quantize
 The defaults are the issue's sizes (1B model, 256 tokens, 10 repeats); `--size tiny
 --chat-n 16 --chat-repeats 2 --skip plan,imatrix` checks the plumbing in well under a minute.
 A benchmark that fails or is missing is reported in RESULTS.md and the exit code is 1.
@@ -159,6 +161,19 @@ def run_load(args: argparse.Namespace) -> str:
                  "--clients", str(args.load_clients)])
 
 
+def run_lora(args: argparse.Namespace) -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "lora.json"
+        argv = [str(HERE / "lora.py"), "--size", args.size, "--repeats", str(args.lora_repeats), "--json", str(out)]
+        if args.work:
+            argv += ["--work", str(args.work)]
+        _run(argv)
+        sys.path.insert(0, str(HERE))
+        from lora import markdown
+
+        return markdown(json.loads(out.read_text()))
+
+
 # --------------------------------------------------------------------------
 # Markdown
 # --------------------------------------------------------------------------
@@ -226,6 +241,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
         "hub": "Hub: `convert org/name` streaming against download-then-convert",
         "imatrix": "Imatrix: KLD with and without our importance matrix on real weights; --calibrate time",
         "load": "Load: `alpaca-local serve` with many clients against llama-cpp-python's server",
+        "lora": "LoRA: `convert --lora` against a plain convert and PEFT merge + convert + quantize",
     }
     for name, title in titles.items():
         lines += ["", f"## {title}", ""]
@@ -240,6 +256,8 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
             lines += chat_section(result)
         elif name == "hub":
             lines += str(result).rstrip().splitlines()
+        elif name == "lora":
+            lines += list(result)
         else:
             lines += ["```text", str(result).rstrip(), "```"]
     lines += ["", f"Command: `python benchmarks/run_all.py {' '.join(args.argv)}`", ""]
@@ -248,7 +266,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
 
 # Every benchmark, in the order RESULTS.md shows them; --skip takes these names.
 BENCHMARKS = {"convert": run_convert, "chat": run_chat, "plan": run_plan, "hub": run_hub,
-              "imatrix": run_imatrix, "load": run_load}
+              "imatrix": run_imatrix, "load": run_load, "lora": run_lora}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chat-n", type=int, default=256, help="chat.py tokens per run (default 256)")
     ap.add_argument("--chat-repeats", type=int, default=10, help="chat.py runs per path (default 10)")
     ap.add_argument("--load-clients", type=int, default=8, help="load.py concurrent clients (default 8)")
+    ap.add_argument("--lora-repeats", type=int, default=3, help="lora.py paired plain/--lora runs (default 3)")
     ap.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: " + ", ".join(BENCHMARKS))
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="markdown file to write")
     args = ap.parse_args(argv)

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
@@ -69,15 +70,18 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     p.add_argument("--history", action="store_true",
                    help="REPL: send earlier turns too, dropping the oldest when the context is full")
     p.add_argument("--json", action="store_true", help="one-shot: print response, token counts and timings as JSON")
+    p.add_argument("--lora", metavar="FILE", type=Path, default=None,
+                   help="apply a LoRA adapter GGUF (from `convert ADAPTER --base BASE`) at run time")
+    p.add_argument("--lora-scale", metavar="S", type=float, default=1.0, help="strength of --lora (default: 1)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from alpaca_local.run.chat import load_model, prompt_format, read_model_info, resolve_model
+    from alpaca_local.run.chat import load_model, lora_kwargs, prompt_format, read_model_info, resolve_model
 
     sampling = _sampling(args)
     instruction = _one_shot_instruction(args)
     path = resolve_model(args.model)
-    model = load_model(path, args.ctx, args.n_gpu_layers, args.threads)
+    model = load_model(path, args.ctx, args.n_gpu_layers, args.threads, **lora_kwargs(args.lora, args.lora_scale, path))
     args.format = prompt_format(args.template, read_model_info(path), model)
     if instruction is not None:
         return _one_shot(model, instruction, args, sampling, str(path))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
+from alpaca_local.cli import lora_flags
 from alpaca_local.convert.quant_rules import QUANTS
 
 DESCRIPTION = """Turn a Hugging Face model folder (config.json, safetensors or pytorch .bin
@@ -30,6 +32,9 @@ EXAMPLES = """examples:
 
 quant levels (quality vs size, LLaMA 7B): f16 13.5 GB, q8_0 7.2 GB,
 q5_k_m 4.8 GB, q4_k_m 4.1 GB (recommended), q4_0 3.8 GB.
+
+""" + lora_flags.HELP_EXAMPLES + """
+
 exit codes: 0 done, 1 bad input or failed write, 2 usage error, 130 interrupted."""
 
 
@@ -67,18 +72,20 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     hub.add_argument("--download", action="store_true",
                      help="Hub id: download the weights into the HF cache (resumable, reused) instead of streaming")
     hub.add_argument("--offline", action="store_true", help="Hub id: use only the HF cache, no network")
+    lora_flags.add_arguments(p)
 
 
-def open_source(arg: str, quant: str, download: bool = False, offline: bool = False, imatrix: Path | None = None):
+def open_source(arg: str, quant: str, download: bool = False, offline: bool = False, imatrix: Path | None = None,
+                adapters: Sequence = ()):
     """(plan, Hub source or None) for a folder or a Hub id; the caller closes the source."""
     from alpaca_local.convert.pipeline import plan_conversion
     from alpaca_local.source.hub import resolve_source
 
     src = resolve_source(arg, download=download, offline=offline)
     if isinstance(src, Path):
-        return plan_conversion(src, quant, imatrix=imatrix), None
+        return plan_conversion(src, quant, imatrix, adapters=adapters), None
     try:
-        return plan_conversion(src.folder, quant, weights=src.weights(), name=src.name, imatrix=imatrix), src
+        return plan_conversion(src.folder, quant, imatrix, adapters=adapters, weights=src.weights(), name=src.name), src
     except BaseException:
         src.close()
         raise
@@ -93,8 +100,13 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and not 1 <= args.threads <= 1024:
         raise UsageError(f"--threads {args.threads} is out of range; give 1 to 1024")
     err = Console(stderr=True)
+    if lora_flags.is_adapter_source(args):
+        return lora_flags.run_adapter(args)
     if args.calibrate is None:
         return _convert_and_report(args, err, args.imatrix)
+    if args.lora:
+        raise UsageError("--calibrate with --lora is not supported yet; merge first (convert BASE --lora ADAPTER "
+                         "--quant f16), then calibrate that file's folder")
     if args.imatrix is not None:
         raise UsageError("give either --imatrix FILE or --calibrate [TEXT], not both")
     if not Path(args.source).exists():
@@ -159,7 +171,8 @@ def _calibrate_and_convert(args: argparse.Namespace, err) -> int:
 
 def _convert_and_report(args: argparse.Namespace, err, imatrix: Path | None) -> int:
     """A folder or a Hub id → plan → convert; the Hub source is closed whatever happens."""
-    plan, hub = open_source(args.source, args.quant, args.download, args.offline, imatrix)
+    adapters = lora_flags.read_adapters(args)
+    plan, hub = open_source(args.source, args.quant, args.download, args.offline, imatrix, adapters)
     try:
         return _report(plan, hub, args, err)
     finally:
@@ -193,6 +206,8 @@ def _report(plan, hub, args: argparse.Namespace, err) -> int:
     if hub:  # a Hub id: which commit was converted, and what came over the network for the weights
         summary["hub"] = {"repo": hub.hub_id.repo_id, "commit": hub.commit, "streamed": hub.stream,
                           "fetched_bytes": hub.bytes_fetched}
+    if plan.merge:
+        summary["merged_adapters"] = [str(a.folder) for a in plan.merge.adapters]
     if args.json:
         import json
 
@@ -240,6 +255,8 @@ def _print_summary(summary: dict, plan, console) -> None:
         hub = summary["hub"]
         how = f"streamed, {hub['fetched_bytes'] / 1e6:,.1f} MB fetched" if hub["streamed"] else "from the HF cache"
         table.add_row("source", f"{hub['repo']} @ {hub['commit'][:12]} ({how})")
+    if plan.merge:
+        table.add_row("merged", ", ".join(f"{a.name} (x{a.user_scale:g})" for a in plan.merge.adapters))
     table.add_row("quant", summary["quant"].upper())
     if summary["imatrix"]:
         imat = summary["imatrix"]

@@ -13,7 +13,8 @@
                   "repack_bytes", "kv_bytes", "compute_bytes", "output_bytes", "overhead_bytes", "total_bytes",
                   "fits": bool, "max_ctx": int|null (only with --ctx max), "max_gpu_layers"}],
       "recommendation": {"level": str|null, "full_offload": bool, "n_gpu_layers",
-                         "gpu_bytes", "cpu_bytes", "reason"}
+                         "gpu_bytes", "cpu_bytes", "reason"},
+      "lora": {"file", "tensors", "bytes"}   (only with --lora: the adapter counted in the weights)
     }
 With `--ctx max`, each level's row is planned at its own largest context.
 "repack_bytes" is the part of weights_cpu_bytes (and, on the cpu backend, of
@@ -59,6 +60,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
                    help="KV cache type: f16, q8_0, q4_0 (quantized caches use flash attention)")
     p.add_argument("--batch", type=int, default=512, metavar="N", help="n_batch (default 512; n_ubatch is min(N, 512))")
     p.add_argument("--cpu", action="store_true", help="plan for CPU RAM even if a GPU is found")
+    p.add_argument("--lora", metavar="FILE", default=None,
+                   help="count a LoRA adapter GGUF applied at run time (chat/serve --lora) in the weights")
     p.add_argument("--json", action="store_true", help="print a JSON object (see module docs) instead of a table")
 
 
@@ -97,12 +100,30 @@ def _device(args: argparse.Namespace):
     return dev, "detected"
 
 
+def _lora(path: str | None, shape) -> tuple:
+    """The adapter's tensors as the planner counts them, after checking it is a LoRA for this architecture."""
+    if path is None:
+        return ()
+    from pathlib import Path
+
+    from alpaca_local.convert.lora_gguf import read_adapter_header
+    from alpaca_local.errors import InputError
+    from alpaca_local.plan.shape import PlannedTensor
+
+    adapter = read_adapter_header(Path(path))
+    if adapter.arch != shape.arch:
+        raise InputError(f"{path} is a LoRA for {adapter.arch} but the model is {shape.arch}; give the adapter made for it")
+    return tuple(PlannedTensor(t.name, t.shape, t.ggml_type, t.nbytes) for t in adapter.tensors)
+
+
 def build_report(args: argparse.Namespace) -> dict:
     from alpaca_local.plan import memory as plan
 
     dev, origin = _device(args)
     s, ctx_max = _settings(args, dev.backend)
     shape = plan.load_shape(args.model)
+    lora = _lora(args.lora, shape)
+    s = replace(s, lora=lora)
     budget = dev.budget
     levels = plan.levels_for(shape)
     rows, plans = [], {}
@@ -119,7 +140,7 @@ def build_report(args: argparse.Namespace) -> dict:
         ngl = shape.n_layer + 1 if fits else plan.max_gpu_layers(shape, level, ls, budget)
         rows.append(_row(p, fits, best_ctx, ngl))
     rec = plan.recommend(shape, plans, s, budget) if not ctx_max else _ctx_max_recommendation(shape, plans, rows, budget)
-    return {
+    report = {
         "model": {**{k: getattr(shape, k) for k in ("name", "source", "arch", "n_layer", "hidden", "n_head",
                                                     "n_kv_head", "head_dim", "intermediate")},
                   "vocab": shape.vocab_size, "n_ctx_train": shape.n_ctx},
@@ -133,6 +154,9 @@ def build_report(args: argparse.Namespace) -> dict:
         "recommendation": {"level": rec.level, "full_offload": rec.full, "n_gpu_layers": rec.n_gpu_layers,
                            "gpu_bytes": rec.gpu_bytes, "cpu_bytes": rec.cpu_bytes, "reason": rec.reason},
     }
+    if args.lora:
+        report["lora"] = {"file": args.lora, "tensors": len(lora), "bytes": sum(t.nbytes for t in lora)}
+    return report
 
 
 def _row(p, fits: bool, max_ctx: int | None, max_ngl: int) -> dict:
@@ -195,6 +219,9 @@ def _print(report: dict) -> None:
     console = Console()
     console.print(t)
     console.print(f"sizes in GiB; ~ = header size estimated; usable {gib(d['usable_bytes'])} GiB after the safety margin. {d['note']}")
+    if report.get("lora"):
+        lo = report["lora"]
+        console.print(f"weights include the LoRA {lo['file']}: {lo['tensors']} tensors, {lo['bytes'] / 1e6:,.1f} MB.")
     if repack:
         c = d["cpu"]
         console.print(f"repack: llama.cpp copies {', '.join(c['repack_types'])} weights into an interleaved layout "

@@ -7,6 +7,7 @@ import ipaddress
 import os
 import re
 import sys
+from pathlib import Path
 
 DESCRIPTION = """Serve a GGUF model on an OpenAI-compatible HTTP API: /v1/chat/completions
 (streaming and not), /v1/completions and /v1/models, built on llama-cpp-python's server.
@@ -57,20 +58,24 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from ORIGIN (e.g. http://localhost:3000) to call the API; "
                         "repeatable (default: none)")
+    p.add_argument("--lora", metavar="FILE", type=Path, default=None,
+                   help="apply a LoRA adapter GGUF (from `convert ADAPTER --base BASE`) at run time")
+    p.add_argument("--lora-scale", metavar="S", type=float, default=1.0, help="strength of --lora (default: 1)")
     p.add_argument("--show-prompt", action="store_true",
                    help="print each prompt and its token ids on stderr as the model receives them")
 
 
 def run(args: argparse.Namespace) -> int:
-    from alpaca_local.run.chat import resolve_model
+    from alpaca_local.run.chat import lora_kwargs, resolve_model
     from alpaca_local.run.serve import bind, build_app, load_server_model, serve_forever
 
     _check_args(args)
     _check_extra()
     path = resolve_model(args.model)
+    lora = lora_kwargs(args.lora, args.lora_scale, path)
     sock = bind(args.host, args.port)  # before loading: a busy port fails in a second, not after a load
     llm = load_server_model(path, args.ctx, args.n_gpu_layers, args.threads,
-                            on_prompt=print_prompt if args.show_prompt else None)
+                            on_prompt=print_prompt if args.show_prompt else None, **lora)
     alias = args.alias or path.name.removesuffix(".gguf")
     app = build_app(llm, alias, args.api_key, max_queue=args.max_queue, send_timeout=args.send_timeout,
                     cors_origins=tuple(args.cors_origin))

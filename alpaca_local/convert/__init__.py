@@ -5,7 +5,9 @@ Holds: `architectures` (one table entry per architecture: names, shapes, metadat
 `ggml` (ggml's quantizers through ctypes), `pipeline` (plan a conversion, stream
 chunks, write the file), `atomic` (temp file + rename, --force, disk-space checks),
 `gguf_read` (bounds-checked GGUF header reader for files we did not write),
-`imatrix_file` (llama.cpp's importance-matrix files: GGUF and legacy .dat).
+`imatrix_file` (llama.cpp's importance-matrix files: GGUF and legacy .dat), `lora_merge`
+(PEFT adapters merged into the weights chunk by chunk while streaming), `lora_gguf`
+(a PEFT adapter → llama.cpp LoRA adapter GGUF, and its checked header for chat/serve/plan).
 
 May import: `alpaca_local.source`, `alpaca_local.errors`, `alpaca_local.template`.
 """

@@ -13,15 +13,16 @@ whatever the model size.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import resource
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
@@ -37,9 +38,11 @@ from alpaca_local.convert.architectures import (
 )
 from alpaca_local.convert.atomic import atomic_write, check_target
 from alpaca_local.convert.imatrix_file import check_against_model, quantize_kv, read_imatrix
+from alpaca_local.convert.lora_merge import MergePlan, merge_rows, merged_name, one_blas_thread, plan_merge
+from alpaca_local.source.adapter import Adapter, LoraPair
 from alpaca_local.source.config import ModelConfig, load_config
-from alpaca_local.errors import InputError, UsageError
-from alpaca_local.convert.ggml import quantize_rows
+from alpaca_local.errors import InputError, UnsupportedError, UsageError
+from alpaca_local.convert.ggml import quantize_rows, round_to_f16
 from alpaca_local.source.weights import read_weights
 from alpaca_local.template import ALPACA_CHAT_TEMPLATE
 from alpaca_local.source.tensors import TensorRef, widen
@@ -96,6 +99,8 @@ class TensorJob:
     offset: float = 0.0
     # Per-column importance (llama-quantize --imatrix), float32 of the row length.
     imatrix: np.ndarray | None = None
+    # LoRAs merged into the source rows, in order, before anything else (lora_merge).
+    lora: tuple[LoraPair, ...] = ()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -118,6 +123,7 @@ class ConversionPlan:
     notes: tuple[str, ...] = ()  # one-line facts the user should see (a skipped vision tower)
     # quantize.imatrix.* keys llama-quantize writes when given an imatrix: (key, value).
     imatrix_kv: tuple[tuple[str, str | int], ...] = ()
+    merge: MergePlan | None = None  # the adapters merged while converting
 
     @property
     def tensor_bytes(self) -> int:
@@ -142,7 +148,7 @@ def _padded(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
 
-def _llama_cpp_order(name: str) -> tuple[int, str]:
+def llama_cpp_order(name: str) -> tuple[int, str]:
     """llama.cpp's weight_name_comparer: layer number (-1 outside blocks), then name.
 
     quantize walks (and writes) tensors in this order, and its per-layer
@@ -205,14 +211,16 @@ def _load_vocab(source: Path, arch: Architecture, cfg: ModelConfig) -> Vocab:
 
 
 def plan_conversion(
-    source: Path, quant: str, imatrix: Path | None = None, *,
+    source: Path, quant: str, imatrix: Path | None = None, *, adapters: Sequence[Adapter] = (),
     weights: dict[str, TensorRef] | None = None, name: str | None = None,
 ) -> ConversionPlan:
     """Check the whole input and decide every output tensor, without touching the data.
 
     `imatrix`: an importance-matrix file (GGUF or legacy .dat), used as
     `llama-quantize --imatrix` uses it: it changes a few type choices and weights
-    the quantizers' error search. `weights` and `name` come from a Hub source
+    the quantizers' error search. `adapters` (PEFT LoRA adapters,
+    `source.adapter.read_adapter`) are merged into the weights in order as they
+    stream; see `lora_merge`. `weights` and `name` come from a Hub source
     (`source.hub.HubSource`): its tensors (streamed or cached) and the repository's
     name; `source` then holds the small files.
     """
@@ -227,15 +235,27 @@ def plan_conversion(
     cfg = load_config(source, SUPPORTED, CONFIG_DEFAULTS)
     arch = ARCHITECTURES[cfg.hf_arch]
     arch.check(cfg)
-    refs = read_weights(source) if weights is None else weights
-    tensors = _map_tensors(cfg, arch, refs)
+    if source_is_quantized(cfg):
+        method = cfg.raw["quantization_config"].get("quant_method")
+        named = method if isinstance(method, str) and method.replace("-", "_").isidentifier() and len(method) < 40 else "?"
+        raise UnsupportedError(
+            f"{source} holds a quantized model (quant_method {named}); give the unquantized (16-bit) base model"
+        )
+    refs, merge = (read_weights(source) if weights is None else weights), None
     n_other = sum(map(arch.other_part, refs))
     notes = (
         f"skipped {n_other} vision tower/projector tensors: the GGUF holds the text model only",
     ) if n_other else ()
-    vocab = _load_vocab(source, arch, cfg)
+    if adapters:
+        merge = plan_merge(refs, adapters, cfg.hf_arch, cfg.vocab_size)
+        refs, cfg = merge.refs, replace(cfg, vocab_size=merge.vocab_size)
+    tensors = _map_tensors(cfg, arch, refs)
+    vocab = _load_vocab(merge.vocab_folder if merge and merge.vocab_folder else source, arch, cfg)
+    if merge and merge.chat_template:
+        vocab.chat_template = merge.chat_template  # the adapter's template wins over the base's
     if vocab.chat_template is None:
         vocab.chat_template = ALPACA_CHAT_TEMPLATE
+    lora_of = {merge.refs[name]: pairs for name, pairs in merge.ops.items()} if merge else {}
     facts = quant_rules.ModelFacts(arch=arch.arch_name, n_layer=cfg.n_layer, n_head=cfg.n_head, n_head_kv=cfg.n_kv_head)
     specs = [quant_rules.TensorSpec(name=f"{name}", shape=ref.shape) for ref, name, _ in tensors]
     types = quant_rules.choose_types(specs, quant, facts, has_imatrix=imat is not None)
@@ -251,16 +271,32 @@ def plan_conversion(
             rope_head_dim=cfg.head_dim if kind in arch.rope_permuted else None,
             offset=arch.norm_offset if ref.name.endswith("norm.weight") else 0.0,
             imatrix=importance.get(name) if ggml_type not in _FLOAT_TYPES else None,
+            lora=lora_of.get(ref, ()) if isinstance(ref, TensorRef) else (),
         )
         for (ref, name, kind), ggml_type in zip(tensors, types)
     ]
+    if merge:
+        _check_all_used(merge, {job.source for job in jobs if isinstance(job.source, TensorRef)}, arch)
     if quant != "f16":  # an f16 file is the converter's output; quantize rewrites it in its own order
-        jobs.sort(key=lambda job: _llama_cpp_order(job.name))
-    return ConversionPlan(source, name or source.resolve().name, quant, cfg, arch, vocab, tuple(jobs), notes,
-                          imatrix_kv)
+        jobs.sort(key=lambda job: llama_cpp_order(job.name))
+    name = name or (merged_name(adapters) if adapters else source.resolve().name)
+    return ConversionPlan(source, name, quant, cfg, arch, vocab, tuple(jobs), notes, imatrix_kv, merge)
 
 
-_FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+def _check_all_used(merge: MergePlan, used: set[TensorRef], arch: Architecture) -> None:
+    """An adapter tensor the GGUF would not contain (e.g. Gemma 2's saved but unused lm_head)
+    is refused: dropping it would silently lose part of the fine-tune."""
+    for name in sorted(merge.touched):
+        if merge.refs[name] not in used:
+            raise InputError(
+                f"the adapter changes {name!r}, which llama.cpp's {arch.arch_name} does not use "
+                "(tied to the embedding or dropped by the converter); its training would be lost"
+            )
+
+
+def source_is_quantized(cfg: ModelConfig) -> bool:
+    """config.json declares a quantization (bitsandbytes, GPTQ, AWQ...): the weights are not floats we read."""
+    return isinstance(cfg.raw.get("quantization_config"), dict)
 
 
 def default_output(plan: ConversionPlan, models_dir: Path) -> Path:
@@ -285,10 +321,22 @@ def _header_writer(plan: ConversionPlan, path: Path) -> gguf.GGUFWriter:
         else:
             w.add_uint32(key, value)
     plan.vocab.add_to(w)
+    if plan.merge:
+        _provenance(w, plan)
     for job in plan.jobs:
         # A float dtype makes gguf-py take `shape` as the element shape (uint8 would mean bytes).
         w.add_tensor_info(job.name, job.shape, np.dtype(np.float32), job.nbytes, raw_dtype=job.ggml_type)
     return w
+
+
+def _provenance(w: gguf.GGUFWriter, plan: ConversionPlan) -> None:
+    """Where a merged model came from: the base (general.base_model.*) and the adapters merged."""
+    assert plan.merge is not None
+    w.add_base_model_count(1)
+    w.add_base_model_name(0, plan.source.resolve().name)
+    w.add_array("alpaca_local.lora.merged", [a.name for a in plan.merge.adapters])
+    w.add_array("alpaca_local.lora.scale", [float(a.user_scale) for a in plan.merge.adapters])
+    w.add_array("alpaca_local.lora.base_model_name_or_path", [a.base_name or "" for a in plan.merge.adapters])
 
 
 def header_nbytes(plan: ConversionPlan) -> int:
@@ -306,7 +354,7 @@ def header_nbytes(plan: ConversionPlan) -> int:
         return _padded(path.stat().st_size)
 
 
-def _rope_permute(rows: np.ndarray, head_dim: int) -> np.ndarray:
+def rope_permute(rows: np.ndarray, head_dim: int) -> np.ndarray:
     """HF rotate-half rows -> llama.cpp interleaved rows, per head (LlamaModel.permute)."""
     n, cols = rows.shape
     return rows.reshape(n // head_dim, 2, head_dim // 2, cols).swapaxes(1, 2).reshape(n, cols)
@@ -318,6 +366,9 @@ def _add_offset(rows: np.ndarray, offset: float, src_dtype: str) -> np.ndarray:
     if src_dtype == "F16":
         return (rows.astype(np.float16) + np.float16(offset)).astype(np.float32)
     return rows + np.float32(offset)
+
+
+_FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
 
 
 def _chunks(job: TensorJob) -> Iterator[tuple[int, int]]:
@@ -338,16 +389,22 @@ def _read(job: TensorJob, start: int, stop: int) -> np.ndarray:
     return src.read_raw_rows(start, stop)
 
 
-def _encode(job: TensorJob, raw: np.ndarray) -> bytes:
+def _encode(job: TensorJob, start: int, stop: int, raw: np.ndarray) -> bytes:
     src = job.source
     same = (src.dtype, job.ggml_type) in (("F16", gguf.GGMLQuantizationType.F16), ("F32", gguf.GGMLQuantizationType.F32))
-    if same and job.rope_head_dim is None and not job.offset:
+    if same and job.rope_head_dim is None and not job.offset and not job.lora:
         return raw.tobytes()  # identical bytes: copy, do not round-trip through float32
     rows = widen(raw, src.dtype)
+    if job.lora:
+        rows = merge_rows(rows, job.lora, start, stop)
+        if job.ggml_type not in _FLOAT_TYPES:
+            # The quantized levels follow from the merged F16 file, as llama-quantize
+            # makes them from the reference route's merged F16 GGUF.
+            rows = round_to_f16(rows)
     if job.offset:
         rows = _add_offset(rows, job.offset, src.dtype)
     if job.rope_head_dim:
-        rows = _rope_permute(rows, job.rope_head_dim)
+        rows = rope_permute(rows, job.rope_head_dim)
     if job.imatrix is None:
         return quantize_rows(rows, job.ggml_type).tobytes()
     return quantize_rows(rows, job.ggml_type, job.imatrix).tobytes()
@@ -434,7 +491,7 @@ def _write_tensor_data(plan: ConversionPlan, path: Path, progress: Progress | No
 
             try:
                 for job, offset, start, stop, raw in _read_ahead(plan, data_start, window):
-                    pending.append((job, offset, start, stop, pool.submit(_encode, job, raw)))
+                    pending.append((job, offset, start, stop, pool.submit(_encode, job, start, stop, raw)))
                     while len(pending) >= window:
                         drain_one()
                 while pending:
@@ -455,14 +512,15 @@ def convert(
     plan: ConversionPlan | None = None,
     check_source: Callable[[], None] | None = None,
     imatrix: Path | None = None,
+    adapters: Sequence[Adapter] = (),
 ) -> ConvertResult:
-    """Convert `source` into one GGUF file; the output appears only when complete.
+    """Convert `source` (merging `adapters`, if any) into one GGUF file; the output appears only when complete.
 
     `check_source` runs after the last byte is written and before the output takes
     its name (a streamed source's hash check): if it raises, nothing is left.
     """
     t0 = time.perf_counter()
-    plan = plan or plan_conversion(source, quant, imatrix)
+    plan = plan or plan_conversion(source, quant, imatrix, adapters=adapters)
     if output is None:
         output = default_output(plan, models_dir)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -473,7 +531,8 @@ def convert(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         writer.close()
-        _write_tensor_data(plan, tmp, progress, workers or os.cpu_count() or 1)
+        with one_blas_thread() if plan.merge else contextlib.nullcontext():
+            _write_tensor_data(plan, tmp, progress, workers or os.cpu_count() or 1)
         if check_source:
             check_source()
         size = tmp.stat().st_size

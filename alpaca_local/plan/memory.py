@@ -109,6 +109,8 @@ class RunSettings:
     # swa_full = true (src/llama-context.cpp:3788) and llama-cpp-python 0.3.36 keeps it unless
     # given swa_full= (llama_cpp/llama.py:363).  False: window + ubatch cells (kv_cells).
     swa_full: bool = True
+    # A LoRA adapter GGUF applied at run time (plan --lora): its .lora_a/.lora_b tensors.
+    lora: tuple[PlannedTensor, ...] = ()
 
     @property
     def cpu_features(self) -> CpuFeatures:
@@ -328,6 +330,19 @@ def weights_split(tensors: tuple[PlannedTensor, ...], shape: ModelShape, ngl: in
     return gpu, cpu, repack
 
 
+def lora_split(tensors: tuple[PlannedTensor, ...], shape: ModelShape, ngl: int, backend: str) -> tuple[int, int]:
+    """(device bytes, host bytes) of a LoRA adapter's tensors. llama_adapter_lora_init
+    (src/llama-adapter.cpp) allocates each pair in the buffer type of the weight it adapts,
+    and in plain CPU memory where that weight is repacked or mapped."""
+    gpu = cpu = 0
+    for t in tensors:
+        if backend != "cpu" and _on_gpu(t.name.rsplit(".", 1)[0], shape.n_layer, ngl):
+            gpu += _gpu_alloc_size(t, backend)
+        else:
+            cpu += _pad(t.nbytes, TENSOR_ALIGNMENT)
+    return gpu, cpu
+
+
 def swa_cells(shape: ModelShape, n_ctx: int, n_ubatch: int = DEFAULT_UBATCH, swa_full: bool = True) -> int:
     """Cells of the sliding-window layers' cache (llama_kv_cache_iswa, src/llama-kv-cache-iswa.cpp:69-78):
     the full kv_size with swa_full, else GGML_PAD(min(kv_size, n_swa + n_ubatch), 256)
@@ -409,7 +424,8 @@ def plan_level(shape: ModelShape, level: str, s: RunSettings, n_gpu_layers: int 
     else:
         w_gpu, mapped, repack = weights_split(tensors, shape, ngl if on_gpu else 0, s.backend, rows)
         kv_dev = kv_bytes(shape, s.n_ctx, s.cache_type, gpu_layers, s.n_ubatch, s.swa_full)
-    w_cpu = mapped + repack
+    lora_gpu, lora_cpu = lora_split(s.lora, shape, ngl if on_gpu else 0, s.backend)
+    w_gpu, w_cpu = w_gpu + lora_gpu, mapped + repack + lora_cpu
     compute = compute_bytes(shape, s) if (on_gpu or s.backend == "cpu") else 0
     return LevelPlan(
         level=level, file_bytes=size, exact_file=exact, weights_gpu=w_gpu if s.backend != "cpu" else w_cpu,

@@ -204,9 +204,29 @@ def load_llama(path: Path, n_ctx: int = 2048, cls: type | None = None, **kwargs)
 
 
 def load_model(
-    path: Path, n_ctx: int = 2048, n_gpu_layers: int = 0, n_threads: int | None = None
+    path: Path, n_ctx: int = 2048, n_gpu_layers: int = 0, n_threads: int | None = None, **llama_kwargs
 ) -> LlamaModel:
-    return LlamaModel(load_llama(path, n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads))
+    return LlamaModel(load_llama(path, n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads, **llama_kwargs))
+
+
+def lora_kwargs(lora: Path | None, scale: float, model: Path) -> dict:
+    """Llama(lora_path=, lora_scale=) for a LoRA adapter GGUF applied at run time, after checking
+    that it is one and that it fits `model` (llama.cpp's own refusal is a silenced log line)."""
+    import math
+
+    if lora is None:
+        if scale != 1.0:
+            raise UsageError("--lora-scale needs --lora FILE")
+        return {}
+    if not math.isfinite(scale):
+        raise UsageError(f"--lora-scale {scale} is not a finite number")
+    from alpaca_local.convert.gguf_read import read_gguf_header
+    from alpaca_local.convert.lora_gguf import check_adapter_fits, read_adapter_header
+
+    adapter = read_adapter_header(lora)
+    header = read_gguf_header(model)
+    check_adapter_fits(adapter, header.arch, {t.name: t.shape for t in header.tensors}, model)
+    return {"lora_path": str(lora), "lora_scale": scale}
 
 
 _quiet_log = None  # the ctypes callback must outlive every call llama.cpp makes to it

@@ -125,12 +125,13 @@ class PlainTextLlama(llama_cpp.Llama):
 
 def load_server_model(
     path: Path, n_ctx: int = 2048, n_gpu_layers: int = 0, n_threads: int | None = None,
-    on_prompt: OnPrompt | None = None, cls: type[PlainTextLlama] = PlainTextLlama,
+    on_prompt: OnPrompt | None = None, cls: type[PlainTextLlama] = PlainTextLlama, **llama_kwargs,
 ) -> PlainTextLlama:
-    """Validate the file as chat does (header, trained context), then load it once, quietly."""
+    """Validate the file as chat does (header, trained context), then load it once, quietly.
+    `llama_kwargs`: e.g. lora_path / lora_scale (`chat.lora_kwargs`)."""
     llm = load_llama(
         path, n_ctx, cls, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
-        chat_handler=AlpacaChatHandler(),
+        chat_handler=AlpacaChatHandler(), **llama_kwargs,
     )
     llm.on_prompt = on_prompt
     llm.stop_flag = threading.Event()
