@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import pytest
 
 import tinymodels
@@ -410,3 +411,25 @@ def test_plan_offline_from_the_cache(hub, tmp_path, capsys, monkeypatch):
     assert main(["plan", "me/tiny", "--vram", "8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["name"] == "tiny"
     assert hub.log == []
+
+
+@pytest.mark.reference
+def test_lora_and_base_take_hub_ids(hub, models, tmp_path, capsys):
+    """`--lora` and `--base` accept Hub ids as they accept folders (issue 15), with the same bytes."""
+    import peft_adapters as pa
+
+    base = models["sharded"].path
+    adapter = pa.make_adapter(base, tmp_path / "my-lora", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    hub.add_repo("me/my-lora", adapter)
+    out = tmp_path / "out"
+    out.mkdir()
+    capsys.readouterr()  # PEFT's own warnings
+    for src, lora, name in (("me/tiny", "me/my-lora", "hub"), (str(base), str(adapter), "local")):
+        rc, err = cli(capsys, "convert", src, "--lora", lora, "-q", "q8_0", "-o", str(out / f"{name}.gguf"), "--json")
+        assert rc == 0, err
+    assert (out / "hub.gguf").read_bytes() == (out / "local.gguf").read_bytes()
+    for src, base_arg, name in (("me/my-lora", "me/tiny", "hub-adapter"), (str(adapter), str(base), "local-adapter")):
+        rc, err = cli(capsys, "convert", src, "--base", base_arg, "-o", str(out / f"{name}.gguf"), "--json")
+        assert rc == 0, err
+    hub_kv, local_kv = (gguf.GGUFReader(out / f"{n}.gguf") for n in ("hub-adapter", "local-adapter"))
+    assert [(t.name, bytes(t.data)) for t in hub_kv.tensors] == [(t.name, bytes(t.data)) for t in local_kv.tensors]

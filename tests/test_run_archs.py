@@ -67,9 +67,10 @@ def test_one_shot_chat(arch_gguf, template, capsys):
 def test_serve_answers(arch_gguf):
     import test_serve
     from openai import OpenAI
+    from servers import Server
 
     _, _, path = arch_gguf
-    server = test_serve.Server(path, "--api-key", test_serve.KEY, "--show-prompt")
+    server = Server.serve(path, test_serve.N_CTX, "--api-key", test_serve.KEY, "--show-prompt")
     try:
         client = OpenAI(base_url=f"{server.base}/v1", api_key=test_serve.KEY, timeout=test_serve.TIMEOUT)
         reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],

@@ -52,16 +52,16 @@ def _scales(scales: list[float], n: int) -> list[float]:
     return scales
 
 
-def _adapter_folder(arg: Path, args: argparse.Namespace) -> Path:
-    """A local adapter folder, or a Hub adapter repository (always downloaded whole: adapters
-    are small) as its folder in the Hugging Face cache."""
+def _adapter_folder(arg: Path, args: argparse.Namespace) -> tuple[Path, str | None]:
+    """(folder, name) of a local adapter folder (its own name), or of a Hub adapter repository:
+    downloaded whole (adapters are small) into the Hugging Face cache, named after the repo."""
     from alpaca_local.source.hub import resolve_source
 
     src = resolve_source(arg, offline=getattr(args, "offline", False))
     if isinstance(src, Path):
-        return src
+        return src, None
     src.close()
-    return src.folder
+    return src.folder, src.name
 
 
 def is_adapter_source(args: argparse.Namespace) -> bool:
@@ -81,8 +81,11 @@ def read_adapters(args: argparse.Namespace) -> list:
     if args.base is not None or args.outtype is not None:
         flag = "--base" if args.base is not None else "--outtype"
         raise UsageError(f"{flag} is for converting an adapter folder (SRC with adapter_config.json); {args.source} is a model")
-    return [read_adapter(_adapter_folder(path, args), s)
-            for path, s in zip(args.lora, _scales(args.lora_scale, len(args.lora)))]
+    adapters = []
+    for path, scale in zip(args.lora, _scales(args.lora_scale, len(args.lora))):
+        folder, name = _adapter_folder(path, args)
+        adapters.append(read_adapter(folder, scale, name))
+    return adapters
 
 
 def run_adapter(args: argparse.Namespace) -> int:
@@ -100,12 +103,14 @@ def run_adapter(args: argparse.Namespace) -> int:
         raise UsageError("--quant is for models; an adapter GGUF takes --outtype f32|f16|q8_0")
     from alpaca_local.source.hub import resolve_source
 
-    adapter = read_adapter(_adapter_folder(Path(args.source), args), _scales(args.lora_scale, 1)[0])
+    folder, name = _adapter_folder(Path(args.source), args)
+    adapter = read_adapter(folder, _scales(args.lora_scale, 1)[0], name)
     base = resolve_source(args.base, offline=getattr(args, "offline", False), metadata_only=True)
     try:  # a Hub base: its config and tensor headers are all an adapter GGUF needs
-        folder, weights = (base, None) if isinstance(base, Path) else (base.folder, base.weights())
+        folder, weights, base_name = (base, None, None) if isinstance(base, Path) else (
+            base.folder, base.weights(), base.name)
         result = write_adapter_gguf(adapter, folder, args.output, args.outtype or "f16", args.force,
-                                    base_weights=weights)
+                                    base_weights=weights, base_name=base_name)
     finally:
         if not isinstance(base, Path):
             base.close()

@@ -142,6 +142,7 @@ def default_adapter_output(adapter: Adapter, outtype: str, models_dir: Path) -> 
 def write_adapter_gguf(
     adapter: Adapter, base_folder: Path, output: Path | None = None, outtype: str = "f16",
     force: bool = False, models_dir: Path = Path("models"), base_weights: dict | None = None,
+    base_name: str | None = None,
 ) -> AdapterResult:
     """Write the adapter GGUF; the file appears only when complete."""
     t0 = time.perf_counter()
@@ -157,7 +158,7 @@ def write_adapter_gguf(
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, plan.alpha)
         w.add_name(adapter.name)
         w.add_base_model_count(1)
-        w.add_base_model_name(0, Path(base_folder).resolve().name)
+        w.add_base_model_name(0, base_name or Path(base_folder).resolve().name)
         w.add_file_type(OUTTYPES[outtype][1])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as the script writes it, whatever the type
         for t in plan.tensors:

@@ -124,6 +124,7 @@ class ConversionPlan:
     # quantize.imatrix.* keys llama-quantize writes when given an imatrix: (key, value).
     imatrix_kv: tuple[tuple[str, str | int], ...] = ()
     merge: MergePlan | None = None  # the adapters merged while converting
+    base_name: str = ""  # the base model's name (folder or Hub repo), for the provenance keys
 
     @property
     def tensor_bytes(self) -> int:
@@ -279,8 +280,9 @@ def plan_conversion(
         _check_all_used(merge, {job.source for job in jobs if isinstance(job.source, TensorRef)}, arch)
     if quant != "f16":  # an f16 file is the converter's output; quantize rewrites it in its own order
         jobs.sort(key=lambda job: llama_cpp_order(job.name))
-    name = name or (merged_name(adapters) if adapters else source.resolve().name)
-    return ConversionPlan(source, name, quant, cfg, arch, vocab, tuple(jobs), notes, imatrix_kv, merge)
+    base_name = name or source.resolve().name
+    return ConversionPlan(source, merged_name(adapters) if adapters else base_name, quant, cfg, arch, vocab,
+                          tuple(jobs), notes, imatrix_kv, merge, base_name)
 
 
 def _check_all_used(merge: MergePlan, used: set[TensorRef], arch: Architecture) -> None:
@@ -333,7 +335,7 @@ def _provenance(w: gguf.GGUFWriter, plan: ConversionPlan) -> None:
     """Where a merged model came from: the base (general.base_model.*) and the adapters merged."""
     assert plan.merge is not None
     w.add_base_model_count(1)
-    w.add_base_model_name(0, plan.source.resolve().name)
+    w.add_base_model_name(0, plan.base_name or plan.source.resolve().name)
     w.add_array("alpaca_local.lora.merged", [a.name for a in plan.merge.adapters])
     w.add_array("alpaca_local.lora.scale", [float(a.user_scale) for a in plan.merge.adapters])
     w.add_array("alpaca_local.lora.base_model_name_or_path", [a.base_name or "" for a in plan.merge.adapters])

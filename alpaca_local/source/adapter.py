@@ -260,8 +260,11 @@ def _pair(module: str, parts: dict[str, TensorRef], cfg: dict, user_scale: float
     return LoraPair(module, a, b, int(rank), scale, embedding, magnitude)
 
 
-def read_adapter(folder: Path, user_scale: float = 1.0) -> Adapter:
-    """The adapter in `folder`, its config and tensors checked (NaN/Inf included)."""
+def read_adapter(folder: Path, user_scale: float = 1.0, name: str | None = None) -> Adapter:
+    """The adapter in `folder`, its config and tensors checked (NaN/Inf included).
+
+    `name`: what the fine-tune is called when the folder's own name says nothing (a Hub
+    snapshot folder is named after its commit)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder} is not a folder; give the adapter folder that holds {CONFIG_FILE}")
@@ -299,7 +302,7 @@ def read_adapter(folder: Path, user_scale: float = 1.0) -> Adapter:
     for ref in [*replacements.values(), *(t for p in pairs.values() for t in (p.a, p.b, p.magnitude) if t is not None)]:
         check_finite(ref, str(wfile))
     return Adapter(
-        folder, folder.resolve().name, cfg, pairs, replacements, frozenset(base_layers),
+        folder, name or folder.resolve().name, cfg, pairs, replacements, frozenset(base_layers),
         lora_alpha=float(cfg.get("lora_alpha", 8)), rank=int(cfg["r"]),
         use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
         user_scale=user_scale,
