@@ -15,7 +15,7 @@ import tinymodels  # noqa: E402
 
 def pytest_configure(config: pytest.Config) -> None:
     ci_skips.register(config)  # CI=true: a skip not on tests/ci_allowed_skips.txt fails the session
-    config.addinivalue_line("markers", "integration: uses the real Gemma 3 270M model (slow; `make test-integration`)")
+    config.addinivalue_line("markers", "integration: real models (Gemma 3 270M) or llama.cpp tools built from the vendored sources (slow; `make test-integration`)")
     config.addinivalue_line("markers", "reference: runs llama.cpp's own converter and quantizer (needs torch)")
 
 
