@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from convert import QUANTIZE, SIZES, build_model, measure  # noqa: E402
+from convert import QUANTIZE, SIZES, measure  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEAK_SLACK = 50 * 10**6  # the "+ 50 MB"

@@ -88,6 +88,15 @@ class FakeHub:
     def file_host(self) -> str:
         return f"http://127.0.0.1:{self._cdn.server_address[1]}"
 
+    def take_fault(self, faults: dict[str, int], name: str, length: int) -> int | None:
+        """Bytes to send before a fault armed for `name`, once, when it falls inside this body."""
+        with self._lock:
+            at = faults.get(name)
+            if at is None or at >= length:
+                return None
+            del faults[name]
+            return at
+
     def add_repo(self, repo_id: str, folder: Path, **kw) -> Repo:
         files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
         commit = hashlib.sha1(repo_id.encode() + b"".join(hashlib.sha1(v).digest() for v in files.values())).hexdigest()
@@ -244,24 +253,14 @@ def _handler(hub: FakeHub, files: bool):
             self.end_headers()
             if not body:
                 return
-            with hub._lock:
-                drop = hub.faults.drop_after.get(name)
-                if drop is not None and drop < end - start:
-                    del hub.faults.drop_after[name]
-                else:
-                    drop = None
+            drop = hub.take_fault(hub.faults.drop_after, name, end - start)
             if drop is not None:
                 self.wfile.write(data[start:start + drop])
                 self.wfile.flush()
                 self.close_connection = True
                 self.connection.shutdown(2)  # mid-body: the client sees a short read
                 return
-            with hub._lock:
-                stall = hub.faults.stall_after.get(name)
-                if stall is not None and stall < end - start:
-                    del hub.faults.stall_after[name]
-                else:
-                    stall = None
+            stall = hub.take_fault(hub.faults.stall_after, name, end - start)
             if stall is not None:
                 self.wfile.write(data[start:start + stall])
                 self.wfile.flush()

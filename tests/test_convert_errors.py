@@ -185,11 +185,11 @@ def test_interrupt_leaves_nothing_and_keeps_old_file(model, tmp_path, capsys, mo
     calls = {"n": 0}
     real = conv.quantize_rows
 
-    def interrupted(rows, ggml_type):
+    def interrupted(rows, ggml_type, imatrix=None):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return real(rows, ggml_type)
+        return real(rows, ggml_type, imatrix)
 
     monkeypatch.setattr(conv, "quantize_rows", interrupted)
     rc = main(["convert", str(model), "-o", str(out), "--force", "--threads", "1", "--json"])

@@ -80,9 +80,6 @@ class GeneratedTensor:
     def n_rows(self) -> int:
         return int(np.prod(self.shape[:-1])) if self.shape else 1
 
-    def raw(self) -> np.ndarray:
-        return self.values
-
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         return self.values.reshape(self.n_rows, -1)[start:stop]
 
@@ -348,12 +345,17 @@ def header_nbytes(plan: ConversionPlan) -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "header.gguf"
-        writer = _header_writer(plan, path)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        writer.close()
+        _write_header(plan, path)
         return _padded(path.stat().st_size)
+
+
+def _write_header(plan: ConversionPlan, path: Path) -> None:
+    """The GGUF header, metadata and tensor table of `plan`'s file, written to `path`."""
+    writer = _header_writer(plan, path)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
 
 
 def rope_permute(rows: np.ndarray, head_dim: int) -> np.ndarray:
@@ -407,8 +409,6 @@ def _encode(job: TensorJob, start: int, stop: int, raw: np.ndarray) -> bytes:
         rows = _add_offset(rows, job.offset, src.dtype)
     if job.rope_head_dim:
         rows = rope_permute(rows, job.rope_head_dim)
-    if job.imatrix is None:
-        return quantize_rows(rows, job.ggml_type).tobytes()
     return quantize_rows(rows, job.ggml_type, job.imatrix).tobytes()
 
 
@@ -528,11 +528,7 @@ def convert(
         output.parent.mkdir(parents=True, exist_ok=True)
     check_target(output, force, need_bytes=plan.tensor_bytes)
     with atomic_write(output) as tmp:
-        writer = _header_writer(plan, tmp)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        writer.close()
+        _write_header(plan, tmp)
         with one_blas_thread() if plan.merge else contextlib.nullcontext():
             _write_tensor_data(plan, tmp, progress, workers or os.cpu_count() or 1)
         if check_source:
