@@ -11,10 +11,11 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
+
+from alpaca_local.cli import lora_flags
 
 if TYPE_CHECKING:
     from alpaca_local.run.chat import Done, Piece, Sampling, TokenModel
@@ -70,9 +71,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     p.add_argument("--history", action="store_true",
                    help="REPL: send earlier turns too, dropping the oldest when the context is full")
     p.add_argument("--json", action="store_true", help="one-shot: print response, token counts and timings as JSON")
-    p.add_argument("--lora", metavar="FILE", type=Path, default=None,
-                   help="apply a LoRA adapter GGUF (from `convert ADAPTER --base BASE`) at run time")
-    p.add_argument("--lora-scale", metavar="S", type=float, default=1.0, help="strength of --lora (default: 1)")
+    lora_flags.add_runtime_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -39,6 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """chat's and serve's --lora FILE / --lora-scale: an adapter GGUF llama.cpp applies at run time."""
+    p.add_argument("--lora", metavar="FILE", type=Path, default=None,
+                   help="apply a LoRA adapter GGUF (from `convert ADAPTER --base BASE`) at run time")
+    p.add_argument("--lora-scale", metavar="S", type=float, default=1.0, help="strength of --lora (default: 1)")
+
+
 def _scales(scales: list[float], n: int) -> list[float]:
     for s in scales:
         if not math.isfinite(s):

@@ -7,7 +7,8 @@ import ipaddress
 import os
 import re
 import sys
-from pathlib import Path
+
+from alpaca_local.cli import lora_flags
 
 DESCRIPTION = """Serve a GGUF model on an OpenAI-compatible HTTP API: /v1/chat/completions
 (streaming and not), /v1/completions and /v1/models, built on llama-cpp-python's server.
@@ -58,9 +59,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from ORIGIN (e.g. http://localhost:3000) to call the API; "
                         "repeatable (default: none)")
-    p.add_argument("--lora", metavar="FILE", type=Path, default=None,
-                   help="apply a LoRA adapter GGUF (from `convert ADAPTER --base BASE`) at run time")
-    p.add_argument("--lora-scale", metavar="S", type=float, default=1.0, help="strength of --lora (default: 1)")
+    lora_flags.add_runtime_arguments(p)
     p.add_argument("--show-prompt", action="store_true",
                    help="print each prompt and its token ids on stderr as the model receives them")
 
