@@ -22,8 +22,17 @@ from reference import LLAMA_CPP_VERSION, vendor_dir
 TOOLS = ("llama-imatrix", "llama-server", "llama-quantize", "llama-perplexity")
 
 
+# Built without AMX (issue 21): with GGML_NATIVE, an AMX CPU would compile ggml's AMX buffer type,
+# which takes Q4_0/Q4_K/Q5_K/Q6_K/Q8_0 weights and crashes at the first decode (llama.cpp
+# #20824). alpaca-local's own loads avoid it by handing the weights to CPU_REPACK themselves
+# (run/cpu_buffers.py), so tools built with AMX compiled out place every tensor as those loads
+# do. GCC and Clang let an explicit -mno-* win over -march=native whatever the order; on a CPU
+# without AMX the flags change nothing.
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
 def cache_dir() -> Path:
-    default = Path.home() / ".cache" / "alpaca-local" / f"llama.cpp-{LLAMA_CPP_VERSION}"
+    default = Path.home() / ".cache" / "alpaca-local" / f"llama.cpp-{LLAMA_CPP_VERSION}-noamx"
     return Path(os.environ.get("ALPACA_LOCAL_TOOLS_CACHE", default))
 
 
@@ -35,6 +44,7 @@ def _configure_args(src: Path, build: Path) -> list[str]:
         # No network at build time: no web UI download, no HTTPS client.
         "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF",
         "-DGGML_NATIVE=ON", "-DGGML_CCACHE=OFF",
+        f"-DCMAKE_C_FLAGS={NO_AMX_FLAGS}", f"-DCMAKE_CXX_FLAGS={NO_AMX_FLAGS}",
     ]
 
 
