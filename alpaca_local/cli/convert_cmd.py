@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from alpaca_local.cli import lora_flags
+from alpaca_local.cli import lora_flags, publish_flags
 from alpaca_local.convert.quant_rules import QUANTS
 
 DESCRIPTION = """Turn a Hugging Face model folder (config.json, safetensors or pytorch .bin
@@ -35,6 +35,8 @@ q5_k_m 4.8 GB, q4_k_m 4.1 GB (recommended), q4_0 3.8 GB.
 
 """ + lora_flags.HELP_EXAMPLES + """
 
+""" + publish_flags.HELP_EXAMPLES + """
+
 exit codes: 0 done, 1 bad input or failed write, 2 usage error, 130 interrupted."""
 
 
@@ -49,8 +51,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
         help="output file (default: models/<folder or repo name>.<QUANT>.gguf)",
     )
     p.add_argument(
-        "-q", "--quant", default="q4_k_m", type=str.lower, choices=sorted(QUANTS), metavar="QUANT",
-        help=f"quant level: {', '.join(QUANTS)} (default: q4_k_m)",
+        "-q", "--quant", default="q4_k_m", type=str.lower, metavar="QUANT[,QUANT...]",
+        help=f"quant level: {', '.join(QUANTS)} (default: q4_k_m); several separated by commas, "
+             "or the set `publish`, write one file per level from one read of the source",
     )
     p.add_argument("-f", "--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument(
@@ -73,6 +76,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
                      help="Hub id: download the weights into the HF cache (resumable, reused) instead of streaming")
     hub.add_argument("--offline", action="store_true", help="Hub id: use only the HF cache, no network")
     lora_flags.add_arguments(p)
+    publish_flags.add_arguments(p)
 
 
 def open_source(arg: str, quant: str, download: bool = False, offline: bool = False, imatrix: Path | None = None,
@@ -102,6 +106,12 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     if lora_flags.is_adapter_source(args):
         return lora_flags.run_adapter(args)
+    from alpaca_local.convert.levels import parse_levels
+
+    levels = parse_levels(args.quant)
+    if publish_flags.wants_levels_route(args, levels):
+        return publish_flags.run_levels(args, err, levels)
+    args.quant = levels[0]
     if args.calibrate is None:
         return _convert_and_report(args, err, args.imatrix)
     if args.lora:

@@ -75,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)  # before loading: a busy port fails in a second, not after a load
     llm = load_server_model(path, args.ctx, args.n_gpu_layers, args.threads,
                             on_prompt=print_prompt if args.show_prompt else None, **lora)
-    alias = args.alias or path.name.removesuffix(".gguf")
+    from alpaca_local.convert.split import model_name
+
+    alias = args.alias or model_name(path)
     app = build_app(llm, alias, args.api_key, max_queue=args.max_queue, send_timeout=args.send_timeout,
                     cors_origins=tuple(args.cors_origin))
     host, port = sock.getsockname()[:2]

@@ -220,9 +220,9 @@ def check_f16_gguf(path: Path) -> None:
     from gguf.constants import GGMLQuantizationType as T
     from gguf.constants import LlamaFileType
 
-    from alpaca_local.convert.gguf_read import read_gguf_header
+    from alpaca_local.convert.split import read_gguf_model
 
-    header = read_gguf_header(path)
+    header = read_gguf_model(path)
     ftype = header.kv.get("general.file_type")
     types = {t.ggml_type for t in header.tensors}
     if ftype != int(LlamaFileType.MOSTLY_F16) or not types <= {T.F16, T.F32}:
@@ -288,12 +288,12 @@ def quantize_gguf(src: Path, out: Path, quant: str, threads: int | None = None, 
     params.ftype = int(QUANTS[quant])
     params.nthread = threads or 0  # 0: every core
     if imatrix is not None:
-        from alpaca_local.convert.gguf_read import read_gguf_header
         from alpaca_local.convert.imatrix_file import check_against_model, read_imatrix
+        from alpaca_local.convert.split import read_gguf_model
 
         imat = read_imatrix(imatrix)
         # llama.cpp skips unknown names silently: refuse an imatrix made for another model first.
-        check_against_model(imat, imatrix, {t.name: t.shape[-1] for t in read_gguf_header(src).tensors if len(t.shape) == 2})
+        check_against_model(imat, imatrix, {t.name: t.shape[-1] for t in read_gguf_model(src).tensors if len(t.shape) == 2})
         data = {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in imat.importance().items()}
         entries = (llama_cpp.llama_model_imatrix_data * (len(data) + 1))()  # zeroed: the last one ends the list
         for entry, (name, values) in zip(entries, data.items()):
@@ -307,10 +307,11 @@ def quantize_gguf(src: Path, out: Path, quant: str, threads: int | None = None, 
 
 
 def file_facts(path: Path) -> tuple[int, float]:
-    """File size and bits per weight = 8 * tensor bytes / parameters (llama-model-loader.cpp:1807)."""
-    from alpaca_local.convert.gguf_read import read_gguf_header
+    """File size and bits per weight = 8 * tensor bytes / parameters (llama-model-loader.cpp:1807);
+    a split model's: every part's."""
+    from alpaca_local.convert.split import read_gguf_model
 
-    header = read_gguf_header(path)
+    header = read_gguf_model(path)
     n_params = sum(math.prod(t.shape) for t in header.tensors)
     return header.file_size, 8 * header.tensor_data_bytes / max(n_params, 1)
 

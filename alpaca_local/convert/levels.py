@@ -1,0 +1,268 @@
+"""Several quant levels from one read of the source, each one GGUF file or a set of split parts.
+
+In:  one `ConversionPlan` per level, made by `pipeline.plan_conversion` exactly as a
+     single-level convert makes it (`plan_levels`), and where each goes: a file, or
+     llama.cpp's split parts (`layout`, convert/split.py).
+Out: the files (`write_levels`). Each level's file is byte-identical to what `convert`
+     writes for that level alone; split parts are what `llama-gguf-split --split` makes of
+     that file.
+
+One read: the source is read once, in its file order (`pipeline._read_ahead`), and each
+chunk is encoded once per distinct output type among the levels (output.weight is Q6_K in
+q6_k, q5_k_m and q4_k_m alike: quantized once), then written at its place in every
+level's file.
+
+Memory: as in a single-level convert, at most 2 x workers encode tasks are in flight, plus
+the read-ahead of as many raw chunks, each chunk at most `pipeline.CHUNK_ELEMENTS` values
+(4 MB as float32). A chunk's encoded bytes for every level are held until all are written,
+so the peak grows with the number of levels by at most one encoded chunk per level per chunk
+in flight (a few MB each), never with the model's size.
+
+All or nothing: every file is a temp file beside its target until every level is complete,
+then all are renamed (`atomic.atomic_write_all`). All levels are written in the same pass, so
+when one fails (disk full, Ctrl-C, SIGTERM, a bad streamed byte) none is finished: none is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from alpaca_local.convert import quant_rules
+from alpaca_local.convert.atomic import atomic_write_all, check_targets
+from alpaca_local.convert.lora_merge import one_blas_thread
+from alpaca_local.convert.pipeline import (
+    ConversionPlan,
+    Progress,
+    TensorJob,
+    _encode,
+    _header_writer,
+    _padded,
+    _read_ahead,
+    _write_header,
+    plan_conversion,
+)
+from alpaca_local.convert.split import KEY_COUNT, KEY_NO, KEY_TENSORS, SplitRule, part_of_each, part_paths
+from alpaca_local.errors import UsageError
+from alpaca_local.source.adapter import Adapter
+from alpaca_local.source.tensors import TensorRef
+
+# Named sets for `--quant`. "publish": the levels GGUF publishers commonly ship (the set the
+# issue names: 8-bit for near-lossless, 6/5/4-bit K-quants, IQ4_XS as the smallest good 4-bit).
+# A level this build's quant_rules does not know is left out of the set, not an error.
+LEVEL_SETS: dict[str, tuple[str, ...]] = {
+    "publish": ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs"),
+}
+
+WriteProgress = Callable[[int, int], None]  # (level index, bytes just written to that level)
+
+
+def level_set(name: str) -> tuple[str, ...]:
+    """The levels of a named set that this build knows, in the set's order."""
+    return tuple(q for q in LEVEL_SETS[name] if q in quant_rules.QUANTS)
+
+
+def parse_levels(spec: str) -> tuple[str, ...]:
+    """`q8_0,q4_k_m` or `publish` (or both, `publish,f16`) -> the levels, each once, in the order given."""
+    levels: list[str] = []
+    for item in (part.strip().lower() for part in spec.split(",")):
+        if not item:
+            continue
+        if item in LEVEL_SETS:
+            levels += level_set(item)
+        elif item in quant_rules.QUANTS:
+            levels.append(item)
+        else:
+            sets = ", ".join(f"{n} ({','.join(level_set(n))})" for n in LEVEL_SETS)
+            raise UsageError(f"unknown quant level {item!r}; choose from {', '.join(quant_rules.QUANTS)} "
+                             f"(several separated by commas) or a set: {sets}")
+    if not levels:
+        raise UsageError(f"--quant {spec!r} names no level; e.g. --quant q4_k_m or --quant q8_0,q4_k_m")
+    return tuple(dict.fromkeys(levels))
+
+
+def plan_levels(
+    source: Path, levels: Sequence[str], imatrix: Path | None = None, *, adapters: Sequence[Adapter] = (),
+    weights: dict[str, TensorRef] | None = None, name: str | None = None,
+) -> tuple[ConversionPlan, ...]:
+    """One plan per level, each what a single-level convert of that level plans; the source's
+    tensors are indexed once and shared (a streamed Hub source has one stream per file).
+
+    The imatrix applies to every quantized level; an f16 level among them is written plain
+    (an importance matrix changes nothing in a 16-bit file)."""
+    first = plan_conversion(source, levels[0], imatrix if levels[0] != "f16" else None, adapters=adapters,
+                            weights=weights, name=name)  # every check a single-level convert makes, first
+    if weights is None and len(levels) > 1:
+        from alpaca_local.source.weights import read_weights
+
+        weights = read_weights(source)
+    return (first, *(
+        plan_conversion(source, q, imatrix if q != "f16" else None, adapters=adapters, weights=weights, name=name)
+        for q in levels[1:]
+    ))
+
+
+@dataclass(frozen=True)
+class LevelOutput:
+    """Where one level goes: its plan, its file (or split parts) and the part of each job."""
+
+    plan: ConversionPlan
+    targets: tuple[Path, ...]  # one file, or parts NAME-00001-of-0000N.gguf...
+    parts: tuple[int, ...]  # the part index of each of plan.jobs
+
+    def jobs_in(self, no: int) -> list[TensorJob]:
+        return [job for job, part in zip(self.plan.jobs, self.parts) if part == no]
+
+
+def layout(plan: ConversionPlan, target: Path, rule: SplitRule = SplitRule()) -> LevelOutput:
+    """`target` as one file, or split by `rule` into llama.cpp's parts named after it."""
+    names = [job.name for job in plan.jobs]
+    parts = part_of_each([_padded(job.nbytes) for job in plan.jobs], names, rule) if rule else [0] * len(names)
+    count = (parts[-1] + 1) if parts else 1
+    return LevelOutput(plan, tuple(part_paths(target, count)), tuple(parts))
+
+
+@dataclass(frozen=True)
+class LevelResult:
+    quant: str
+    paths: tuple[Path, ...]  # the file, or its parts in order
+    file_bytes: int  # all parts together
+    n_tensors: int
+
+
+@dataclass(frozen=True)
+class LevelsResult:
+    levels: tuple[LevelResult, ...]
+    seconds: float
+    peak_rss_bytes: int
+
+
+def _write_part_header(out: LevelOutput, no: int, path: Path) -> int:
+    """Part `no`'s header at the start of `path`; returns where its tensor data starts.
+
+    A single part is the plain file (`pipeline._write_header`). Split: the first part keeps
+    all the metadata and every part gets the split.* keys after it (in gguf-split's order), its own tensor table
+    holding only its tensors (gguf-split.cpp:231-244; gguf-py's writer holds the key/value
+    list and the tensor table as plain dicts, so they are narrowed here)."""
+    count = len(out.targets)
+    if count == 1:
+        _write_header(out.plan, path)
+    else:
+        w = _header_writer(out.plan, path)
+        infos = w.tensors[0]
+        w.tensors = [{job.name: infos[job.name] for job in out.jobs_in(no)}]
+        if no:
+            w.kv_data = [{}]  # only the first part carries the metadata
+        # gguf-split's order: split.count is set again once the count is known, and gguf's
+        # gguf_set_val_u16 moves a key it replaces to the end (ggml/src/gguf.cpp:1270-1273).
+        w.add_uint16(KEY_NO, no)
+        w.add_int32(KEY_TENSORS, len(out.plan.jobs))
+        w.add_uint16(KEY_COUNT, count)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+    return _padded(path.stat().st_size)
+
+
+def _placements(out: LevelOutput, paths: Sequence[Path]) -> dict[str, tuple[int, int]]:
+    """Write each part's header, size the part, and return job name -> (part, data offset)."""
+    placed: dict[str, tuple[int, int]] = {}
+    for no, path in enumerate(paths):
+        offset = _write_part_header(out, no, path)
+        for job in out.jobs_in(no):
+            placed[job.name] = (no, offset)
+            offset += _padded(job.nbytes)
+        os.truncate(path, offset)  # padding and alignment gaps read as zeros
+    return placed
+
+
+def write_levels(
+    outputs: Sequence[LevelOutput],
+    force: bool = False,
+    workers: int | None = None,
+    read_progress: Progress | None = None,
+    write_progress: WriteProgress | None = None,
+    check_source: Callable[[], None] | None = None,
+) -> LevelsResult:
+    """Write every level from one read; the outputs appear together, only when all are complete.
+
+    `read_progress` gets (tensor name, source bytes read) as in `pipeline.convert`;
+    `write_progress` (level index, bytes written). `check_source` runs after the last byte
+    and before any output takes its name (a streamed source's hash check)."""
+    t0 = time.perf_counter()
+    targets = [t for out in outputs for t in out.targets]
+    check_targets(targets, force, need_bytes=sum(out.plan.tensor_bytes for out in outputs))
+    with atomic_write_all(targets) as temps, contextlib.ExitStack() as files:
+        handles, placements, at = [], [], 0
+        for out in outputs:
+            paths = temps[at:at + len(out.targets)]
+            at += len(out.targets)
+            placements.append(_placements(out, paths))
+            handles.append([files.enter_context(open(p, "r+b")) for p in paths])
+        merging = any(out.plan.merge for out in outputs)
+        with one_blas_thread() if merging else contextlib.nullcontext():
+            _stream(outputs, handles, placements, workers or os.cpu_count() or 1, read_progress, write_progress)
+        files.close()
+        if check_source:
+            check_source()
+        sizes = [p.stat().st_size for p in temps]
+    results, at = [], 0
+    for out in outputs:
+        n = len(out.targets)
+        results.append(LevelResult(out.plan.quant, out.targets, sum(sizes[at:at + n]), len(out.plan.jobs)))
+        at += n
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return LevelsResult(tuple(results), time.perf_counter() - t0, peak)
+
+
+def _stream(outputs: Sequence[LevelOutput], handles: list[list], placements: list[dict[str, tuple[int, int]]],
+            workers: int, read_progress: Progress | None, write_progress: WriteProgress | None) -> None:
+    """Read the first level's jobs in source order; encode each chunk once per distinct type; write it everywhere."""
+    by_name = [{job.name: job for job in out.plan.jobs} for out in outputs]
+    window = 2 * workers  # encode tasks in flight, as in pipeline._write_tensor_data
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque[tuple[TensorJob, int, int, list[TensorJob], dict[object, Future[bytes]]]] = deque()
+        in_flight = 0
+
+        def drain_one() -> int:
+            lead, start, stop, jobs, encoded = pending.popleft()
+            for level, job in enumerate(jobs):
+                part, offset = placements[level][job.name]
+                f = handles[level][part]
+                if start == 0:  # a tensor's chunks arrive in order, so only its first one seeks
+                    f.seek(offset)
+                data = encoded[job.ggml_type].result()
+                f.write(data)
+                if write_progress:
+                    write_progress(level, len(data))
+            if read_progress:
+                read_progress(lead.name, (stop - start) * (lead.source.nbytes // max(lead.source.n_rows, 1)))
+            return len(encoded)
+
+        try:
+            for lead, _, start, stop, raw in _read_ahead(outputs[0].plan, 0, window):
+                jobs = [names[lead.name] for names in by_name]
+                encoded: dict[object, Future[bytes]] = {}
+                for job in jobs:
+                    # The bytes depend on the rows and the type only: every level's job of a
+                    # tensor has the same source, transforms, adapters and importance.
+                    if job.ggml_type not in encoded:
+                        encoded[job.ggml_type] = pool.submit(_encode, job, start, stop, raw)
+                pending.append((lead, start, stop, jobs, encoded))
+                in_flight += len(encoded)
+                while in_flight >= window:
+                    in_flight -= drain_one()
+            while pending:
+                drain_one()
+        finally:
+            for *_, encoded in pending:
+                for fut in encoded.values():
+                    fut.cancel()

@@ -1,0 +1,238 @@
+"""convert --quant a,b,...: several levels from one read, each file byte-identical to a single-level convert.
+
+The single-level files are themselves checked against llama.cpp's route (test_convert.py), so
+equality here carries that over. The source is read once (counted), each output gets its
+progress, and a failure anywhere leaves none of the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import peft_adapters as pa
+import tinymodels
+from helpers import cli, leftovers, one_line
+from test_hub import hub, models  # noqa: F401  (the fake Hub fixture and its models)
+from test_imatrix_convert import synthetic_imatrix
+
+from alpaca_local.cli.main import main
+from alpaca_local.convert import levels as lv
+from alpaca_local.convert.imatrix_file import write_imatrix
+from alpaca_local.convert.pipeline import convert
+from alpaca_local.convert.quant_rules import QUANT_FILE_SUFFIX, QUANTS
+from alpaca_local.errors import UsageError
+from alpaca_local.source.tensors import TensorRef
+
+ALL = list(QUANTS)
+
+VARIANTS = {  # as test_convert.py: GQA + [PAD], 8 layers in 3 shards, K-quant fallbacks, .bin
+    "gqa-pad": {},
+    "8-layers-shards": {"n_layer": 8, "n_kv_head": 4, "shards": 3},
+    "rows-320": {"hidden": 320, "n_head": 5, "n_kv_head": 1, "intermediate": 640},
+    "bin": {"fmt": "bin", "shards": 2},
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request, tmp_path_factory) -> tuple[tinymodels.TinyLlama, Path]:
+    work = tmp_path_factory.mktemp(request.param)
+    return tinymodels.build_llama(work / "tiny", **VARIANTS[request.param]), work
+
+
+@pytest.fixture
+def model(tmp_path) -> Path:
+    return tinymodels.build_llama(tmp_path / "tiny").path
+
+
+def _singles(src: Path, work: Path, quants, **kw) -> dict[str, bytes]:
+    return {q: convert(src, work / f"single.{q}.gguf", q, force=True, **kw).output.read_bytes() for q in quants}
+
+
+def test_every_level_equals_its_single_level_convert(variant, capsys):
+    model, work = variant
+    out = work / "levels"
+    rc = main(["convert", str(model.path), "--quant", ",".join(ALL), "-o", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    singles = _singles(model.path, work, ALL)
+    for q in ALL:
+        assert (out / f"tiny.{QUANT_FILE_SUFFIX[q]}.gguf").read_bytes() == singles[q], q
+    summary = json.loads(captured.out)
+    assert [o["quant"] for o in summary["outputs"]] == ALL
+    assert [o["size_bytes"] for o in summary["outputs"]] == [len(singles[q]) for q in ALL]
+
+
+def test_with_an_imatrix_every_quantized_level_uses_it(tmp_path, capsys):
+    """One imatrix for all: each quantized level equals `convert --imatrix` of that level; f16 is plain."""
+    model = tinymodels.build_llama(tmp_path / "tiny", n_layer=8, n_kv_head=4)
+    f16 = convert(model.path, tmp_path / "f16.gguf", "f16").output
+    imatrix = tmp_path / "imatrix.gguf"
+    write_imatrix(synthetic_imatrix(f16), imatrix)
+    rc, err = cli(capsys, "convert", str(model.path), "--quant", ",".join(ALL), "--imatrix", str(imatrix),
+                  "-o", str(tmp_path / "out"), "--json")
+    assert rc == 0, err
+    quantized = [q for q in ALL if q != "f16"]
+    singles = _singles(model.path, tmp_path, quantized, imatrix=imatrix)
+    for q in quantized:
+        assert (tmp_path / "out" / f"tiny.{QUANT_FILE_SUFFIX[q]}.gguf").read_bytes() == singles[q], q
+    assert (tmp_path / "out" / "tiny.F16.gguf").read_bytes() == f16.read_bytes()
+
+
+def test_with_a_lora_merged_every_level_equals_its_single_level_merge(tmp_path, capsys):
+    base = tinymodels.build_llama(tmp_path / "base").path
+    adapter = pa.make_adapter(base, tmp_path / "my-lora", r=4, lora_alpha=8,
+                              target_modules=["q_proj", "v_proj", "down_proj"])
+    levels = ["f16", "q8_0", "q4_k_m"]
+    rc, err = cli(capsys, "convert", str(base), "--lora", str(adapter), "--quant", ",".join(levels),
+                  "-o", str(tmp_path / "out"), "--json")
+    assert rc == 0, err
+    from alpaca_local.source.adapter import read_adapter
+
+    singles = _singles(base, tmp_path, levels, adapters=[read_adapter(adapter)])
+    for q in levels:  # named after the adapter, as a single-level merge is
+        assert (tmp_path / "out" / f"my-lora.{QUANT_FILE_SUFFIX[q]}.gguf").read_bytes() == singles[q], q
+
+
+def test_streamed_from_the_hub_once(hub, models, tmp_path, capsys):  # noqa: F811
+    """A Hub source streams each file once for all levels, and gives the local files' bytes."""
+    rc, err = cli(capsys, "convert", "me/tiny", "--quant", "q8_0,q4_k_m,f16", "-o", str(tmp_path / "out"), "--json")
+    assert rc == 0, err
+    singles = _singles(models["sharded"].path, tmp_path, ["q8_0", "q4_k_m", "f16"])
+    for q, data in singles.items():
+        assert (tmp_path / "out" / f"tiny.{QUANT_FILE_SUFFIX[q]}.gguf").read_bytes() == data
+    for shard, data in hub.repos["me/tiny"].files.items():
+        if shard.endswith(".safetensors"):
+            gets = [r for r in hub.log if r[0] == "GET" and r[1].startswith("/lfs/") and hub.blob(r[1][5:])[0] == shard]
+            assert len(gets) == 3 and gets[-1][2].endswith(f"-{len(data) - 1}"), gets  # length, header, one stream
+
+
+def test_each_source_chunk_is_read_once(model, tmp_path, monkeypatch):
+    reads: list[tuple[str, int]] = []
+    real = TensorRef.read_raw_rows
+
+    def counted(self, start, stop):
+        reads.append((self.name, start))
+        return real(self, start, stop)
+
+    monkeypatch.setattr(TensorRef, "read_raw_rows", counted)
+    plans = lv.plan_levels(model, ALL)
+    lv.write_levels([lv.layout(p, tmp_path / f"{p.quant}.gguf") for p in plans])
+    assert len(reads) == len(set(reads))
+    assert {name for name, _ in reads} == {j.source.name for j in plans[0].jobs if isinstance(j.source, TensorRef)}
+
+
+def test_a_type_shared_by_levels_is_encoded_once_per_chunk(model, tmp_path, monkeypatch):
+    """output.weight is Q6_K in both q4_k_m and q5_k_m: quantized once, written twice."""
+    import alpaca_local.convert.pipeline as pipeline
+
+    calls: list[str] = []
+    real = pipeline._encode
+
+    def counted(job, start, stop, raw):
+        calls.append((job.name, job.ggml_type.name, start))
+        return real(job, start, stop, raw)
+
+    monkeypatch.setattr(lv, "_encode", counted)
+    plans = lv.plan_levels(model, ["q4_k_m", "q5_k_m"])
+    types = {p.quant: {j.name: j.ggml_type for j in p.jobs} for p in plans}
+    assert types["q4_k_m"]["output.weight"] == types["q5_k_m"]["output.weight"]
+    lv.write_levels([lv.layout(p, tmp_path / f"{p.quant}.gguf") for p in plans])
+    assert len(calls) == len(set(calls))
+    shared = [c for c in calls if c[0] == "output.weight"]
+    assert shared and len({c[1] for c in shared}) == 1
+
+
+def test_progress_covers_every_output(model, tmp_path):
+    plans = lv.plan_levels(model, ["f16", "q8_0", "q4_0"])
+    read, written = [0], [0, 0, 0]
+    result = lv.write_levels(
+        [lv.layout(p, tmp_path / f"{p.quant}.gguf") for p in plans],
+        read_progress=lambda name, n: read.__setitem__(0, read[0] + n),
+        write_progress=lambda level, n: written.__setitem__(level, written[level] + n),
+    )
+    assert read[0] == plans[0].source_bytes
+    assert written == [sum(j.nbytes for j in p.jobs) for p in plans]
+    assert [r.file_bytes for r in result.levels] == [(tmp_path / f"{q}.gguf").stat().st_size for q in ("f16", "q8_0", "q4_0")]
+
+
+def test_named_set_and_lists():
+    publish = lv.level_set("publish")
+    assert publish and set(publish) <= set(QUANTS)
+    assert set(publish) == {q for q in lv.LEVEL_SETS["publish"] if q in QUANTS}
+    assert lv.parse_levels("publish") == publish
+    assert lv.parse_levels(" Q8_0, q4_k_m ,q8_0,") == ("q8_0", "q4_k_m")
+    assert lv.parse_levels("f16,publish")[0] == "f16"
+    for bad in ("q3_k_xl", "q8_0,nope", ",", ""):
+        with pytest.raises(UsageError):
+            lv.parse_levels(bad)
+
+
+def test_default_folder_is_models_name(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, err = cli(capsys, "convert", str(model), "--quant", "q8_0,q4_0", "--json")
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "models" / "tiny").iterdir()) == ["tiny.Q4_0.gguf", "tiny.Q8_0.gguf"]
+
+
+def test_an_existing_output_is_refused_before_any_work(model, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tiny.Q4_0.gguf").write_bytes(b"older")
+    rc, err = cli(capsys, "convert", str(model), "--quant", "q8_0,q4_0", "-o", str(out))
+    one_line(rc, err, 2, "tiny.Q4_0.gguf", "--force")
+    assert sorted(p.name for p in out.iterdir()) == ["tiny.Q4_0.gguf"]
+    assert (out / "tiny.Q4_0.gguf").read_bytes() == b"older"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--quant", "q8_0,q9"], "q9"),
+    (["--quant", "q8_0,q4_0", "-o", "x.gguf"], "names a folder"),
+    (["--quant", "q8_0,q4_0", "--calibrate"], "--imatrix"),
+])
+def test_usage_errors(model, tmp_path, capsys, monkeypatch, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    rc, err = cli(capsys, "convert", str(model), *argv)
+    one_line(rc, err, 2, needle)
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").rglob("*.gguf"))
+
+
+def test_interrupt_leaves_no_output_and_keeps_old_files(model, tmp_path, monkeypatch):
+    """Ctrl-C after some chunks of every level are written: no level appears, the old files stay."""
+    import alpaca_local.convert.pipeline as pipeline
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tiny.Q8_0.gguf").write_bytes(b"old model")
+    calls = {"n": 0}
+    real = pipeline.quantize_rows
+
+    def interrupted(rows, ggml_type, imatrix=None):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise KeyboardInterrupt
+        return real(rows, ggml_type, imatrix)
+
+    monkeypatch.setattr(pipeline, "quantize_rows", interrupted)
+    rc = main(["convert", str(model), "--quant", "q8_0,q4_0,q4_k_m", "-o", str(out), "--force", "--threads", "1",
+               "--json"])
+    assert rc == 130 and calls["n"] >= 20  # the tasks already queued finish
+    assert sorted(p.name for p in out.iterdir()) == ["tiny.Q8_0.gguf"]
+    assert (out / "tiny.Q8_0.gguf").read_bytes() == b"old model"
+
+
+def test_failure_leaves_no_folder_it_created(model, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import alpaca_local.convert.pipeline as pipeline
+
+    def disk_full(rows, ggml_type, imatrix=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "quantize_rows", disk_full)
+    rc, err = cli(capsys, "convert", str(model), "--quant", "q8_0,q4_0", "-o", str(tmp_path / "new"))
+    one_line(rc, err, 1, "disk full", "nothing was written")
+    assert not (tmp_path / "new").exists()
+    assert leftovers(tmp_path) == []
