@@ -190,7 +190,7 @@ def test_an_existing_output_is_refused_before_any_work(model, tmp_path, capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["--quant", "q8_0,q9"], "q9"),
     (["--quant", "q8_0,q4_0", "-o", "x.gguf"], "names a folder"),
-    (["--quant", "q8_0,q4_0", "--calibrate"], "--imatrix"),
+    (["--quant", "f16", "--calibrate", "--split-max-tensors", "9"], "not f16"),
 ])
 def test_usage_errors(model, tmp_path, capsys, monkeypatch, argv, needle):
     monkeypatch.chdir(tmp_path)
@@ -236,3 +236,37 @@ def test_failure_leaves_no_folder_it_created(model, tmp_path, monkeypatch, capsy
     one_line(rc, err, 1, "disk full", "nothing was written")
     assert not (tmp_path / "new").exists()
     assert leftovers(tmp_path) == []
+
+
+def test_calibrate_computes_one_imatrix_for_every_level(tmp_path, capsys, monkeypatch):
+    """--calibrate with several levels: one calibration run, every quantized level quantized with its imatrix."""
+    import shutil
+
+    import gguf
+
+    import reference
+    from alpaca_local.measure import calibrate
+
+    model = tinymodels.build_llama(tmp_path / "tiny")
+    runs, kept = [], tmp_path / "kept.imatrix.gguf"
+    real = calibrate.write_imatrix
+
+    def keep(imatrix, path):
+        runs.append(path)
+        real(imatrix, path)
+        shutil.copy(path, kept)
+
+    monkeypatch.setattr(calibrate, "write_imatrix", keep)
+    levels = ["f16", "q4_0", "q4_k_m"]
+    rc, err = cli(capsys, "convert", str(model.path), "--quant", ",".join(levels), "--calibrate",
+                  "-o", str(tmp_path / "out"), "--json")
+    assert rc == 0, err
+    assert len(runs) == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"tiny.{QUANT_FILE_SUFFIX[q]}.gguf" for q in
+                                                                     sorted(levels)]
+    for q in ("q4_0", "q4_k_m"):
+        ours = tmp_path / "out" / f"tiny.{QUANT_FILE_SUFFIX[q]}.gguf"
+        single = convert(model.path, tmp_path / f"single.{q}.gguf", q, imatrix=kept).output
+        assert reference.tensor_table(ours) == reference.tensor_table(single), q
+        assert gguf.GGUFReader(ours).fields["quantize.imatrix.file"].contents() == "calibrate:built-in text"
+    assert "quantize.imatrix.file" not in gguf.GGUFReader(tmp_path / "out" / "tiny.F16.gguf").fields

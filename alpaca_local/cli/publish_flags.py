@@ -73,29 +73,41 @@ def output_targets(args: argparse.Namespace, plans) -> tuple[Path | None, list[P
 def run_levels(args: argparse.Namespace, err, levels: tuple[str, ...]) -> int:
     """Plan every level, check every target, write them all from one read, print the summary."""
     from alpaca_local.cli import lora_flags
+    from alpaca_local.cli.calibrate_flags import calibrated_imatrix, calibrated_plan, check_calibrate
+    from alpaca_local.convert.atomic import check_targets
     from alpaca_local.convert.levels import layout, plan_levels
     from alpaca_local.source.hub import resolve_source
 
-    if args.calibrate is not None:
-        raise UsageError("--calibrate with several levels or a split is not supported yet; "
-                         "compute the imatrix first (alpaca-local imatrix) and give it with --imatrix")
     rule = split_rule(args)
+    if args.calibrate is not None:
+        check_calibrate(args, levels)
     adapters = lora_flags.read_adapters(args)
     src = resolve_source(args.source, download=args.download, offline=args.offline)
     hub = None if isinstance(src, Path) else src
-    try:
+
+    def plan(imatrix: Path | None):
         if hub is None:
-            plans = plan_levels(src, levels, args.imatrix, adapters=adapters)
-        else:
-            plans = plan_levels(hub.folder, levels, args.imatrix, adapters=adapters, weights=hub.weights(),
-                                name=hub.name)
+            return plan_levels(src, levels, imatrix, adapters=adapters)
+        return plan_levels(hub.folder, levels, imatrix, adapters=adapters, weights=hub.weights(), name=hub.name)
+
+    try:
+        plans = plan(args.imatrix)
         folder, targets = output_targets(args, plans)
-        outputs = [layout(plan, target, rule) for plan, target in zip(plans, targets)]
+        outputs = [layout(p, target, rule) for p, target in zip(plans, targets)]
         created = folder is not None and not folder.exists()
         if created:
             folder.mkdir()
         try:
-            result = _write_with_progress(outputs, args, err, hub.verify if hub else None)
+            # Everything that can be refused is refused before the work (and before a calibration run).
+            check_targets([t for out in outputs for t in out.targets], args.force,
+                          sum(out.plan.tensor_bytes for out in outputs))
+            if args.calibrate is None:
+                result = _write_with_progress(outputs, args, err, hub.verify if hub else None)
+            else:
+                with calibrated_imatrix(args, err, folder or targets[0].parent) as imatrix:
+                    plans = tuple(calibrated_plan(p, args) for p in plan(imatrix))
+                    outputs = [layout(p, target, rule) for p, target in zip(plans, targets)]
+                    result = _write_with_progress(outputs, args, err, None)
         except BaseException:
             if created and not any(folder.iterdir()):
                 folder.rmdir()  # nothing was written: leave no empty folder behind
