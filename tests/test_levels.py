@@ -174,7 +174,8 @@ def test_default_folder_is_models_name(model, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rc, err = cli(capsys, "convert", str(model), "--quant", "q8_0,q4_0", "--json")
     assert rc == 0, err
-    assert sorted(p.name for p in (tmp_path / "models" / "tiny").iterdir()) == ["tiny.Q4_0.gguf", "tiny.Q8_0.gguf"]
+    assert sorted(p.name for p in (tmp_path / "models" / "tiny").iterdir()) == [
+        "README.md", "tiny.Q4_0.gguf", "tiny.Q8_0.gguf"]  # and the model card (test_card.py)
 
 
 def test_an_existing_output_is_refused_before_any_work(model, tmp_path, capsys):
@@ -262,8 +263,8 @@ def test_calibrate_computes_one_imatrix_for_every_level(tmp_path, capsys, monkey
                   "-o", str(tmp_path / "out"), "--json")
     assert rc == 0, err
     assert len(runs) == 1
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"tiny.{QUANT_FILE_SUFFIX[q]}.gguf" for q in
-                                                                     sorted(levels)]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", *(
+        f"tiny.{QUANT_FILE_SUFFIX[q]}.gguf" for q in sorted(levels))]
     for q in ("q4_0", "q4_k_m"):
         ours = tmp_path / "out" / f"tiny.{QUANT_FILE_SUFFIX[q]}.gguf"
         single = convert(model.path, tmp_path / f"single.{q}.gguf", q, imatrix=kept).output

@@ -1,14 +1,17 @@
-"""The publishing side of `alpaca-local convert`: several levels in one read, split files.
+"""The publishing side of `alpaca-local convert`: several levels in one read, split files, the card.
 
-`add_arguments` adds --split-max-size / --split-max-tensors to convert's parser;
-`wants_levels_route` says when convert takes this route (several levels, a split, an
-output folder); `run_levels` plans every level, writes them all from one read of the
-source with a progress bar per output, and prints one summary.
+`add_arguments` adds --split-max-size / --split-max-tensors / --card-quality / --card-text
+to convert's parser; `wants_levels_route` says when convert takes this route (several
+levels, a split, a measured card); `run_levels` plans every level, writes them all from one
+read of the source with a progress bar per output, measures them if asked, writes the
+model card (README.md) into the output folder, and prints one summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from alpaca_local.errors import UsageError
@@ -27,6 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     split.add_argument("--split-max-tensors", metavar="N", type=int,
                        help="write llama.cpp's split parts of at most N tensors each")
+    p.add_argument("--card-quality", action="store_true",
+                   help="measure every level with `quality` (KLD, PPL, top-1 against f16) for the model card; "
+                        "takes a few minutes per level on a 7B")
+    p.add_argument("--card-text", metavar="FILE", type=Path,
+                   help="with --card-quality: measure on this UTF-8 text (default: the built-in eval.txt)")
 
 
 def split_rule(args: argparse.Namespace):
@@ -39,8 +47,9 @@ def split_rule(args: argparse.Namespace):
 
 
 def wants_folder(args: argparse.Namespace, levels: tuple[str, ...]) -> bool:
-    """Several levels go into a folder, one file per level (one level keeps -o as its file name)."""
-    return len(levels) > 1
+    """Several levels, a measured card or a push go into a folder, one file per level, with the
+    model card; one level otherwise keeps -o as its file name."""
+    return len(levels) > 1 or args.card_quality
 
 
 def wants_levels_route(args: argparse.Namespace, levels: tuple[str, ...]) -> bool:
@@ -70,53 +79,140 @@ def output_targets(args: argparse.Namespace, plans) -> tuple[Path | None, list[P
     return folder, [default_output(plan, folder) for plan in plans]
 
 
+@contextlib.contextmanager
+def _output_folder(folder: Path | None) -> Iterator[None]:
+    """Create the output folder if needed; if the run fails and it is still empty, remove it."""
+    created = folder is not None and not folder.exists()
+    if created:
+        folder.mkdir()
+    try:
+        yield
+    except BaseException:
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
 def run_levels(args: argparse.Namespace, err, levels: tuple[str, ...]) -> int:
-    """Plan every level, check every target, write them all from one read, print the summary."""
+    """Plan every level, check every target, write them all from one read, then the card; print the summary."""
     from alpaca_local.cli import lora_flags
-    from alpaca_local.cli.calibrate_flags import calibrated_imatrix, calibrated_plan, check_calibrate
-    from alpaca_local.convert.atomic import check_targets
-    from alpaca_local.convert.levels import layout, plan_levels
+    from alpaca_local.cli.calibrate_flags import check_calibrate
     from alpaca_local.source.hub import resolve_source
 
-    rule = split_rule(args)
+    split_rule(args)
     if args.calibrate is not None:
         check_calibrate(args, levels)
+    text = _card_text(args)
     adapters = lora_flags.read_adapters(args)
     src = resolve_source(args.source, download=args.download, offline=args.offline)
     hub = None if isinstance(src, Path) else src
-
-    def plan(imatrix: Path | None):
-        if hub is None:
-            return plan_levels(src, levels, imatrix, adapters=adapters)
-        return plan_levels(hub.folder, levels, imatrix, adapters=adapters, weights=hub.weights(), name=hub.name)
-
     try:
-        plans = plan(args.imatrix)
-        folder, targets = output_targets(args, plans)
-        outputs = [layout(p, target, rule) for p, target in zip(plans, targets)]
-        created = folder is not None and not folder.exists()
-        if created:
-            folder.mkdir()
-        try:
-            # Everything that can be refused is refused before the work (and before a calibration run).
-            check_targets([t for out in outputs for t in out.targets], args.force,
-                          sum(out.plan.tensor_bytes for out in outputs))
-            if args.calibrate is None:
-                result = _write_with_progress(outputs, args, err, hub.verify if hub else None)
-            else:
-                with calibrated_imatrix(args, err, folder or targets[0].parent) as imatrix:
-                    plans = tuple(calibrated_plan(p, args) for p in plan(imatrix))
-                    outputs = [layout(p, target, rule) for p, target in zip(plans, targets)]
-                    result = _write_with_progress(outputs, args, err, None)
-        except BaseException:
-            if created and not any(folder.iterdir()):
-                folder.rmdir()  # nothing was written: leave no empty folder behind
-            raise
-        _report(args, plans, folder, result, hub)
+        run = _Run(args, err, levels, src if hub is None else hub.folder, adapters, hub)
+        run.plan_outputs()
+        with _output_folder(run.folder), contextlib.ExitStack() as scratch:
+            run.write(scratch)
+            if args.card_quality:
+                run.measure(text)
+            if run.folder is not None:
+                run.write_card()
+        _report(args, run)
     finally:
         if hub:
             hub.close()
     return 0
+
+
+def _card_text(args: argparse.Namespace) -> tuple[str | None, str]:
+    """(--card-text's contents or None for the built-in text, how the card names it)."""
+    if args.card_text is None:
+        return None, "the built-in evaluation text (alpaca_local/measure/data/eval.txt)"
+    if not args.card_quality:
+        raise UsageError("--card-text is the text --card-quality measures on; give --card-quality too")
+    from alpaca_local.cli.quality_cmd import _read_text
+
+    return _read_text(args.card_text), f"`{args.card_text.name}`"
+
+
+class _Run:
+    """One `convert --quant ...` run: plans, outputs, written levels, measured quality, card."""
+
+    def __init__(self, args, err, levels, folder_src: Path, adapters, hub) -> None:
+        self.args, self.err, self.levels, self.src, self.adapters, self.hub = args, err, levels, folder_src, adapters, hub
+        self.rule = split_rule(args)
+        # --card-quality measures against an f16: the f16 level, or one more output of the same read.
+        self.extra_f16 = args.card_quality and "f16" not in levels
+        self.quality = None
+        self.card: Path | None = None
+
+    def plan(self, imatrix: Path | None):
+        from alpaca_local.convert.levels import plan_levels
+
+        levels = self.levels + (("f16",) if self.extra_f16 else ())
+        if self.hub is None:
+            return plan_levels(self.src, levels, imatrix, adapters=self.adapters)
+        return plan_levels(self.src, levels, imatrix, adapters=self.adapters, weights=self.hub.weights(),
+                           name=self.hub.name)
+
+    def plan_outputs(self) -> None:
+        self.plans = self.plan(self.args.imatrix)
+        self.folder, self.targets = output_targets(self.args, self.plans[:len(self.levels)])
+
+    def _layouts(self, scratch_dir: Path | None):
+        from alpaca_local.convert.levels import layout
+        from alpaca_local.convert.pipeline import default_output
+
+        targets = list(self.targets)
+        if self.extra_f16:
+            targets.append(default_output(self.plans[-1], scratch_dir))
+        return [layout(p, t, self.rule) for p, t in zip(self.plans, targets)]
+
+    def write(self, scratch: contextlib.ExitStack) -> None:
+        import shutil
+        import tempfile
+
+        from alpaca_local.cli.calibrate_flags import calibrated_imatrix, calibrated_plan
+        from alpaca_local.convert.atomic import check_targets
+
+        scratch_dir = None
+        if self.extra_f16 or self.args.card_quality:  # the f16 for the measurement and the f16 logits
+            scratch_dir = Path(tempfile.mkdtemp(prefix=".alpaca-card-", dir=self.folder))
+            scratch.callback(shutil.rmtree, scratch_dir, ignore_errors=True)
+        self.scratch_dir = scratch_dir
+        outputs = self._layouts(scratch_dir)
+        published = [t for out in outputs[:len(self.levels)] for t in out.targets]
+        card = [self.folder / "README.md"] if self.folder is not None else []
+        # Everything that can be refused is refused before the work (and before a calibration run).
+        check_targets(published + card, self.args.force, sum(out.plan.tensor_bytes for out in outputs))
+        if self.args.calibrate is None:
+            self.result = _write_with_progress(outputs, self.args, self.err, self.hub.verify if self.hub else None)
+            return
+        with calibrated_imatrix(self.args, self.err, self.folder or self.targets[0].parent) as imatrix:
+            self.plans = tuple(calibrated_plan(p, self.args) for p in self.plan(imatrix))
+            self.result = _write_with_progress(self._layouts(scratch_dir), self.args, self.err, None)
+
+    @property
+    def published(self):
+        """The levels asked for (the measurement's own f16 is not one of them)."""
+        return self.result.levels[:len(self.levels)]
+
+    def measure(self, text: tuple[str | None, str]) -> None:
+        from alpaca_local.measure.quality import BASELINE, measure_files
+
+        by_quant = {lv.quant: lv.paths[0] for lv in self.result.levels}
+        files = [(lv.quant, lv.paths[0]) for lv in self.published if lv.quant != BASELINE]
+        with self.err.status("measuring quality", spinner="dots") as status:
+            self.quality = measure_files(by_quant[BASELINE], files, text[0], work=self.scratch_dir,
+                                         threads=self.args.threads, gen_tokens=0,
+                                         status=lambda line: status.update(line), name=self.plans[0].name)
+        self.quality_text = text[1]
+
+    def write_card(self) -> None:
+        from alpaca_local.publish.card import card_facts, render_card, write_card
+
+        facts = card_facts(self.plans[:len(self.levels)], self.published, source=Path(self.args.source).name,
+                           hub=self.hub, quality=self.quality, quality_text=getattr(self, "quality_text", ""),
+                           license_folder=self.src)
+        self.card = write_card(self.folder, render_card(facts), self.args.force)
 
 
 def _write_with_progress(outputs, args: argparse.Namespace, err, check_source):
@@ -144,16 +240,20 @@ def _write_with_progress(outputs, args: argparse.Namespace, err, check_source):
     return result
 
 
-def _report(args: argparse.Namespace, plans, folder: Path | None, result, hub) -> None:
+def _report(args: argparse.Namespace, run: _Run) -> None:
+    plans, folder, result, hub = run.plans, run.folder, run.result, run.hub
     summary = {
         "folder": str(folder) if folder is not None else None,
         "outputs": [{"quant": lv.quant, "files": [str(p) for p in lv.paths], "size_bytes": lv.file_bytes,
-                     "tensors": lv.n_tensors} for lv in result.levels],
+                     "tensors": lv.n_tensors} for lv in run.published],
+        "card": str(run.card) if run.card else None,
         "seconds": round(result.seconds, 2),
         "peak_memory_bytes": result.peak_rss_bytes,
         "notes": list(plans[0].notes),
         "imatrix": dict(next((p.imatrix_kv for p in plans if p.imatrix_kv), ())) or None,
     }
+    if run.quality is not None:
+        summary["quality"] = run.quality.as_dict()
     if hub:
         summary["hub"] = {"repo": hub.hub_id.repo_id, "commit": hub.commit, "streamed": hub.stream,
                           "fetched_bytes": hub.bytes_fetched}
@@ -189,8 +289,10 @@ def _report(args: argparse.Namespace, plans, folder: Path | None, result, hub) -
     files = Table(box=None, pad_edge=False)
     for col, justify in (("level", "left"), ("size MB", "right"), ("files", "left")):
         files.add_column(col, justify=justify)
-    for lv in result.levels:
+    for lv in run.published:
         names = [p.name for p in lv.paths]
         shown = names[0] if len(names) == 1 else f"{names[0]} ... ({len(names)} parts)"
         files.add_row(lv.quant.upper(), f"{lv.file_bytes / 1e6:,.1f}", shown)
     console.print(files)
+    if run.card:
+        console.print(f"model card: {run.card}" + (" (with the measured quality)" if run.quality else ""))

@@ -453,24 +453,47 @@ def measure_quality(
         raise InputError(f"{source} does not exist; give a Hugging Face model folder or an f16 .gguf file")
     if n_ctx < MIN_CTX:
         raise UsageError(f"--ctx {n_ctx} is too small; give at least {MIN_CTX} (default {DEFAULT_CTX})")
-    text = default_text() if text is None else text
     work = work or default_work_dir(source)
     baseline = prepare_baseline(source, work, status)
+    # Each level is made only when its turn comes, after the text has been checked against the f16.
+    files = [(f"{quant}{IMATRIX_TAG}" if imat is not None else quant,
+              lambda quant=quant, imat=imat: prepare_level(source, baseline, work, quant, threads, status, imat))
+             for quant in quants for imat in ((None, imatrix) if imatrix is not None else (None,))]
+    name = source.resolve().name if source.is_dir() else source.stem
+    return measure_files(baseline, files, text, n_ctx, work, threads, gen_tokens, status, name)
+
+
+def measure_files(
+    baseline: Path,
+    files: Sequence[tuple[str, Path | Callable[[], Path]]],
+    text: str | None = None,
+    n_ctx: int = DEFAULT_CTX,
+    work: Path | None = None,
+    threads: int | None = None,
+    gen_tokens: int = DEFAULT_GEN_TOKENS,
+    status: Status = lambda line: None,
+    name: str | None = None,
+) -> QualityReport:
+    """The f16 `baseline` first (its logits become the reference), then each (label, file) against
+    it: what `quality` measures, for files that exist (convert --card-quality's levels) or are made
+    when their turn comes (a callable returning the path).
+    `work` holds the f16 logits while it runs (default: beside the baseline)."""
+    if n_ctx < MIN_CTX:
+        raise UsageError(f"--ctx {n_ctx} is too small; give at least {MIN_CTX} (default {DEFAULT_CTX})")
+    text = default_text() if text is None else text
+    work = work or baseline.parent
     tokens, chunks = _tokenize_checked(baseline, text, n_ctx, threads)
     work.mkdir(parents=True, exist_ok=True)
     rows = n_ctx - 1 - n_ctx // 2
     base = _BaseLogits(work, len(chunks), rows, _n_vocab(baseline))
     try:
         results = [_evaluate(baseline, BASELINE, chunks, base, n_ctx, threads, gen_tokens, status)]
-        for quant in quants:
-            for imat in (None, imatrix) if imatrix is not None else (None,):
-                path = prepare_level(source, baseline, work, quant, threads, status, imat)
-                label = f"{quant}{IMATRIX_TAG}" if imat is not None else quant
-                results.append(_evaluate(path, label, chunks, base, n_ctx, threads, gen_tokens, status))
+        for label, path in files:
+            path = path if isinstance(path, Path) else path()
+            results.append(_evaluate(path, label, chunks, base, n_ctx, threads, gen_tokens, status))
     finally:
         base.close()
-    name = source.resolve().name if source.is_dir() else source.stem
-    return QualityReport(name, n_ctx, len(tokens), len(chunks), len(chunks) * rows, tuple(results))
+    return QualityReport(name or baseline.stem, n_ctx, len(tokens), len(chunks), len(chunks) * rows, tuple(results))
 
 
 def _n_vocab(path: Path) -> int:
