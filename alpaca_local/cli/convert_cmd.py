@@ -50,10 +50,12 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
         "-o", "--output", metavar="OUT.gguf", type=Path,
         help="output file (default: models/<folder or repo name>.<QUANT>.gguf)",
     )
+    from alpaca_local.convert.levels import level_set
+
     p.add_argument(
         "-q", "--quant", default="q4_k_m", type=str.lower, metavar="QUANT[,QUANT...]",
-        help=f"quant level: {', '.join(QUANTS)} (default: q4_k_m); several separated by commas, "
-             "or the set `publish`, write one file per level from one read of the source",
+        help=f"quant level: {', '.join(QUANTS)} (default: q4_k_m); several separated by commas, or the set "
+             f"`publish` ({','.join(level_set('publish'))}), write one file per level from one read of the source",
     )
     p.add_argument("-f", "--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument(
@@ -109,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     from alpaca_local.convert.levels import parse_levels
 
     levels = parse_levels(args.quant)
+    if (args.private or args.push_revision) and args.push is None:
+        raise UsageError("--private and --push-revision are for --push ORG/NAME")
     if publish_flags.wants_levels_route(args, levels):
         return publish_flags.run_levels(args, err, levels)
     args.quant = levels[0]

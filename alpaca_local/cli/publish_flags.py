@@ -16,10 +16,11 @@ from pathlib import Path
 
 from alpaca_local.errors import UsageError
 
-HELP_EXAMPLES = """publishing (several levels from one read of the source, split files):
-  alpaca-local convert ./alpaca-7b --quant q8_0,q5_k_m,q4_k_m   # -> models/alpaca-7b/alpaca-7b.Q8_0.gguf ...
-  alpaca-local convert ./alpaca-7b --quant publish -o out/       # the publish set, into out/
-  alpaca-local convert ./llama-70b --quant q8_0 --split-max-size 45G   # NAME-00001-of-0000N.gguf parts"""
+HELP_EXAMPLES = """publishing (several levels from one read of the source, split files, card, upload):
+  alpaca-local convert ./alpaca-7b --quant q8_0,q5_k_m,q4_k_m   # -> models/alpaca-7b/ (+ README.md card)
+  alpaca-local convert ./alpaca-7b --quant publish -o out/ --card-quality   # measured KLD/PPL in the card
+  alpaca-local convert ./llama-70b --quant q8_0 --split-max-size 45G   # NAME-00001-of-0000N.gguf parts
+  alpaca-local convert ./alpaca-7b --quant publish --push me/alpaca-7b-GGUF --private"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "takes a few minutes per level on a 7B")
     p.add_argument("--card-text", metavar="FILE", type=Path,
                    help="with --card-quality: measure on this UTF-8 text (default: the built-in eval.txt)")
+    p.add_argument("--push", metavar="ORG/NAME",
+                   help="then push the folder's new files and card to this Hub repository (as `alpaca-local upload`)")
+    from alpaca_local.cli.upload_cmd import add_push_options
+
+    add_push_options(p, revision_flag="--push-revision")
 
 
 def split_rule(args: argparse.Namespace):
@@ -49,7 +55,7 @@ def split_rule(args: argparse.Namespace):
 def wants_folder(args: argparse.Namespace, levels: tuple[str, ...]) -> bool:
     """Several levels, a measured card or a push go into a folder, one file per level, with the
     model card; one level otherwise keeps -o as its file name."""
-    return len(levels) > 1 or args.card_quality
+    return len(levels) > 1 or args.card_quality or args.push is not None
 
 
 def wants_levels_route(args: argparse.Namespace, levels: tuple[str, ...]) -> bool:
@@ -103,6 +109,10 @@ def run_levels(args: argparse.Namespace, err, levels: tuple[str, ...]) -> int:
     if args.calibrate is not None:
         check_calibrate(args, levels)
     text = _card_text(args)
+    if args.push is not None:  # a bad id or token fails now, not after the conversion
+        from alpaca_local.publish.upload import check_repo_id, check_token
+
+        check_token(check_repo_id(args.push))
     adapters = lora_flags.read_adapters(args)
     src = resolve_source(args.source, download=args.download, offline=args.offline)
     hub = None if isinstance(src, Path) else src
@@ -115,6 +125,8 @@ def run_levels(args: argparse.Namespace, err, levels: tuple[str, ...]) -> int:
                 run.measure(text)
             if run.folder is not None:
                 run.write_card()
+        if args.push is not None:
+            run.push()
         _report(args, run)
     finally:
         if hub:
@@ -143,6 +155,7 @@ class _Run:
         self.extra_f16 = args.card_quality and "f16" not in levels
         self.quality = None
         self.card: Path | None = None
+        self.pushed = None
 
     def plan(self, imatrix: Path | None):
         from alpaca_local.convert.levels import plan_levels
@@ -214,6 +227,17 @@ class _Run:
                            license_folder=self.src)
         self.card = write_card(self.folder, render_card(facts), self.args.force)
 
+    def push(self) -> None:
+        """The files of this run and the card, in one commit; on failure they stay in the folder."""
+        from alpaca_local.cli.upload_cmd import show_progress
+        from alpaca_local.publish.upload import upload
+
+        names = [p.name for lv in self.published for p in lv.paths] + [self.card.name]
+        hint = f"the files are kept in {self.folder}: push them with `alpaca-local upload {self.folder} {self.args.push}`"
+        self.pushed = upload(self.folder, self.args.push, private=self.args.private,
+                             revision=self.args.push_revision, names=names, resume=hint,
+                             progress=show_progress(self.args.json))
+
 
 def _write_with_progress(outputs, args: argparse.Namespace, err, check_source):
     from rich.progress import (
@@ -254,6 +278,9 @@ def _report(args: argparse.Namespace, run: _Run) -> None:
     }
     if run.quality is not None:
         summary["quality"] = run.quality.as_dict()
+    if run.pushed is not None:
+        summary["pushed"] = {"repo": run.pushed.repo_id, "revision": run.pushed.revision,
+                             "commit": run.pushed.commit, "commit_url": run.pushed.commit_url}
     if hub:
         summary["hub"] = {"repo": hub.hub_id.repo_id, "commit": hub.commit, "streamed": hub.stream,
                           "fetched_bytes": hub.bytes_fetched}
@@ -296,3 +323,5 @@ def _report(args: argparse.Namespace, run: _Run) -> None:
     console.print(files)
     if run.card:
         console.print(f"model card: {run.card}" + (" (with the measured quality)" if run.quality else ""))
+    if run.pushed:
+        console.print(f"pushed to {run.pushed.repo_id} ({run.pushed.revision}): {run.pushed.commit_url}")
