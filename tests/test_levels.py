@@ -271,3 +271,35 @@ def test_calibrate_computes_one_imatrix_for_every_level(tmp_path, capsys, monkey
         assert reference.tensor_table(ours) == reference.tensor_table(single), q
         assert gguf.GGUFReader(ours).fields["quantize.imatrix.file"].contents() == "calibrate:built-in text"
     assert "quantize.imatrix.file" not in gguf.GGUFReader(tmp_path / "out" / "tiny.F16.gguf").fields
+
+
+def test_adapter_gguf_is_one_more_output(tmp_path, capsys):
+    """--adapter-gguf: the adapter file convert ADAPTER --base BASE writes, beside the merged levels."""
+    base = tinymodels.build_llama(tmp_path / "base").path
+    adapter = pa.make_adapter(base, tmp_path / "my-lora", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    out = tmp_path / "out"
+    rc = main(["convert", str(base), "--lora", str(adapter), "--quant", "q8_0,q4_0", "--adapter-gguf", "-o", str(out),
+               "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "my-lora.Q4_0.gguf", "my-lora.Q8_0.gguf",
+                                                     "my-lora.lora.F16.gguf"]
+    assert main(["convert", str(adapter), "--base", str(base), "-o", str(tmp_path / "alone.gguf"), "--json"]) == 0
+    assert (out / "my-lora.lora.F16.gguf").read_bytes() == (tmp_path / "alone.gguf").read_bytes()
+    assert json.loads(captured.out)["adapter_ggufs"][0]["outtype"] == "f16"
+    assert "| LoRA adapter (F16) | [my-lora.lora.F16.gguf]" in (out / "README.md").read_text()
+
+
+def test_an_adapter_llama_cpp_cannot_apply_is_refused_before_the_levels(tmp_path, capsys):
+    base = tinymodels.build_llama(tmp_path / "base").path
+    dora = pa.make_adapter(base, tmp_path / "dora", r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+    out = tmp_path / "out"
+    rc, err = cli(capsys, "convert", str(base), "--lora", str(dora), "--quant", "q8_0,q4_0", "--adapter-gguf",
+                  "-o", str(out))
+    one_line(rc, err, 1, "DoRA")
+    assert not out.exists()
+
+
+def test_adapter_gguf_needs_lora(model, capsys):
+    rc, err = cli(capsys, "convert", str(model), "--quant", "q8_0,q4_0", "--adapter-gguf")
+    one_line(rc, err, 2, "--lora")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --card-quality: measure on this UTF-8 text (default: the built-in eval.txt)")
     p.add_argument("--push", metavar="ORG/NAME",
                    help="then push the folder's new files and card to this Hub repository (as `alpaca-local upload`)")
+    p.add_argument("--adapter-gguf", metavar="OUTTYPE", nargs="?", const="f16", choices=("f32", "f16", "q8_0"),
+                   help="with --lora: also write each adapter as a llama.cpp LoRA GGUF (default f16) into the "
+                        "folder, beside the merged levels")
     from alpaca_local.cli.upload_cmd import add_push_options
 
     add_push_options(p, revision_flag="--push-revision")
@@ -55,7 +60,7 @@ def split_rule(args: argparse.Namespace):
 def wants_folder(args: argparse.Namespace, levels: tuple[str, ...]) -> bool:
     """Several levels, a measured card or a push go into a folder, one file per level, with the
     model card; one level otherwise keeps -o as its file name."""
-    return len(levels) > 1 or args.card_quality or args.push is not None
+    return len(levels) > 1 or args.card_quality or args.push is not None or args.adapter_gguf is not None
 
 
 def wants_levels_route(args: argparse.Namespace, levels: tuple[str, ...]) -> bool:
@@ -109,6 +114,8 @@ def run_levels(args: argparse.Namespace, err, levels: tuple[str, ...]) -> int:
     if args.calibrate is not None:
         check_calibrate(args, levels)
     text = _card_text(args)
+    if args.adapter_gguf is not None and not args.lora:
+        raise UsageError("--adapter-gguf writes the --lora adapters as adapter GGUFs; give --lora ADAPTER")
     if args.push is not None:  # a bad id or token fails now, not after the conversion
         from alpaca_local.publish.upload import check_repo_id, check_token
 
@@ -156,6 +163,8 @@ class _Run:
         self.quality = None
         self.card: Path | None = None
         self.pushed = None
+        self.adapter_files: list = []  # convert.lora_gguf.AdapterResult of each --adapter-gguf file
+        self.weights = hub.weights() if hub else None  # read once: a streamed file has one stream
 
     def plan(self, imatrix: Path | None):
         from alpaca_local.convert.levels import plan_levels
@@ -163,7 +172,7 @@ class _Run:
         levels = self.levels + (("f16",) if self.extra_f16 else ())
         if self.hub is None:
             return plan_levels(self.src, levels, imatrix, adapters=self.adapters)
-        return plan_levels(self.src, levels, imatrix, adapters=self.adapters, weights=self.hub.weights(),
+        return plan_levels(self.src, levels, imatrix, adapters=self.adapters, weights=self.weights,
                            name=self.hub.name)
 
     def plan_outputs(self) -> None:
@@ -187,21 +196,41 @@ class _Run:
         from alpaca_local.convert.atomic import check_targets
 
         scratch_dir = None
-        if self.extra_f16 or self.args.card_quality:  # the f16 for the measurement and the f16 logits
-            scratch_dir = Path(tempfile.mkdtemp(prefix=".alpaca-card-", dir=self.folder))
+        if self.args.card_quality or self.args.adapter_gguf:  # the measurement's f16 and logits; the adapters
+            scratch_dir = Path(tempfile.mkdtemp(prefix=".alpaca-scratch-", dir=self.folder))
             scratch.callback(shutil.rmtree, scratch_dir, ignore_errors=True)
         self.scratch_dir = scratch_dir
         outputs = self._layouts(scratch_dir)
         published = [t for out in outputs[:len(self.levels)] for t in out.targets]
         card = [self.folder / "README.md"] if self.folder is not None else []
         # Everything that can be refused is refused before the work (and before a calibration run).
-        check_targets(published + card, self.args.force, sum(out.plan.tensor_bytes for out in outputs))
+        check_targets(published + card + self._adapter_targets(), self.args.force,
+                      sum(out.plan.tensor_bytes for out in outputs))
+        written = self._write_adapters(scratch_dir)  # small, and refused (DoRA...) before the long part
         if self.args.calibrate is None:
             self.result = _write_with_progress(outputs, self.args, self.err, self.hub.verify if self.hub else None)
-            return
-        with calibrated_imatrix(self.args, self.err, self.folder or self.targets[0].parent) as imatrix:
-            self.plans = tuple(calibrated_plan(p, self.args) for p in self.plan(imatrix))
-            self.result = _write_with_progress(self._layouts(scratch_dir), self.args, self.err, None)
+        else:
+            with calibrated_imatrix(self.args, self.err, self.folder or self.targets[0].parent) as imatrix:
+                self.plans = tuple(calibrated_plan(p, self.args) for p in self.plan(imatrix))
+                self.result = _write_with_progress(self._layouts(scratch_dir), self.args, self.err, None)
+        for result, target in zip(written, self._adapter_targets()):  # beside the levels, now they are there
+            os.replace(result.output, target)
+            self.adapter_files.append(dataclasses.replace(result, output=target))
+
+    def _adapter_targets(self) -> list[Path]:
+        from alpaca_local.convert.lora_gguf import default_adapter_output
+
+        if self.args.adapter_gguf is None:
+            return []
+        return [default_adapter_output(a, self.args.adapter_gguf, self.folder) for a in self.adapters]
+
+    def _write_adapters(self, scratch_dir: Path | None) -> list:
+        """Each --lora adapter as llama.cpp's adapter GGUF (convert ADAPTER --base BASE), in the scratch folder."""
+        from alpaca_local.convert.lora_gguf import write_adapter_gguf
+
+        return [write_adapter_gguf(a, self.src, scratch_dir / target.name, self.args.adapter_gguf, force=True,
+                                   base_weights=self.weights, base_name=self.plans[0].base_name)
+                for a, target in zip(self.adapters, self._adapter_targets())]
 
     @property
     def published(self):
@@ -224,7 +253,7 @@ class _Run:
 
         facts = card_facts(self.plans[:len(self.levels)], self.published, source=Path(self.args.source).name,
                            hub=self.hub, quality=self.quality, quality_text=getattr(self, "quality_text", ""),
-                           license_folder=self.src)
+                           license_folder=self.src, adapter_files=self.adapter_files)
         self.card = write_card(self.folder, render_card(facts), self.args.force)
 
     def push(self) -> None:
@@ -232,7 +261,8 @@ class _Run:
         from alpaca_local.cli.upload_cmd import show_progress
         from alpaca_local.publish.upload import upload
 
-        names = [p.name for lv in self.published for p in lv.paths] + [self.card.name]
+        names = [p.name for lv in self.published for p in lv.paths] + [r.output.name for r in self.adapter_files]
+        names.append(self.card.name)
         hint = f"the files are kept in {self.folder}: push them with `alpaca-local upload {self.folder} {self.args.push}`"
         self.pushed = upload(self.folder, self.args.push, private=self.args.private,
                              revision=self.args.push_revision, names=names, resume=hint,
@@ -276,6 +306,9 @@ def _report(args: argparse.Namespace, run: _Run) -> None:
         "notes": list(plans[0].notes),
         "imatrix": dict(next((p.imatrix_kv for p in plans if p.imatrix_kv), ())) or None,
     }
+    if run.adapter_files:
+        summary["adapter_ggufs"] = [{"file": str(r.output), "outtype": r.outtype, "size_bytes": r.file_bytes,
+                                     "tensors": r.n_tensors} for r in run.adapter_files]
     if run.quality is not None:
         summary["quality"] = run.quality.as_dict()
     if run.pushed is not None:
@@ -320,6 +353,8 @@ def _report(args: argparse.Namespace, run: _Run) -> None:
         names = [p.name for p in lv.paths]
         shown = names[0] if len(names) == 1 else f"{names[0]} ... ({len(names)} parts)"
         files.add_row(lv.quant.upper(), f"{lv.file_bytes / 1e6:,.1f}", shown)
+    for r in run.adapter_files:
+        files.add_row(f"LoRA {r.outtype.upper()}", f"{r.file_bytes / 1e6:,.1f}", r.output.name)
     console.print(files)
     if run.card:
         console.print(f"model card: {run.card}" + (" (with the measured quality)" if run.quality else ""))

@@ -56,6 +56,7 @@ class CardFacts:
     license_link: str | None = None
     quality: QualityReport | None = None
     quality_text: str = ""  # what the quality was measured on
+    adapter_files: tuple[tuple[str, int, str], ...] = ()  # (file name, bytes, outtype) of adapter GGUFs
     version: str = ""
 
 
@@ -85,7 +86,7 @@ def source_license(folder: Path) -> tuple[str | None, str | None, str | None]:
 
 
 def card_facts(plans, levels, *, source: str, hub=None, quality: QualityReport | None = None,
-               quality_text: str = "", license_folder: Path | None = None) -> CardFacts:
+               quality_text: str = "", license_folder: Path | None = None, adapter_files=()) -> CardFacts:
     """The facts of one `convert --quant ...` run: `plans` (one per level), `levels`
     (`convert.levels.LevelResult`, in the same order), the Hub source if any."""
     import gguf
@@ -110,6 +111,7 @@ def card_facts(plans, levels, *, source: str, hub=None, quality: QualityReport |
         exact_route=all(j.source.dtype == "F16" for j in plan.jobs if isinstance(j.source, TensorRef)),
         license=lic, license_name=lic_name, license_link=lic_link,
         quality=quality, quality_text=quality_text, version=__version__,
+        adapter_files=tuple((r.output.name, r.file_bytes, r.outtype) for r in adapter_files),
     )
 
 
@@ -142,6 +144,12 @@ def _files_table(f: CardFacts) -> list[str]:
         else:
             shown = f"[{lv.files[0]}]({lv.files[0]}) … {lv.files[-1]} ({len(lv.files)} parts: load the first)"
         lines.append(f"| {lv.quant.upper()} | {shown} | {_size(lv.size_bytes)} |")
+    for name, size, outtype in f.adapter_files:
+        lines.append(f"| LoRA adapter ({outtype.upper()}) | [{name}]({name}) | {_size(size)} |")
+    if f.adapter_files:
+        lines += ["", "The LoRA adapter files are the adapters alone, as llama.cpp applies them at run time to a "
+                  "GGUF of the base model (`llama-cli -m BASE.gguf --lora FILE`, `alpaca-local chat BASE.gguf --lora "
+                  "FILE`); the levels above have them merged in already."]
     return lines
 
 
