@@ -7,7 +7,9 @@ chunks, write the file), `atomic` (temp file + rename, --force, disk-space check
 `gguf_read` (bounds-checked GGUF header reader for files we did not write),
 `imatrix_file` (llama.cpp's importance-matrix files: GGUF and legacy .dat), `lora_merge`
 (PEFT adapters merged into the weights chunk by chunk while streaming), `lora_gguf`
-(a PEFT adapter → llama.cpp LoRA adapter GGUF, and its checked header for chat/serve/plan).
+(a PEFT adapter → llama.cpp LoRA adapter GGUF, and its checked header for chat/serve/plan),
+`levels` (several quant levels written from one read of the source), `split` (llama.cpp's
+split GGUF format: part names, the partition rule, reading a split model whole).
 
 May import: `alpaca_local.source`, `alpaca_local.errors`, `alpaca_local.template`.
 """

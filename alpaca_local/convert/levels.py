@@ -12,11 +12,10 @@ chunk is encoded once per distinct output type among the levels (output.weight i
 q6_k, q5_k_m and q4_k_m alike: quantized once), then written at its place in every
 level's file.
 
-Memory: as in a single-level convert, at most 2 x workers encode tasks are in flight, plus
-the read-ahead of as many raw chunks, each chunk at most `pipeline.CHUNK_ELEMENTS` values
-(4 MB as float32). A chunk's encoded bytes for every level are held until all are written,
-so the peak grows with the number of levels by at most one encoded chunk per level per chunk
-in flight (a few MB each), never with the model's size.
+Memory: at most 2 x workers + (number of levels) encode tasks are in flight, plus the
+read-ahead of as many raw chunks, each chunk at most `pipeline.CHUNK_ELEMENTS` values (4 MB
+as float32, its encoded bytes at most as much): the peak grows with the number of levels by
+a few chunks per level, never with the model's size.
 
 All or nothing: every file is a temp file beside its target until every level is complete,
 then all are renamed (`atomic.atomic_write_all`). All levels are written in the same pass, so
@@ -32,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from alpaca_local.convert import quant_rules
@@ -103,8 +102,10 @@ def plan_levels(
         from alpaca_local.source.weights import read_weights
 
         weights = read_weights(source)
+    # Every level reads the same tokenizer files: keep one vocabulary (Gemma's 262k tokens) for all.
     return (first, *(
-        plan_conversion(source, q, imatrix if q != "f16" else None, adapters=adapters, weights=weights, name=name)
+        replace(plan_conversion(source, q, imatrix if q != "f16" else None, adapters=adapters, weights=weights,
+                                name=name), vocab=first.vocab)
         for q in levels[1:]
     ))
 
@@ -227,7 +228,9 @@ def _stream(outputs: Sequence[LevelOutput], handles: list[list], placements: lis
             workers: int, read_progress: Progress | None, write_progress: WriteProgress | None) -> None:
     """Read the first level's jobs in source order; encode each chunk once per distinct type; write it everywhere."""
     by_name = [{job.name: job for job in out.plan.jobs} for out in outputs]
-    window = 2 * workers  # encode tasks in flight, as in pipeline._write_tensor_data
+    # Encode tasks in flight: 2 x workers as in pipeline._write_tensor_data, plus one chunk's worth
+    # (a task per level), so the workers have the next chunk's tasks while the oldest one drains.
+    window = 2 * workers + len(outputs)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque[tuple[TensorJob, int, int, list[TensorJob], dict[object, Future[bytes]]]] = deque()
         in_flight = 0
