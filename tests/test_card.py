@@ -194,3 +194,11 @@ def test_single_level_with_card_quality_gets_a_folder(model, tmp_path, capsys):
     _convert(capsys, str(model), "--quant", "q4_0", "-o", str(tmp_path / "out"), "--card-quality",
              "--card-text", str(text), "--threads", "1")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", f"tiny.{QUANT_FILE_SUFFIX['q4_0']}.gguf"]
+
+
+def test_the_source_folder_is_not_an_output_folder(tmp_path, capsys):
+    model = tinymodels.build_llama(tmp_path / "tiny").path
+    (model / "README.md").write_text("the source's own card")
+    rc, err = cli(capsys, "convert", str(model), "--quant", "q8_0,q4_0", "-o", str(model), "--force")
+    one_line(rc, err, 2, "is the source folder")
+    assert (model / "README.md").read_text() == "the source's own card"

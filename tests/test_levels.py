@@ -16,6 +16,7 @@ import peft_adapters as pa
 import tinymodels
 from helpers import cli, leftovers, one_line
 from test_hub import hub, models  # noqa: F401  (the fake Hub fixture and its models)
+from test_convert import VARIANTS  # GQA + [PAD], 8 layers in 3 shards, K-quant fallbacks, .bin
 from test_imatrix_convert import synthetic_imatrix
 
 from alpaca_local.cli.main import main
@@ -27,14 +28,6 @@ from alpaca_local.errors import UsageError
 from alpaca_local.source.tensors import TensorRef
 
 ALL = list(QUANTS)
-
-VARIANTS = {  # as test_convert.py: GQA + [PAD], 8 layers in 3 shards, K-quant fallbacks, .bin
-    "gqa-pad": {},
-    "8-layers-shards": {"n_layer": 8, "n_kv_head": 4, "shards": 3},
-    "rows-320": {"hidden": 320, "n_head": 5, "n_kv_head": 1, "intermediate": 640},
-    "bin": {"fmt": "bin", "shards": 2},
-}
-
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def variant(request, tmp_path_factory) -> tuple[tinymodels.TinyLlama, Path]:
@@ -303,3 +296,38 @@ def test_an_adapter_llama_cpp_cannot_apply_is_refused_before_the_levels(tmp_path
 def test_adapter_gguf_needs_lora(model, capsys):
     rc, err = cli(capsys, "convert", str(model), "--quant", "q8_0,q4_0", "--adapter-gguf")
     one_line(rc, err, 2, "--lora")
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_mid_write_leaves_nothing(sig, tmp_path):
+    """A real signal while every level's temp file is being written: none is left, nor the folder the run made."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model = tinymodels.build_llama(tmp_path / "slow", hidden=768, n_layer=4, n_head=12, n_kv_head=4,
+                                   intermediate=2048).path  # as test_hostile's slow_model: seconds on one thread
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "alpaca_local", "convert", str(model), "-o", str(out),
+                             "--quant", "q8_0,q4_k_m,q5_k_m", "--threads", "1", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            partial = [p for p in out.iterdir() if ".partial" in p.name] if out.exists() else []
+            if len(partial) == 3 and min(p.stat().st_size for p in partial) > 256 * 1024:
+                break
+            assert proc.poll() is None, "ended before it could be interrupted: " + proc.stderr.read()
+            assert time.monotonic() < deadline, "no temp files appeared"
+            time.sleep(0.005)
+        proc.send_signal(getattr(signal, sig))
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    one_line(proc.returncode, stderr, 130, "interrupted")
+    assert not out.exists()

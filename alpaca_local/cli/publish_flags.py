@@ -1,10 +1,11 @@
-"""The publishing side of `alpaca-local convert`: several levels in one read, split files, the card.
+"""The publishing side of `alpaca-local convert`: several levels in one read, split files, the card, the push.
 
-`add_arguments` adds --split-max-size / --split-max-tensors / --card-quality / --card-text
-to convert's parser; `wants_levels_route` says when convert takes this route (several
-levels, a split, a measured card); `run_levels` plans every level, writes them all from one
-read of the source with a progress bar per output, measures them if asked, writes the
-model card (README.md) into the output folder, and prints one summary.
+`add_arguments` adds --split-max-size / --split-max-tensors / --card-quality / --card-text /
+--adapter-gguf / --push to convert's parser; `wants_levels_route` says when convert takes
+this route (several levels, a split, a measured card, an adapter GGUF, a push);
+`run_levels` plans every level, writes them all from one read of the source with a
+progress bar per output, measures them if asked, writes the model card (README.md) into
+the output folder, pushes the folder if asked, and prints one summary.
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ def output_targets(args: argparse.Namespace, plans) -> tuple[Path | None, list[P
         raise UsageError(f"{folder} is a file; with several levels -o names a folder")
     if not folder.parent.is_dir():
         raise UsageError(f"the folder {folder.parent} does not exist; create it first or choose another -o")
+    if folder.exists() and folder.resolve() == plans[0].source.resolve():
+        raise UsageError(f"-o {folder} is the source folder; its README.md and files are the source's: "
+                         "choose another folder")
     return folder, [default_output(plan, folder) for plan in plans]
 
 
@@ -108,6 +112,7 @@ def run_levels(args: argparse.Namespace, err, levels: tuple[str, ...]) -> int:
     """Plan every level, check every target, write them all from one read, then the card; print the summary."""
     from alpaca_local.cli import lora_flags
     from alpaca_local.cli.calibrate_flags import check_calibrate
+    from alpaca_local.convert.atomic import sigterm_as_interrupt
     from alpaca_local.source.hub import resolve_source
 
     split_rule(args)
@@ -124,21 +129,27 @@ def run_levels(args: argparse.Namespace, err, levels: tuple[str, ...]) -> int:
     src = resolve_source(args.source, download=args.download, offline=args.offline)
     hub = None if isinstance(src, Path) else src
     try:
-        run = _Run(args, err, levels, src if hub is None else hub.folder, adapters, hub)
-        run.plan_outputs()
-        with _output_folder(run.folder), contextlib.ExitStack() as scratch:
-            run.write(scratch)
-            if args.card_quality:
-                run.measure(text)
-            if run.folder is not None:
-                run.write_card()
-        if args.push is not None:
-            run.push()
-        _report(args, run)
+        with sigterm_as_interrupt():  # SIGTERM unwinds like Ctrl-C: the scratch folder goes too
+            _run_levels(args, err, levels, src if hub is None else hub.folder, adapters, hub, text)
     finally:
         if hub:
             hub.close()
     return 0
+
+
+def _run_levels(args: argparse.Namespace, err, levels, src: Path, adapters, hub, text) -> None:
+    """Levels (and adapters), the measurement, the card, the push, the summary: in that order."""
+    run = _Run(args, err, levels, src, adapters, hub)
+    run.plan_outputs()
+    with _output_folder(run.folder), contextlib.ExitStack() as scratch:
+        run.write(scratch)
+        if args.card_quality:
+            run.measure(text)
+        if run.folder is not None:
+            run.write_card()
+    if args.push is not None:
+        run.push()
+    _report(args, run)
 
 
 def _card_text(args: argparse.Namespace) -> tuple[str | None, str]:
