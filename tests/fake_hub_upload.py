@@ -34,8 +34,10 @@ import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from fake_hub import _QuietServer  # a client hanging up mid-request is the point of some tests
 
 WRITE_TOKEN = "hf_fake_write_token"
 READ_TOKEN = "hf_fake_read_token"
@@ -72,13 +74,6 @@ class UploadFaults:
     status: dict[str, list[int]] = field(default_factory=dict)  # kind -> [status, times]
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address) -> None:
-        pass  # a dropped connection is the point of some tests
-
-
 class UploadHub:
     def __init__(self, multipart_chunk: int | None = None) -> None:
         self.repos: dict[str, HubRepo] = {}
@@ -91,8 +86,8 @@ class UploadHub:
         self.validated: list[str] = []  # README.md contents sent to /api/validate-yaml
         self.put_bytes = 0  # LFS bytes received by the file host
         self._lock = threading.Lock()
-        self._api = _Server(("127.0.0.1", 0), _handler(self, files=False))
-        self._files = _Server(("127.0.0.1", 0), _handler(self, files=True))
+        self._api = _QuietServer(("127.0.0.1", 0), _handler(self, files=False))
+        self._files = _QuietServer(("127.0.0.1", 0), _handler(self, files=True))
         for server in (self._api, self._files):
             threading.Thread(target=server.serve_forever, daemon=True).start()
 

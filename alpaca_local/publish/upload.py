@@ -16,6 +16,7 @@ uploaded is not sent again. huggingface_hub retries a dropped or 5xx upload itse
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -120,7 +121,7 @@ def _upload(folder: Path, repo_id: str, paths: list[Path], private: bool, revisi
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.upload_folder(
             folder_path=str(folder), repo_id=repo_id, repo_type="model", revision=revision,
-            allow_patterns=[p.name for p in paths],
+            allow_patterns=[glob.escape(p.name) for p in paths],  # patterns (fnmatch): names taken literally
             commit_message=message or f"Upload {len(paths)} files with alpaca-local",
         )
         remote = {f.path: f.size for f in api.get_paths_info(repo_id, [p.name for p in paths], revision=info.oid)}
