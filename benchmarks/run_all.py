@@ -2,7 +2,8 @@
 
     python benchmarks/run_all.py [--size 1b|7b|tiny] [--quants q4_k_m,q8_0,q4_0]
                                  [--chat-model M.gguf] [--chat-n 256] [--chat-repeats 10]
-                                 [--load-clients 8] [--lora-repeats 3] [--skip convert,chat,plan,hub,imatrix,load,lora]
+                                 [--load-clients 8] [--lora-repeats 3]
+                                 [--skip convert,chat,plan,hub,imatrix,load,lora,publish]
                                  [--out benchmarks/RESULTS.md]
 
 Each benchmark runs as its own process (so peak-memory numbers are its own):
@@ -13,6 +14,7 @@ Each benchmark runs as its own process (so peak-memory numbers are its own):
   imatrix.py                                KLD with/without our imatrix on Gemma 3 270M, --calibrate time (verbatim)
   load.py [MODEL] --clients C --json        serve under load vs llama-cpp-python's server (its table, verbatim)
   lora.py --size S --repeats R --json F     convert --lora vs plain convert vs PEFT merge + convert + quantize
+  publish.py --size S --separate --json F   convert --quant L1,...,L5 vs f16 + llama-quantize per level
 The defaults are the issue's sizes (1B model, 256 tokens, 10 repeats); `--size tiny
 --chat-n 16 --chat-repeats 2 --skip plan,imatrix` checks the plumbing in well under a minute.
 A benchmark that fails or is missing is reported in RESULTS.md and the exit code is 1.
@@ -174,6 +176,19 @@ def run_lora(args: argparse.Namespace) -> list[str]:
         return markdown(json.loads(out.read_text()))
 
 
+def run_publish(args: argparse.Namespace) -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "publish.json"
+        argv = [str(HERE / "publish.py"), "--size", args.size, "--separate", "--json", str(out)]
+        if args.work:
+            argv += ["--work", str(args.work)]
+        _run(argv)
+        sys.path.insert(0, str(HERE))
+        from publish import markdown
+
+        return markdown(json.loads(out.read_text()))
+
+
 # --------------------------------------------------------------------------
 # Markdown
 # --------------------------------------------------------------------------
@@ -242,6 +257,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
         "imatrix": "Imatrix: KLD with and without our importance matrix on real weights; --calibrate time",
         "load": "Load: `alpaca-local serve` with many clients against llama-cpp-python's server",
         "lora": "LoRA: `convert --lora` against a plain convert and PEFT merge + convert + quantize",
+        "publish": "Publish: `convert --quant L1,...,L5` (one read) against f16 + one llama-quantize per level",
     }
     for name, title in titles.items():
         lines += ["", f"## {title}", ""]
@@ -256,7 +272,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
             lines += chat_section(result)
         elif name == "hub":
             lines += str(result).rstrip().splitlines()
-        elif name == "lora":
+        elif name in ("lora", "publish"):
             lines += list(result)
         else:
             lines += ["```text", str(result).rstrip(), "```"]
@@ -266,7 +282,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
 
 # Every benchmark, in the order RESULTS.md shows them; --skip takes these names.
 BENCHMARKS = {"convert": run_convert, "chat": run_chat, "plan": run_plan, "hub": run_hub,
-              "imatrix": run_imatrix, "load": run_load, "lora": run_lora}
+              "imatrix": run_imatrix, "load": run_load, "lora": run_lora, "publish": run_publish}
 
 
 def main(argv: list[str] | None = None) -> int:
