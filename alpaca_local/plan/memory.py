@@ -36,7 +36,7 @@ from alpaca_local.plan.cpu_repack import (  # noqa: F401  (re-exported: the plan
     is_repacked,
 )
 from alpaca_local.plan.shape import ModelShape, PlannedTensor
-from alpaca_local.source.config import MAX_CTX, MAX_DIM, MAX_VOCAB, ModelConfig, dims_of
+from alpaca_local.source.config import MAX_CTX, MAX_DIM, MAX_EXPERTS, MAX_VOCAB, ModelConfig, dims_of
 from alpaca_local.errors import InputError, UsageError
 from alpaca_local.convert.gguf_read import GGUFHeader
 
@@ -172,12 +172,12 @@ def shape_from_gguf(header: GGUFHeader) -> ModelShape:
     """Model facts from a GGUF header (llama.cpp's own keys, LLM_KV_* in src/llama-arch.cpp)."""
     a = header.arch
 
-    def positive(key: str, default: int | None = None, most: int = MAX_DIM) -> int:
+    def positive(key: str, default: int | None = None, most: int = MAX_DIM, least: int = 1) -> int:
         # The arithmetic below (and the tensor lists it builds) trusts these: a crafted
         # header must not make it loop over 2^31 layers or plan with zero heads.
         value = header.get_int(f"{a}.{key}", default)
-        if not 1 <= value <= most:
-            raise InputError(f"{header.path}: metadata {a}.{key} = {value} is not between 1 and {most}")
+        if not least <= value <= most:
+            raise InputError(f"{header.path}: metadata {a}.{key} = {value} is not between {least} and {most}")
         return value
 
     n_head = positive("attention.head_count")
@@ -200,6 +200,9 @@ def shape_from_gguf(header: GGUFHeader) -> ModelShape:
     has_window = SWA_DEFAULT_WINDOW.get(a) or f"{a}.attention.sliding_window" in header.kv
     n_swa = positive("attention.sliding_window", SWA_DEFAULT_WINDOW[a], most=MAX_CTX) if pattern and has_window else 0
     pattern = pattern if n_swa else 0
+    # LLM_KV_EXPERT_* (llama_model::load_hparams): 0 < expert_used_count <= expert_count when there are experts.
+    n_expert = positive("expert_count", 0, most=MAX_EXPERTS, least=0)
+    n_expert_used = positive("expert_used_count", 0, most=max(n_expert, 1), least=1 if n_expert else 0)
     return ModelShape(
         name=header.path.name, arch=a, n_layer=positive("block_count", most=max(1, len(header.tensors))),
         hidden=hidden, n_head=n_head, n_kv_head=n_kv_head,
@@ -209,6 +212,9 @@ def shape_from_gguf(header: GGUFHeader) -> ModelShape:
         source="gguf", file_quant=level, file_tensors=tensors, file_bytes=header.file_size,
         header_bytes=((level, header.data_offset),) if level else (),
         rope_freqs="rope_freqs.weight" in names, n_swa=n_swa, swa_pattern=pattern,
+        n_expert=n_expert, n_expert_used=n_expert_used,
+        n_ff_exp=positive("expert_feed_forward_length", 0, most=16 * MAX_DIM, least=0),
+        n_ff_shexp=positive("expert_shared_feed_forward_length", 0, most=16 * MAX_DIM, least=0),
     )
 
 
@@ -242,7 +248,8 @@ def tensors_for(shape: ModelShape, level: str) -> tuple[PlannedTensor, ...]:
     cfg = _as_config(shape, arch)
     # Every tensor convert writes: weights, biases and generated ones (rope_freqs).
     specs = [quant_rules.TensorSpec(name, tshape) for name, (_, tshape) in arch.expected_tensors(cfg).items()]
-    facts = quant_rules.ModelFacts(arch=arch.arch_name, n_layer=cfg.n_layer, n_head=cfg.n_head, n_head_kv=cfg.n_kv_head)
+    facts = quant_rules.ModelFacts(arch=arch.arch_name, n_layer=cfg.n_layer, n_head=cfg.n_head, n_head_kv=cfg.n_kv_head,
+                                   n_expert=cfg.n_expert)
     types = quant_rules.choose_types(specs, level, facts)
     order = quant_rules.llama_quantize_order([s.name for s in specs])
     return tuple(
