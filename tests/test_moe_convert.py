@@ -275,3 +275,14 @@ def test_mismatched_expert_shape_is_one_line(broken, tmp_path, capsys):
 def test_experts_of_the_wrong_width_for_the_config_are_one_line(broken, tmp_path, capsys):
     write_config(broken, moe_intermediate_size=64)
     _convert_fails(capsys, tmp_path, broken, "experts.{0..5}.down_proj", "[6, 256, 128]", "[6, 256, 64]")
+
+
+def test_gpt_oss_is_refused_with_the_reason(tmp_path, capsys):
+    from transformers import GptOssConfig
+
+    model = tmp_path / "gpt-oss"
+    cfg = GptOssConfig(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2)
+    cfg.architectures = ["GptOssForCausalLM"]  # as the released config.json names it
+    cfg.save_pretrained(model)
+    _convert_fails(capsys, tmp_path, model, "GptOssForCausalLM is not supported yet", "MXFP4",
+                   "convert_hf_to_gguf.py", "Qwen3MoeForCausalLM")

@@ -548,6 +548,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     a.hf_class: a for a in (LLAMA, MISTRAL, MIXTRAL, QWEN2, QWEN3, QWEN3MOE, QWEN2MOE, GEMMA2, GEMMA3, GEMMA3_MM)
 }
 SUPPORTED = {name: arch.description for name, arch in ARCHITECTURES.items()}
+# Architectures convert refuses, with the reason its error gives.
+REFUSED = {
+    # conversion/gpt_oss.py: the experts ship as MXFP4 blocks + scales (uint8), which the reference
+    # repacks bit for bit into an MXFP4_MOE file; on top come attention sinks, biased experts with
+    # interleaved gate/up columns and the clamped SwiGLU: none of it is here yet.
+    "GptOssForCausalLM": "gpt-oss's experts ship as MXFP4 blocks, which llama.cpp's route repacks into "
+                         "an MXFP4_MOE file; use its convert_hf_to_gguf.py (chat and serve run the GGUF it writes)",
+}
 CONFIG_DEFAULTS = {name: arch.config_defaults for name, arch in ARCHITECTURES.items() if arch.config_defaults}
 
 

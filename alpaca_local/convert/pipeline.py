@@ -32,6 +32,7 @@ from alpaca_local.convert import quant_rules
 from alpaca_local.convert.architectures import (
     ARCHITECTURES,
     CONFIG_DEFAULTS,
+    REFUSED,
     SUPPORTED,
     Architecture,
     map_name,
@@ -234,7 +235,7 @@ def plan_conversion(
         raise InputError(f"{source} is not a folder; give the Hugging Face model folder that holds config.json")
     quant_rules.file_type(quant)  # unknown quant names fail before any reading
     imat = read_imatrix(imatrix) if imatrix is not None else None
-    cfg = load_config(source, SUPPORTED, CONFIG_DEFAULTS)
+    cfg = load_config(source, SUPPORTED, CONFIG_DEFAULTS, REFUSED)
     arch = ARCHITECTURES[cfg.hf_arch]
     arch.check(cfg)
     if source_is_quantized(cfg):

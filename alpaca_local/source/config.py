@@ -158,13 +158,15 @@ def _rope_scaling(cfg: dict, path: Path) -> dict[str, Any] | None:
 
 
 def parse_config(
-    cfg: Any, path: Path, supported: dict[str, str], defaults: dict[str, dict[str, Any]] | None = None
+    cfg: Any, path: Path, supported: dict[str, str], defaults: dict[str, dict[str, Any]] | None = None,
+    refused: dict[str, str] | None = None,
 ) -> ModelConfig:
     """Check a parsed config.json; `supported` maps HF class -> description for the error.
 
     `defaults` maps HF class -> values its transformers config class assumes when
     config.json leaves them out (Gemma 2 ties its embeddings unless told otherwise;
-    a Gemma 3 4B config.json names only a few sizes).
+    a Gemma 3 4B config.json names only a few sizes). `refused` maps an HF class that is
+    not supported to the reason, said in its error.
     """
     if not isinstance(cfg, dict):
         raise InputError(f"{path} is not a JSON object")
@@ -174,7 +176,8 @@ def parse_config(
     hf_arch = archs[0]
     if hf_arch not in supported:
         names = ", ".join(sorted(supported))
-        raise UnsupportedError(f"architecture {hf_arch} is not supported yet; supported: {names}")
+        why = f" ({(refused or {})[hf_arch]})" if hf_arch in (refused or {}) else ""
+        raise UnsupportedError(f"architecture {hf_arch} is not supported yet{why}; supported: {names}")
     text = cfg.get("text_config")
     if text is not None and not isinstance(text, dict):
         raise InputError(f"{path}: text_config = {text!r} is not an object")
@@ -225,9 +228,10 @@ def parse_config(
 
 
 def load_config(
-    folder: Path, supported: dict[str, str], defaults: dict[str, dict[str, Any]] | None = None
+    folder: Path, supported: dict[str, str], defaults: dict[str, dict[str, Any]] | None = None,
+    refused: dict[str, str] | None = None,
 ) -> ModelConfig:
     path = folder / "config.json"
     if not path.is_file():
         raise InputError(f"no config.json in {folder}; point at a Hugging Face model folder")
-    return parse_config(read_json(path, "the model's config"), path, supported, defaults)
+    return parse_config(read_json(path, "the model's config"), path, supported, defaults, refused)
