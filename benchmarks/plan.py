@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,12 +43,14 @@ MiB = 1 << 20
 
 
 def write_sparse_gguf(path: Path, shape: plan.ModelShape, level: str) -> Path:
-    """A loadable GGUF with real metadata, vocab and tensor table, whose data is a hole of zeros."""
-    cfg = plan._as_config(shape, LLAMA)
-    w = gguf.GGUFWriter(path, LLAMA.arch_name)
+    """A loadable GGUF with real metadata, vocab and tensor table, whose data is a hole of zeros
+    (the shape's architecture; a SentencePiece-style vocabulary, which llama.cpp loads for any)."""
+    arch = plan._architecture(shape) or LLAMA
+    cfg = replace(plan._as_config(shape, arch), explicit_head_dim=True)  # key_length: head_dim may not be hidden / heads
+    w = gguf.GGUFWriter(path, arch.arch_name)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(shape.name)
-    LLAMA.metadata(w, cfg)
+    arch.metadata(w, cfg)
     w.add_file_type(int(plan.quant_rules.file_type(level)))
     n_special, n_bytes = 3, 256
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(n_bytes)]

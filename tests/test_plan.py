@@ -256,10 +256,12 @@ def test_table_says_why(capsys) -> None:
 
 def test_json_is_stable(capsys) -> None:
     out = _json(capsys, "llama-7b", "--vram", "24", "--ctx", "4096", "--cache-type", "q8_0")
-    assert set(out) == {"model", "device", "settings", "levels", "recommendation"}
+    assert set(out) == {"model", "device", "settings", "levels", "recommendation", "ram"}
     assert set(out["levels"][0]) == {
         "level", "file_bytes", "file_bytes_exact", "weights_gpu_bytes", "weights_cpu_bytes", "repack_bytes", "kv_bytes",
-        "compute_bytes", "output_bytes", "overhead_bytes", "total_bytes", "fits", "max_ctx", "max_gpu_layers"}
+        "compute_bytes", "output_bytes", "overhead_bytes", "total_bytes", "fits", "max_ctx", "max_gpu_layers",
+        "n_cpu_moe", "ram_bytes"}
+    assert out["levels"][0]["n_cpu_moe"] == out["recommendation"]["n_cpu_moe"] == 0  # a dense model
     assert out["settings"]["flash_attn"] and out["model"]["vocab"] == 32000
     assert out["recommendation"]["level"] == "f16"
 

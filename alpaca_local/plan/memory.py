@@ -35,6 +35,7 @@ from alpaca_local.plan.cpu_repack import (  # noqa: F401  (re-exported: the plan
     REPACK_RULES,
     is_repacked,
 )
+from alpaca_local.plan import moe
 from alpaca_local.plan.shape import ModelShape, PlannedTensor
 from alpaca_local.source.config import MAX_CTX, MAX_DIM, MAX_EXPERTS, MAX_VOCAB, ModelConfig, dims_of
 from alpaca_local.errors import InputError, UsageError
@@ -139,6 +140,7 @@ class LevelPlan:
     overhead: int
     n_gpu_layers: int  # -ngl used for this plan (n_layer + 1 = everything)
     repack: int = 0  # the CPU_REPACK buffer: part of weights_cpu, in addition to the mapped file
+    n_cpu_moe: int = 0  # --n-cpu-moe: the experts of the first n_cpu_moe layers stay in RAM
 
     @property
     def total_gpu(self) -> int:
@@ -307,8 +309,10 @@ def _gpu_alloc_size(t: PlannedTensor, backend: str) -> int:
 
 
 def weights_split(tensors: tuple[PlannedTensor, ...], shape: ModelShape, ngl: int, backend: str,
-                  repack_rows: dict[GGMLQuantizationType, int] | None = None) -> tuple[int, int, int]:
-    """(device bytes, CPU_Mapped bytes, CPU_REPACK bytes) of the model buffers for -ngl `ngl`.
+                  repack_rows: dict[GGMLQuantizationType, int] | None = None,
+                  n_cpu_moe: int = 0) -> tuple[int, int, int]:
+    """(device bytes, CPU_Mapped bytes, CPU_REPACK bytes) of the model buffers for -ngl `ngl`
+    and `--n-cpu-moe n_cpu_moe` (those experts take the CPU buffers an unoffloaded layer would).
 
     CPU_Mapped: llama.cpp maps the file and wraps the range from the first to
     the last tensor that stays mapped (llama_model_loader::get_mapping_range).
@@ -320,7 +324,7 @@ def weights_split(tensors: tuple[PlannedTensor, ...], shape: ModelShape, ngl: in
     rows = repack_rows or {}
     gpu, repack, cpu_spans, offset = 0, 0, [], 0
     for t in tensors:
-        if _on_gpu(t.name, shape.n_layer, ngl):
+        if _on_gpu(t.name, shape.n_layer, ngl) and not moe.kept_on_cpu(t.name, n_cpu_moe):
             gpu += _gpu_alloc_size(t, backend)
         elif is_repacked(t, rows):
             repack += _pad(t.nbytes, TENSOR_ALIGNMENT)
@@ -403,10 +407,14 @@ def compute_bytes(shape: ModelShape, s: RunSettings) -> int:
     swa_idxs = 2 * kv_w + 2 if swa else 0
     if s.flash_attn:
         mask_bytes = 2 * (n_kv + n_kv_swa) * n_tokens
-        per_token = max(3 * shape.intermediate + 3 * h, shape.vocab_size + 2 * h + 2 * kv_w) + 64 + swa_idxs
+        ffn_fa = moe.ffn_floats(shape, 0) if shape.is_moe else 3 * shape.intermediate + 3 * h
+        per_token = max(ffn_fa, shape.vocab_size + 2 * h + 2 * kv_w) + 64 + swa_idxs
         return mask_bytes + 4 * n_tokens * per_token
-    attention = n_kv * (shape.n_head + 1) + n_kv_swa + 3 * h + 2 * shape.n_q + 2 * kv_w + 5 + swa_idxs
+    attention = (n_kv * (shape.n_head + 1) + n_kv_swa + 3 * h + 2 * shape.n_q + 2 * kv_w + 5 + swa_idxs
+                 + moe.attention_extra_floats(shape))
     ffn = 3 * shape.intermediate + (5 + FFN_EXTRA_WIDTHS.get(shape.arch, 0)) * h + 5 + (2 if swa else 0)
+    if shape.is_moe:  # no dense FFN: the routed (and shared) experts' moment, see plan.moe
+        ffn = moe.ffn_floats(shape, n_kv)
     output = shape.vocab_size + 3 * h + 5
     return 4 * n_tokens * max(attention, ffn, output)
 
@@ -417,8 +425,10 @@ def output_bytes(shape: ModelShape, n_outputs: int = 1) -> int:
     return 4 * shape.vocab_size * n_outputs
 
 
-def plan_level(shape: ModelShape, level: str, s: RunSettings, n_gpu_layers: int | None = None) -> LevelPlan:
-    """Memory of one level with `n_gpu_layers` offloaded (default: all, n_layer + 1)."""
+def plan_level(shape: ModelShape, level: str, s: RunSettings, n_gpu_layers: int | None = None,
+               n_cpu_moe: int = 0) -> LevelPlan:
+    """Memory of one level with `n_gpu_layers` offloaded (default: all, n_layer + 1) and the
+    experts of the first `n_cpu_moe` layers kept in RAM (llama.cpp's --n-cpu-moe)."""
     ngl = shape.n_layer + 1 if n_gpu_layers is None else n_gpu_layers
     tensors = tensors_for(shape, level)
     size, exact = file_size(shape, level)
@@ -429,15 +439,20 @@ def plan_level(shape: ModelShape, level: str, s: RunSettings, n_gpu_layers: int 
         w_gpu, mapped, repack = weights_split(tensors, shape, 0, "cpu", rows)
         kv_dev = kv_bytes(shape, s.n_ctx, s.cache_type, None, s.n_ubatch, s.swa_full)
     else:
-        w_gpu, mapped, repack = weights_split(tensors, shape, ngl if on_gpu else 0, s.backend, rows)
+        w_gpu, mapped, repack = weights_split(tensors, shape, ngl if on_gpu else 0, s.backend, rows, n_cpu_moe)
         kv_dev = kv_bytes(shape, s.n_ctx, s.cache_type, gpu_layers, s.n_ubatch, s.swa_full)
     lora_gpu, lora_cpu = lora_split(s.lora, shape, ngl if on_gpu else 0, s.backend)
     w_gpu, w_cpu = w_gpu + lora_gpu, mapped + repack + lora_cpu
     compute = compute_bytes(shape, s) if (on_gpu or s.backend == "cpu") else 0
+    if on_gpu and s.backend == "cuda":  # prompt batches run host-weight ops on the GPU (plan.moe)
+        host = [t for t in tensors if t.name not in GET_ROWS_TENSORS
+                and not (_on_gpu(t.name, shape.n_layer, ngl) and not moe.kept_on_cpu(t.name, n_cpu_moe))]
+        compute += moe.offload_copy_bytes(host, min(s.n_ubatch, padded_ctx(s.n_ctx)), lambda t: _gpu_alloc_size(t, "cuda"))
     return LevelPlan(
         level=level, file_bytes=size, exact_file=exact, weights_gpu=w_gpu if s.backend != "cpu" else w_cpu,
         weights_cpu=w_cpu, kv=kv_dev, compute=compute, output=output_bytes(shape),
         overhead=OVERHEAD[s.backend] if (on_gpu or s.backend == "cpu") else 0, n_gpu_layers=ngl, repack=repack,
+        n_cpu_moe=n_cpu_moe,
     )
 
 
@@ -491,6 +506,7 @@ class Recommendation:
     gpu_bytes: int
     cpu_bytes: int
     reason: str
+    n_cpu_moe: int = 0  # MoE: the experts of the first n_cpu_moe layers stay in RAM (plan.moe_fit)
 
 
 def recommend(shape: ModelShape, plans: dict[str, LevelPlan], s: RunSettings, budget: int) -> Recommendation:
