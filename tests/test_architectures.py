@@ -266,9 +266,9 @@ def test_expected_metadata(arch_model):
 
 
 def _load(path: Path, logits_all: bool = False):
-    import llama_cpp
+    from alpaca_local.run.chat import load_llama  # the one loader: weights placed as users get them
 
-    return llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, verbose=False, logits_all=logits_all, seed=0)
+    return load_llama(path, 256, n_threads=2, logits_all=logits_all, seed=0)
 
 
 SPECIAL_TEXT = {

@@ -190,6 +190,7 @@ def shaped_hf(request, tmp_path_factory) -> Path:
 def _assert_model_buffers_exact(r: dict) -> None:
     m, p = r["measured"], r["predicted"]
     assert r["model_size"] == r["tensor_bytes"]  # model bytes: exact
+    assert r["other_buffers"] == []  # no AMX (or other) buffer the planner does not count
     for buffer, (got, predicted) in r["buffers"].items():  # CPU_Mapped and CPU_REPACK
         assert got == round(predicted, 2), buffer  # as llama.cpp prints them
     assert r["repacked"] == (r["buffers"]["repack"][1] > 0)

@@ -47,6 +47,7 @@ def converted(tmp_path_factory):
 def _assert_exact_and_close(r: dict, kv_cells: list[int], tolerance: float = 0.05) -> None:
     m, p = r["measured"], r["predicted"]
     assert r["model_size"] == r["tensor_bytes"]  # every tensor counted (biases, rope_freqs)
+    assert r["other_buffers"] == []  # no AMX (or other) buffer the planner does not count
     for buffer, (got, predicted) in r["buffers"].items():  # CPU_Mapped and CPU_REPACK, as printed
         assert got == round(predicted, 2), buffer
     assert r["kv_cells"] == kv_cells  # each cache's cells, as llama.cpp logs them

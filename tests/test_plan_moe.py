@@ -105,10 +105,10 @@ def test_each_layer_of_experts_moves_from_vram_to_the_mapped_file():
     for t in tensors:
         offsets[t.name] = (at, at + t.nbytes)
         at += plan._pad(t.nbytes, plan.GGUF_ALIGNMENT)
-    gpu0, cpu0, rep0 = plan.weights_split(tensors, QWEN3_30B, full, "cuda", {}, 0)
+    gpu0, cpu0, rep0 = plan.weights_split(tensors, QWEN3_30B, full, "cuda", {}, n_cpu_moe=0)
     assert (cpu0, rep0) == (offsets["token_embd.weight"][1] - offsets["token_embd.weight"][0], 0)
     for n in (1, 7, 48):
-        gpu, cpu, rep = plan.weights_split(tensors, QWEN3_30B, full, "cuda", {}, n)
+        gpu, cpu, rep = plan.weights_split(tensors, QWEN3_30B, full, "cuda", {}, n_cpu_moe=n)
         moved = [t for t in tensors if moe.kept_on_cpu(t.name, n)]
         assert gpu == gpu0 - sum(plan._gpu_alloc_size(t, "cuda") for t in moved)
         last = max(offsets[t.name][1] for t in moved)
@@ -120,7 +120,7 @@ def test_metal_repacks_the_experts_it_keeps_on_the_cpu():
     for the types its rules take (Q4_K with dotprod), so those experts are copied, not mapped."""
     tensors = plan.tensors_for(QWEN3_30B, "q4_k_m")
     rows = plan.repack_rows_for("metal", plan.CpuFeatures(("dotprod",), "test"))
-    _, _, rep = plan.weights_split(tensors, QWEN3_30B, QWEN3_30B.n_layer + 1, "metal", rows, 2)
+    _, _, rep = plan.weights_split(tensors, QWEN3_30B, QWEN3_30B.n_layer + 1, "metal", rows, n_cpu_moe=2)
     kept = [t for t in tensors if moe.kept_on_cpu(t.name, 2)]
     assert rep == sum(plan._pad(t.nbytes, plan.TENSOR_ALIGNMENT) for t in kept if plan.is_repacked(t, rows)) > 0
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
-from alpaca_local.cli import lora_flags
+from alpaca_local.cli import cpu_flags, lora_flags
 
 if TYPE_CHECKING:
     from alpaca_local.run.chat import Done, Piece, Sampling, TokenModel
@@ -72,6 +72,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
                    help="REPL: send earlier turns too, dropping the oldest when the context is full")
     p.add_argument("--json", action="store_true", help="one-shot: print response, token counts and timings as JSON")
     lora_flags.add_runtime_arguments(p)
+    cpu_flags.add_no_repack(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     instruction = _one_shot_instruction(args)
     path = resolve_model(args.model)
-    model = load_model(path, args.ctx, args.n_gpu_layers, args.threads, **lora_kwargs(args.lora, args.lora_scale, path))
+    model = load_model(path, args.ctx, args.n_gpu_layers, args.threads, args.no_repack,
+                       **lora_kwargs(args.lora, args.lora_scale, path))
     args.format = prompt_format(args.template, read_model_info(path), model)
     if instruction is not None:
         return _one_shot(model, instruction, args, sampling, str(path))

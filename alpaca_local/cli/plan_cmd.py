@@ -7,7 +7,8 @@
                 "n_head", "n_kv_head", "head_dim", "intermediate", "vocab", "n_ctx_train"},
       "device": {"backend": "cuda"|"metal"|"cpu", "budget_bytes", "usable_bytes",
                  "from": "--vram"|"detected", "note", "gpus": [{"name", "total_bytes", "free_bytes"}],
-                 "cpu": {"features": [str], "from": str, "repack_types": {ggml type name: row multiple}}},
+                 "cpu": {"features": [str], "from": str, "repack_types": {ggml type name: row multiple},
+                         "buffers": "auto"|"explicit"|"none"}},
       "settings": {"n_ctx", "n_ctx_padded", "n_batch", "n_ubatch", "cache_type", "flash_attn"},
       "levels": [{"level", "file_bytes", "file_bytes_exact", "weights_gpu_bytes", "weights_cpu_bytes",
                   "repack_bytes", "kv_bytes", "compute_bytes", "output_bytes", "overhead_bytes", "total_bytes",
@@ -27,13 +28,17 @@ dense models. See plan/moe_fit.py for how the recommendation weighs quality and 
 "repack_bytes" is the part of weights_cpu_bytes (and, on the cpu backend, of
 weights_gpu_bytes) that llama.cpp's CPU_REPACK buffer adds: weights of the types in
 device.cpu.repack_types copied into an interleaved layout next to the mapped file
-(none on cuda; see plan.REPACK_RULES).
+(none on cuda; see plan.REPACK_RULES). device.cpu.buffers is how alpaca-local's loads place
+them (convert/cpu_repack.py CPU_BUFFER_MODES): "explicit" on a llama.cpp build with AMX,
+"none" with --no-repack or ALPACA_LOCAL_CPU_BUFFERS=none.
 """
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+
+from alpaca_local.cli import cpu_flags
 
 DESCRIPTION = """Say which quant level of a model fits your GPU, with the memory llama.cpp will
 really take: weights on the GPU, KV cache at your context, compute buffer and
@@ -73,18 +78,23 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     p.add_argument("--cpu", action="store_true", help="plan for CPU RAM even if a GPU is found")
     p.add_argument("--lora", metavar="FILE", default=None,
                    help="count a LoRA adapter GGUF applied at run time (chat/serve --lora) in the weights")
+    cpu_flags.add_no_repack(p, "plan for chat/serve --no-repack: no CPU_REPACK copies "
+                               "(also: ALPACA_LOCAL_CPU_BUFFERS=none)")
     p.add_argument("--json", action="store_true", help="print a JSON object (see module docs) instead of a table")
 
 
 def _settings(args: argparse.Namespace, backend: str):
     from alpaca_local.errors import UsageError
-    from alpaca_local.plan.memory import RunSettings, check_settings, detect_cpu
+    from alpaca_local.plan.memory import RunSettings, check_settings, detect_cpu, machine_mode, requested_mode
 
     ctx = args.ctx.strip().lower()
     if ctx != "max" and not ctx.isdigit():
         raise UsageError(f"--ctx {args.ctx!r} is not a number or 'max'")
+    # The placement of CPU weights matters on the CPU backend (cuda repacks nothing); there
+    # the build is asked whether it has AMX (convert/cpu_repack.py), which imports llama.cpp.
+    buffers = machine_mode(args.no_repack) if backend == "cpu" else requested_mode(args.no_repack)
     s = RunSettings(n_ctx=2048 if ctx == "max" else int(ctx), n_batch=args.batch, cache_type=args.cache_type,
-                    backend=backend, cpu=detect_cpu())
+                    backend=backend, cpu=detect_cpu(), cpu_buffers=buffers)
     check_settings(s)
     return s, ctx == "max"
 
@@ -188,7 +198,8 @@ def build_report(args: argparse.Namespace) -> dict:
         "device": {"backend": dev.backend, "budget_bytes": budget, "usable_bytes": plan.usable(budget), "from": origin,
                    "note": dev.note, "gpus": [{"name": g.name, "total_bytes": g.total, "free_bytes": g.free} for g in dev.gpus],
                    "cpu": {"features": list(cpu.features), "from": cpu.source,
-                           "repack_types": {t.name: n for t, n in plan.repack_rows_for(dev.backend, cpu).items()}}},
+                           "repack_types": {t.name: n for t, n in plan.cpu_placement(s, shape, ())[0].items()},
+                           "buffers": s.cpu_buffers}},
         "settings": {"n_ctx": "max" if ctx_max else s.n_ctx, "n_ctx_padded": None if ctx_max else plan.padded_ctx(s.n_ctx),
                      "n_batch": s.n_batch, "n_ubatch": s.n_ubatch, "cache_type": s.cache_type, "flash_attn": s.flash_attn},
         "levels": rows,
@@ -276,6 +287,9 @@ def _print(report: dict) -> None:
         c = d["cpu"]
         console.print(f"repack: llama.cpp copies {', '.join(c['repack_types'])} weights into an interleaved layout "
                       f"beside the mapped file (CPU features {', '.join(c['features'])}, from {c['from']}).")
+        if c["buffers"] == "explicit":
+            console.print("This llama.cpp build has AMX, whose buffer crashes at the first decode (llama.cpp "
+                          "#20824): alpaca-local hands CPU_REPACK its weights itself, as counted here.")
     rec = report["recommendation"]
     if moe:
         ram = report["ram"]

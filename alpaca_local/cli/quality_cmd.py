@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from alpaca_local.cli import cpu_flags
 from alpaca_local.measure.quality import DEFAULT_CTX, DEFAULT_GEN_TOKENS, DEFAULT_QUANTS
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
                    help="also measure each level quantized with this importance matrix, side by side")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="also draw quality against size (needs matplotlib)")
+    cpu_flags.add_no_repack(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     with err.status("starting", spinner="dots") as status:
         report = measure_quality(
             args.source, quants, text, args.ctx, args.work, args.threads, args.gen_tokens,
-            status=lambda line: status.update(line), imatrix=args.imatrix,
+            status=lambda line: status.update(line), imatrix=args.imatrix, no_repack=args.no_repack,
         )
     if args.plot is not None:
         write_plot(report, args.plot)

@@ -8,7 +8,7 @@ import os
 import re
 import sys
 
-from alpaca_local.cli import lora_flags
+from alpaca_local.cli import cpu_flags, lora_flags
 
 DESCRIPTION = """Serve a GGUF model on an OpenAI-compatible HTTP API: /v1/chat/completions
 (streaming and not), /v1/completions and /v1/models, built on llama-cpp-python's server.
@@ -60,6 +60,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
                    help="allow browser pages from ORIGIN (e.g. http://localhost:3000) to call the API; "
                         "repeatable (default: none)")
     lora_flags.add_runtime_arguments(p)
+    cpu_flags.add_no_repack(p)
     p.add_argument("--show-prompt", action="store_true",
                    help="print each prompt and its token ids on stderr as the model receives them")
 
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     lora = lora_kwargs(args.lora, args.lora_scale, path)
     sock = bind(args.host, args.port)  # before loading: a busy port fails in a second, not after a load
     llm = load_server_model(path, args.ctx, args.n_gpu_layers, args.threads,
-                            on_prompt=print_prompt if args.show_prompt else None, **lora)
+                            on_prompt=print_prompt if args.show_prompt else None, no_repack=args.no_repack, **lora)
     alias = args.alias or path.name.removesuffix(".gguf")
     app = build_app(llm, alias, args.api_key, max_queue=args.max_queue, send_timeout=args.send_timeout,
                     cors_origins=tuple(args.cors_origin))

@@ -7,7 +7,9 @@ chunks, write the file), `atomic` (temp file + rename, --force, disk-space check
 `gguf_read` (bounds-checked GGUF header reader for files we did not write),
 `imatrix_file` (llama.cpp's importance-matrix files: GGUF and legacy .dat), `lora_merge`
 (PEFT adapters merged into the weights chunk by chunk while streaming), `lora_gguf`
-(a PEFT adapter → llama.cpp LoRA adapter GGUF, and its checked header for chat/serve/plan).
+(a PEFT adapter → llama.cpp LoRA adapter GGUF, and its checked header for chat/serve/plan),
+`cpu_repack` (which weights ggml-cpu's CPU_REPACK takes and how alpaca-local's loads place
+them on the CPU: one truth for `plan` and `run`).
 
 May import: `alpaca_local.source`, `alpaca_local.errors`, `alpaca_local.template`.
 """

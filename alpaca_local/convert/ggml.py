@@ -162,3 +162,48 @@ def round_to_f16(values: np.ndarray) -> np.ndarray:
         cpu.ggml_cpu_fp16_to_fp32(half16.ctypes.data, flat_out.ctypes.data, main)
     flat_out[main:] = flat[main:].astype(np.float16).astype(np.float32)
     return out
+
+
+# ggml_backend_dev_type (ggml/include/ggml-backend.h:134): CPU is the first value.
+_DEVICE_TYPE_CPU = 0
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_extra_buffer_types() -> dict[str, int]:
+    """The extra buffer types the CPU backend of this build registers, in llama.cpp's order
+    ({"CPU_REPACK": pointer} here; "AMX" first on a native build for an AMX CPU), read as
+    make_cpu_buft_list does (src/llama-model.cpp:1110-1126): the CPU device's registry hands out
+    `ggml_backend_dev_get_extra_bufts`, a NULL-terminated array. The pointers are what
+    tensor_buft_overrides takes."""
+    import llama_cpp
+
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    base, top = _lib(), None
+    for path in sorted(lib_dir.glob("libggml.*")):
+        try:
+            top = ctypes.CDLL(str(path))
+            top.ggml_backend_dev_by_type  # noqa: B018  (probe the symbol)
+            break
+        except (OSError, AttributeError):
+            top = None
+    if top is None:
+        return {}
+    vp = ctypes.c_void_p
+    top.ggml_backend_dev_by_type.restype, top.ggml_backend_dev_by_type.argtypes = vp, [ctypes.c_int]
+    base.ggml_backend_dev_backend_reg.restype, base.ggml_backend_dev_backend_reg.argtypes = vp, [vp]
+    base.ggml_backend_reg_get_proc_address.restype = vp
+    base.ggml_backend_reg_get_proc_address.argtypes = [vp, ctypes.c_char_p]
+    base.ggml_backend_buft_name.restype, base.ggml_backend_buft_name.argtypes = ctypes.c_char_p, [vp]
+    dev = top.ggml_backend_dev_by_type(_DEVICE_TYPE_CPU)
+    if not dev:
+        return {}
+    fn = base.ggml_backend_reg_get_proc_address(base.ggml_backend_dev_backend_reg(dev), b"ggml_backend_dev_get_extra_bufts")
+    if not fn:
+        return {}
+    bufts = ctypes.CFUNCTYPE(ctypes.POINTER(vp), vp)(fn)(dev)
+    found: dict[str, int] = {}
+    i = 0
+    while bufts and bufts[i]:
+        found[base.ggml_backend_buft_name(bufts[i]).decode("utf-8", "replace")] = int(bufts[i])
+        i += 1
+    return found

@@ -319,12 +319,13 @@ def file_facts(path: Path) -> tuple[int, float]:
 # Running the models (llama-cpp-python)
 # --------------------------------------------------------------------------
 
-def load(path: Path, n_ctx: int, threads: int | None) -> Llama:
+def load(path: Path, n_ctx: int, threads: int | None, no_repack: bool = False) -> Llama:
     """A `Llama` returning logits for every position; one decode call per chunk."""
     from alpaca_local.run.chat import load_llama
 
     return load_llama(
-        path, n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, n_threads=threads, n_threads_batch=threads
+        path, n_ctx, no_repack=no_repack, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, n_threads=threads,
+        n_threads_batch=threads,
     )
 
 
@@ -416,9 +417,9 @@ class _BaseLogits:
 
 
 def _evaluate(path: Path, quant: str, chunks: list[list[int]], base: _BaseLogits, n_ctx: int,
-              threads: int | None, gen_tokens: int, status: Status) -> LevelResult:
+              threads: int | None, gen_tokens: int, status: Status, no_repack: bool = False) -> LevelResult:
     """Score one file on every chunk; the f16 run scores against itself and fills `base`."""
-    llm = load(path, n_ctx, threads)
+    llm = load(path, n_ctx, threads, no_repack)
     parts, seconds = [], 0.0
     for i, chunk in enumerate(chunks):
         status(f"evaluating {quant}: chunk {i + 1}/{len(chunks)}")
@@ -445,6 +446,7 @@ def measure_quality(
     gen_tokens: int = DEFAULT_GEN_TOKENS,
     status: Status = lambda line: None,
     imatrix: Path | None = None,
+    no_repack: bool = False,
 ) -> QualityReport:
     """f16 first (its logits become the reference), then each quant level against it; with
     `imatrix`, each level twice: plain, then quantized with the importance matrix ("q4_k_m+imatrix")."""
@@ -455,17 +457,17 @@ def measure_quality(
     text = default_text() if text is None else text
     work = work or default_work_dir(source)
     baseline = prepare_baseline(source, work, status)
-    tokens, chunks = _tokenize_checked(baseline, text, n_ctx, threads)
+    tokens, chunks = _tokenize_checked(baseline, text, n_ctx, threads, no_repack)
     work.mkdir(parents=True, exist_ok=True)
     rows = n_ctx - 1 - n_ctx // 2
     base = _BaseLogits(work, len(chunks), rows, _n_vocab(baseline))
     try:
-        results = [_evaluate(baseline, BASELINE, chunks, base, n_ctx, threads, gen_tokens, status)]
+        results = [_evaluate(baseline, BASELINE, chunks, base, n_ctx, threads, gen_tokens, status, no_repack)]
         for quant in quants:
             for imat in (None, imatrix) if imatrix is not None else (None,):
                 path = prepare_level(source, baseline, work, quant, threads, status, imat)
                 label = f"{quant}{IMATRIX_TAG}" if imat is not None else quant
-                results.append(_evaluate(path, label, chunks, base, n_ctx, threads, gen_tokens, status))
+                results.append(_evaluate(path, label, chunks, base, n_ctx, threads, gen_tokens, status, no_repack))
     finally:
         base.close()
     name = source.resolve().name if source.is_dir() else source.stem
@@ -482,9 +484,10 @@ def _n_vocab(path: Path) -> int:
     return len(tokens)
 
 
-def _tokenize_checked(baseline: Path, text: str, n_ctx: int, threads: int | None) -> tuple[list[int], list[list[int]]]:
+def _tokenize_checked(baseline: Path, text: str, n_ctx: int, threads: int | None,
+                      no_repack: bool = False) -> tuple[list[int], list[list[int]]]:
     """Tokenize with the f16 model; every level then sees these same ids (llama.cpp: the logits file)."""
-    llm = load(baseline, n_ctx, threads)
+    llm = load(baseline, n_ctx, threads, no_repack)
     tokens, bos = tokenize(llm, text)
     llm.close()
     if len(tokens) < 2 * n_ctx:  # perplexity.cpp:478

@@ -24,7 +24,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from alpaca_local.convert import quant_rules
 from alpaca_local.convert.architectures import ARCHITECTURES, Architecture
-from alpaca_local.plan.cpu_repack import (  # noqa: F401  (re-exported: the planner's public names)
+from alpaca_local.convert.cpu_repack import (  # noqa: F401  (re-exported: the planner's public names)
     TENSOR_ALIGNMENT,
     GET_ROWS_TENSORS,
     CpuFeatures,
@@ -34,6 +34,8 @@ from alpaca_local.plan.cpu_repack import (  # noqa: F401  (re-exported: the plan
     repack_rows_for,
     REPACK_RULES,
     is_repacked,
+    machine_mode,
+    requested_mode,
 )
 from alpaca_local.plan import moe
 from alpaca_local.plan.shape import ModelShape, PlannedTensor
@@ -106,6 +108,10 @@ class RunSettings:
     cache_type: str = "f16"
     backend: str = "cuda"  # "cuda", "metal" or "cpu": which overhead and alignment apply
     cpu: CpuFeatures | None = None  # decides CPU_REPACK; None: this machine's (detect_cpu)
+    # How alpaca-local's loads place CPU weights (convert/cpu_repack.py CPU_BUFFER_MODES, the
+    # effective mode): "auto", "explicit" (an AMX build) or "none" (--no-repack). None: this
+    # machine's, from $ALPACA_LOCAL_CPU_BUFFERS and the build, asked only where it matters.
+    cpu_buffers: str | None = None
     # Sliding-window layers get a full-size cache: llama_context_default_params has
     # swa_full = true (src/llama-context.cpp:3788) and llama-cpp-python 0.3.36 keeps it unless
     # given swa_full= (llama_cpp/llama.py:363).  False: window + ubatch cells (kv_cells).
@@ -310,7 +316,7 @@ def _gpu_alloc_size(t: PlannedTensor, backend: str) -> int:
 
 def weights_split(tensors: tuple[PlannedTensor, ...], shape: ModelShape, ngl: int, backend: str,
                   repack_rows: dict[GGMLQuantizationType, int] | None = None,
-                  n_cpu_moe: int = 0) -> tuple[int, int, int]:
+                  tied_output_repacked: bool = True, n_cpu_moe: int = 0) -> tuple[int, int, int]:
     """(device bytes, CPU_Mapped bytes, CPU_REPACK bytes) of the model buffers for -ngl `ngl`
     and `--n-cpu-moe n_cpu_moe` (those experts take the CPU buffers an unoffloaded layer would).
 
@@ -319,7 +325,8 @@ def weights_split(tensors: tuple[PlannedTensor, ...], shape: ModelShape, ngl: in
     CPU_REPACK: the CPU tensors `is_repacked` picks (types and row multiples in
     `repack_rows`, see REPACK_RULES), each padded to TENSOR_ALIGNMENT.
     A tied model's output layer is a second copy of token_embd (TENSOR_DUPLICATED):
-    on the device when ngl >= 1, else repacked when its type is.
+    on the device when ngl >= 1, else repacked when its type is and `tied_output_repacked`
+    (llama.cpp's own placement; an explicit one names tensors, and cannot name this one).
     """
     rows = repack_rows or {}
     gpu, repack, cpu_spans, offset = 0, 0, [], 0
@@ -336,7 +343,8 @@ def weights_split(tensors: tuple[PlannedTensor, ...], shape: ModelShape, ngl: in
         if ngl >= 1:
             gpu += sum(_gpu_alloc_size(t, backend) for t in embd)
         else:
-            repack += sum(_pad(t.nbytes, TENSOR_ALIGNMENT) for t in embd if is_repacked(t, rows, as_output=True))
+            repack += sum(_pad(t.nbytes, TENSOR_ALIGNMENT) for t in embd
+                          if tied_output_repacked and is_repacked(t, rows, as_output=True))
     cpu = cpu_spans[-1][1] - cpu_spans[0][0] if cpu_spans else 0
     return gpu, cpu, repack
 
@@ -425,6 +433,23 @@ def output_bytes(shape: ModelShape, n_outputs: int = 1) -> int:
     return 4 * shape.vocab_size * n_outputs
 
 
+def cpu_placement(s: RunSettings, shape: ModelShape,
+                  tensors: tuple[PlannedTensor, ...]) -> tuple[dict[GGMLQuantizationType, int], bool]:
+    """(the types CPU_REPACK takes, whether a tied output is repacked) under `s`'s placement.
+    The build is asked (importing llama.cpp) only when the answer turns on it: "auto" on an
+    AMX build is "explicit", which differs from llama.cpp's own placement only in a tied
+    output of a repacked type."""
+    mode = s.cpu_buffers or requested_mode()
+    if mode == "none":
+        return {}, False
+    rows = repack_rows_for(s.backend, s.cpu_features)
+    tied_matters = shape.tie_embeddings and any(
+        is_repacked(t, rows, as_output=True) for t in tensors if t.name == "token_embd.weight")
+    if mode == "auto" and s.cpu_buffers is None and tied_matters:
+        mode = machine_mode()
+    return rows, mode == "auto"
+
+
 def plan_level(shape: ModelShape, level: str, s: RunSettings, n_gpu_layers: int | None = None,
                n_cpu_moe: int = 0) -> LevelPlan:
     """Memory of one level with `n_gpu_layers` offloaded (default: all, n_layer + 1) and the
@@ -434,12 +459,12 @@ def plan_level(shape: ModelShape, level: str, s: RunSettings, n_gpu_layers: int 
     size, exact = file_size(shape, level)
     on_gpu = s.backend != "cpu" and ngl > 0
     gpu_layers = max(0, min(ngl, shape.n_layer + 1) - 1) if on_gpu else 0
-    rows = repack_rows_for(s.backend, s.cpu_features)
+    rows, tied = cpu_placement(s, shape, tensors)
     if s.backend == "cpu":
-        w_gpu, mapped, repack = weights_split(tensors, shape, 0, "cpu", rows)
+        w_gpu, mapped, repack = weights_split(tensors, shape, 0, "cpu", rows, tied)
         kv_dev = kv_bytes(shape, s.n_ctx, s.cache_type, None, s.n_ubatch, s.swa_full)
     else:
-        w_gpu, mapped, repack = weights_split(tensors, shape, ngl if on_gpu else 0, s.backend, rows, n_cpu_moe)
+        w_gpu, mapped, repack = weights_split(tensors, shape, ngl if on_gpu else 0, s.backend, rows, tied, n_cpu_moe)
         kv_dev = kv_bytes(shape, s.n_ctx, s.cache_type, gpu_layers, s.n_ubatch, s.swa_full)
     lora_gpu, lora_cpu = lora_split(s.lora, shape, ngl if on_gpu else 0, s.backend)
     w_gpu, w_cpu = w_gpu + lora_gpu, mapped + repack + lora_cpu

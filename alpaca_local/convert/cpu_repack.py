@@ -1,21 +1,35 @@
-"""ggml-cpu's CPU_REPACK buffer: which weights llama.cpp copies into an interleaved layout.
+"""ggml-cpu's CPU_REPACK buffer: which weights llama.cpp copies into an interleaved layout,
+and how alpaca-local's own loads place weights on the CPU (issue 21).
 
-In: a planned tensor (name, shape, type) and the CPU's features. Out: whether
-llama.cpp repacks it, so the planner can count the extra copy. Split from
-memory.py to keep the planner's arithmetic readable; memory.py re-exports these names.
+In: a tensor (name, shape, type: a planned tensor or one read from a GGUF header) and
+the CPU's features. Out: whether CPU_REPACK takes it. One truth for the planner
+(`plan.memory` counts the extra copy and re-exports these names) and the runtime
+(`run.cpu_buffers` hands exactly these tensors to CPU_REPACK where llama.cpp's own
+choice would crash), so a prediction and a load cannot disagree.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import platform
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from gguf.constants import GGMLQuantizationType
 
-from alpaca_local.plan.shape import PlannedTensor
+from alpaca_local.errors import UsageError
 
 T = GGMLQuantizationType
+
+
+class WeightTensor(Protocol):
+    """What the placement rules read of a tensor (plan's PlannedTensor, gguf_read's TensorInfo)."""
+
+    name: str
+    shape: tuple[int, ...]  # numpy order: shape[-1] is ne[0]
+    ggml_type: GGMLQuantizationType
 
 
 # --------------------------------------------------------------------------
@@ -127,9 +141,103 @@ def repack_rows_for(backend: str, cpu: CpuFeatures) -> dict[GGMLQuantizationType
     return {} if backend == "cuda" else cpu.repack_rows
 
 
-def is_repacked(t: PlannedTensor, rows: dict[GGMLQuantizationType, int], as_output: bool = False) -> bool:
+def is_repacked(t: WeightTensor, rows: dict[GGMLQuantizationType, int], as_output: bool = False) -> bool:
     """True where llama.cpp puts `t` in CPU_REPACK; `as_output`: token_embd as a tied output (MUL_MAT)."""
     if t.ggml_type not in rows or (t.name in GET_ROWS_TENSORS and not as_output) or t.name.endswith(".bias"):
         return False
     dims = 3 if "_exps." in t.name else 2  # MUL_MAT_ID weights are 3-D, MUL_MAT weights 2-D
     return len(t.shape) == dims and t.shape[-2] % rows[t.ggml_type] == 0  # shape[-2] is ne[1]
+
+
+# Feature words of llama_print_system_info's CPU section (ggml-cpu.cpp:546-640,
+# ggml_backend_cpu_get_features): compile-time tests of the build itself.
+SYSTEM_INFO_FEATURES = {"AVX2": "avx2", "AVX512": "avx512f", "DOTPROD": "dotprod", "MATMUL_INT8": "i8mm"}
+
+
+def parse_system_info(text: str) -> tuple[str, ...]:
+    """REPACK_RULES features a build reports in llama_print_system_info ("CPU : AVX2 = 1 | ...")."""
+    _, _, cpu = text.partition("CPU :")
+    words = {k.strip() for k, _, v in (item.partition("=") for item in cpu.split("|")) if v.strip() == "1"}
+    return tuple(f for w, f in SYSTEM_INFO_FEATURES.items() if w in words)
+
+
+# --------------------------------------------------------------------------
+# How alpaca-local's own loads place weights on the CPU (issue 21)
+# --------------------------------------------------------------------------
+#
+# llama.cpp's default (use_extra_bufts = true) offers every weight to the build's
+# extra CPU buffer types in registration order (ggml-cpu.cpp:42-73: AMX, then
+# KleidiAI / SpacemiT, then CPU_REPACK) before the plain CPU type.  A build compiled
+# with __AMX_INT8__ (llama-cpp-python's -march=native build on Intel Sapphire Rapids
+# and later) puts every Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K/IQ4_XS weight in the AMX buffer
+# (amx/common.h qtype_has_amx_kernels), and 0.3.36 then segfaults in
+# ggml_backend_amx_mul_mat at the first decode (llama.cpp #20824, closed unfixed).
+# "explicit" keeps CPU_REPACK's speed without AMX: extra buffer types off, and
+# exactly the tensors CPU_REPACK supports (is_repacked) named in
+# tensor_buft_overrides.  An override is taken as given, with no supports_op check
+# (llama-model-loader.cpp:1235-1256), so the list must be exact; and it goes by
+# name, so a tied model's output (the second token_embd.weight, TENSOR_DUPLICATED)
+# cannot be told from the GET_ROWS input and stays in plain CPU memory.
+# A build with a GPU backend puts its host buffer type before the extra ones
+# (llama-model.cpp:1093-1107, all MUL_MATs), so AMX is never reached there.
+
+CPU_BUFFER_MODES = {
+    "auto": "llama.cpp's own placement, unless the build registers a buffer type known to crash",
+    "explicit": "extra buffer types off; CPU_REPACK given exactly the tensors it supports",
+    "none": "no extra buffer types: weights used from the mapped file (llama.cpp's --no-repack)",
+}
+# Extra buffer types that crash this llama.cpp, with the reason shown to the user.
+CRASHING_BUFFER_TYPES = {
+    "AMX": "its AMX buffer crashes at the first decode (llama.cpp #20824)",
+}
+BUFFERS_ENV = "ALPACA_LOCAL_CPU_BUFFERS"
+
+
+def requested_mode(no_repack: bool = False, environ: Mapping[str, str] = os.environ) -> str:
+    """The user's choice: --no-repack, else $ALPACA_LOCAL_CPU_BUFFERS, else "auto"."""
+    if no_repack:
+        return "none"
+    value = environ.get(BUFFERS_ENV, "").strip().lower() or "auto"
+    if value not in CPU_BUFFER_MODES:
+        raise UsageError(f"{BUFFERS_ENV}={printable_env(value)} is not one of {', '.join(CPU_BUFFER_MODES)}")
+    return value
+
+
+def printable_env(value: str, limit: int = 40) -> str:
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def effective_mode(requested: str, extra_bufts: tuple[str, ...], gpu_build: bool) -> str:
+    """What a load does: "auto" becomes "explicit" where the build registers a crashing buffer
+    type and no GPU backend's host buffer comes first (see above)."""
+    if requested != "auto" or gpu_build:
+        return requested
+    return "explicit" if any(b in CRASHING_BUFFER_TYPES for b in extra_bufts) else "auto"
+
+
+def crash_reasons(extra_bufts: tuple[str, ...]) -> list[str]:
+    return [f"{b}: {CRASHING_BUFFER_TYPES[b]}" for b in extra_bufts if b in CRASHING_BUFFER_TYPES]
+
+
+def explicit_repack(tensors: Sequence[WeightTensor], rows: dict[GGMLQuantizationType, int]) -> list[str]:
+    """Names of the tensors an explicit load hands to CPU_REPACK: is_repacked's, by name."""
+    return [t.name for t in tensors if is_repacked(t, rows)]
+
+
+@functools.lru_cache(maxsize=1)
+def build_facts() -> tuple[tuple[str, ...], bool, CpuFeatures]:
+    """(extra CPU buffer types, has a GPU backend, CPU features) of the llama.cpp build
+    llama-cpp-python ships: read from the library itself, not /proc/cpuinfo."""
+    import llama_cpp
+
+    from alpaca_local.convert.ggml import cpu_extra_buffer_types
+
+    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+    cpu = CpuFeatures(parse_system_info(info), "llama_print_system_info")
+    return tuple(cpu_extra_buffer_types()), bool(llama_cpp.llama_supports_gpu_offload()), cpu
+
+
+def machine_mode(no_repack: bool = False) -> str:
+    """The effective mode of a load on this machine with this build."""
+    bufts, gpu, _ = build_facts()
+    return effective_mode(requested_mode(no_repack), bufts, gpu)
