@@ -83,11 +83,11 @@ CUDA = plan.RunSettings(n_ctx=4096, backend="cuda", cpu=plan.NO_REPACK)
 def test_override_patterns_are_llama_cpps():
     """--n-cpu-moe N: "blk\\.{i}" + LLM_FFN_EXPS_REGEX for i < N (common/common.h:1198-1217); the
     loader regex_searches each name (llama-model-loader.cpp:1235-1239), as kept_on_cpu decides."""
-    assert moe.override_patterns(2) == [r"blk\.0\.ffn_(up|down|gate|gate_up)_(ch|)exps",
+    assert moe.expert_override_patterns(2) == [r"blk\.0\.ffn_(up|down|gate|gate_up)_(ch|)exps",
                                         r"blk\.1\.ffn_(up|down|gate|gate_up)_(ch|)exps"]
     names = [t.name for t in plan.tensors_for(QWEN3_30B, "q4_k_m")]
     for n in (0, 1, 11, 48):
-        searched = {name for name in names if any(re.search(p, name) for p in moe.override_patterns(n))}
+        searched = {name for name in names if any(re.search(p, name) for p in moe.expert_override_patterns(n))}
         assert searched == {name for name in names if moe.kept_on_cpu(name, n)}
         assert len(searched) == 3 * n  # gate, up and down experts of each of the first n layers
     assert not moe.kept_on_cpu("blk.11.ffn_up_exps.weight", 2) and moe.kept_on_cpu("blk.1.ffn_down_exps.weight", 2)

@@ -124,18 +124,14 @@ def _device(args: argparse.Namespace):
 def _ram(args: argparse.Namespace) -> tuple[int | None, str]:
     """Host RAM for the CPU side of a split: --ram, else /proc/meminfo's MemAvailable."""
     from alpaca_local.errors import UsageError
-    from alpaca_local.plan.gpu import parse_meminfo
+    from alpaca_local.plan.gpu import available_ram
 
     if args.ram is not None:
         if not 0.1 <= args.ram <= MAX_VRAM_GB:
             raise UsageError(f"--ram {args.ram:g} is out of range; give GiB between 0.1 and {MAX_VRAM_GB:g}")
         return int(args.ram * (1 << 30)), "--ram"
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            ram = parse_meminfo(f.read())
-    except OSError:
-        ram = None
-    return (ram.free, "detected") if ram else (None, "unknown")
+    ram = available_ram()
+    return (ram, "detected") if ram else (None, "unknown")
 
 
 def _lora(path: str | None, shape) -> tuple:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -241,3 +242,33 @@ def machine_mode(no_repack: bool = False) -> str:
     """The effective mode of a load on this machine with this build."""
     bufts, gpu, _ = build_facts()
     return effective_mode(requested_mode(no_repack), bufts, gpu)
+
+
+# --------------------------------------------------------------------------
+# --n-cpu-moe: a mixture-of-experts model's experts kept in CPU buffers
+# --------------------------------------------------------------------------
+#
+# LLM_FFN_EXPS_REGEX (common/common.h:1198). `--n-cpu-moe N` adds one override per layer
+# i < N, "blk\.{i}" + this, to ggml_backend_cpu_buffer_type (llm_add_n_cpu_ffn_overrides,
+# common/common.h:1210-1217). The loader takes the first override whose regex matches anywhere
+# in the name (std::regex_search, src/llama-model-loader.cpp:1235-1258), and a CPU override picks
+# the buffer type as an unoffloaded layer would (select_weight_buft over buft_list_cpu,
+# :1240-1242): on CUDA with mmap the mapped file, elsewhere CPU_REPACK where its rules take the
+# type. The planner counts these tensors (plan.moe) and the runtime sends the same list
+# (run.cpu_buffers.apply).
+EXPERTS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+
+
+def expert_override_patterns(n_cpu_moe: int) -> list[str]:
+    """The tensor_buft_overrides patterns of `--n-cpu-moe n_cpu_moe`, in llama.cpp's order."""
+    return [rf"blk\.{i}{EXPERTS_REGEX}" for i in range(n_cpu_moe)]
+
+
+_LAYER_EXPERT = re.compile(rf"^blk\.(\d+){EXPERTS_REGEX}")
+
+
+def kept_on_cpu(name: str, n_cpu_moe: int) -> bool:
+    """Whether `--n-cpu-moe n_cpu_moe` puts tensor `name` in a CPU buffer (see above): for
+    GGUF names, the expert tensors of layers below n_cpu_moe."""
+    m = _LAYER_EXPERT.match(name)
+    return m is not None and int(m[1]) < n_cpu_moe

@@ -169,12 +169,8 @@ _DEVICE_TYPE_CPU = 0
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_extra_buffer_types() -> dict[str, int]:
-    """The extra buffer types the CPU backend of this build registers, in llama.cpp's order
-    ({"CPU_REPACK": pointer} here; "AMX" first on a native build for an AMX CPU), read as
-    make_cpu_buft_list does (src/llama-model.cpp:1110-1126): the CPU device's registry hands out
-    `ggml_backend_dev_get_extra_bufts`, a NULL-terminated array. The pointers are what
-    tensor_buft_overrides takes."""
+def _cpu_device() -> tuple[ctypes.CDLL, int] | None:
+    """(ggml-base, the CPU backend's device) of the build llama-cpp-python ships, or None."""
     import llama_cpp
 
     lib_dir = Path(llama_cpp.__file__).parent / "lib"
@@ -187,16 +183,30 @@ def cpu_extra_buffer_types() -> dict[str, int]:
         except (OSError, AttributeError):
             top = None
     if top is None:
-        return {}
+        return None
     vp = ctypes.c_void_p
     top.ggml_backend_dev_by_type.restype, top.ggml_backend_dev_by_type.argtypes = vp, [ctypes.c_int]
     base.ggml_backend_dev_backend_reg.restype, base.ggml_backend_dev_backend_reg.argtypes = vp, [vp]
     base.ggml_backend_reg_get_proc_address.restype = vp
     base.ggml_backend_reg_get_proc_address.argtypes = [vp, ctypes.c_char_p]
     base.ggml_backend_buft_name.restype, base.ggml_backend_buft_name.argtypes = ctypes.c_char_p, [vp]
+    base.ggml_backend_dev_buffer_type.restype, base.ggml_backend_dev_buffer_type.argtypes = vp, [vp]
     dev = top.ggml_backend_dev_by_type(_DEVICE_TYPE_CPU)
-    if not dev:
+    return (base, dev) if dev else None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_extra_buffer_types() -> dict[str, int]:
+    """The extra buffer types the CPU backend of this build registers, in llama.cpp's order
+    ({"CPU_REPACK": pointer} here; "AMX" first on a native build for an AMX CPU), read as
+    make_cpu_buft_list does (src/llama-model.cpp:1110-1126): the CPU device's registry hands out
+    `ggml_backend_dev_get_extra_bufts`, a NULL-terminated array. The pointers are what
+    tensor_buft_overrides takes."""
+    found_dev = _cpu_device()
+    if found_dev is None:
         return {}
+    base, dev = found_dev
+    vp = ctypes.c_void_p
     fn = base.ggml_backend_reg_get_proc_address(base.ggml_backend_dev_backend_reg(dev), b"ggml_backend_dev_get_extra_bufts")
     if not fn:
         return {}
@@ -207,3 +217,16 @@ def cpu_extra_buffer_types() -> dict[str, int]:
         found[base.ggml_backend_buft_name(bufts[i]).decode("utf-8", "replace")] = int(bufts[i])
         i += 1
     return found
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_buffer_type() -> int:
+    """The CPU backend's plain buffer type (0 if not found): what `--n-cpu-moe` overrides name.
+    The loader compares the pointer with ggml_backend_cpu_buffer_type() to consider the extra
+    buffer types (src/llama-model-loader.cpp:1240), and the CPU device hands out that very one
+    (ggml_backend_cpu_device_get_buffer_type, ggml/src/ggml-cpu/ggml-cpu.cpp)."""
+    found_dev = _cpu_device()
+    if found_dev is None:
+        return 0
+    base, dev = found_dev
+    return int(base.ggml_backend_dev_buffer_type(dev) or 0)

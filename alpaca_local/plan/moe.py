@@ -1,5 +1,6 @@
-"""Mixture-of-experts facts for the planner: which weights `--n-cpu-moe N` keeps in RAM, the
-MoE feed-forward's moment of the compute buffer, and the expert copy a CUDA op offload needs.
+"""Mixture-of-experts facts for the planner: which weights `--n-cpu-moe N` keeps in RAM
+(convert.cpu_repack's rule, which the runtime applies too), the MoE feed-forward's moment of
+the compute buffer, and the expert copy a CUDA op offload needs.
 
 In: a `ModelShape` (n_expert > 0) and planned tensors. Out: small pure answers that
 `plan.memory` folds into its buffers. Line numbers refer to the llama.cpp tree vendored in
@@ -8,35 +9,8 @@ llama-cpp-python 0.3.36.
 
 from __future__ import annotations
 
-import re
-
+from alpaca_local.convert.cpu_repack import expert_override_patterns, kept_on_cpu  # noqa: F401 (the planner's names)
 from alpaca_local.plan.shape import ModelShape, PlannedTensor
-
-# LLM_FFN_EXPS_REGEX (common/common.h:1198). `--n-cpu-moe N` adds one override per layer
-# i < N, "blk\.{i}" + this, to ggml_backend_cpu_buffer_type (llm_add_n_cpu_ffn_overrides,
-# common/common.h:1210-1217); llama-cpp-python's tensor_buft_overrides takes the same list.
-EXPERTS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
-
-
-def override_patterns(n_cpu_moe: int) -> list[str]:
-    """The tensor_buft_overrides patterns of `--n-cpu-moe n_cpu_moe`, in llama.cpp's order."""
-    return [rf"blk\.{i}{EXPERTS_REGEX}" for i in range(n_cpu_moe)]
-
-
-_LAYER_EXPERT = re.compile(rf"^blk\.(\d+){EXPERTS_REGEX}")
-
-
-def kept_on_cpu(name: str, n_cpu_moe: int) -> bool:
-    """Whether `--n-cpu-moe n_cpu_moe` puts tensor `name` in a CPU buffer.
-
-    The loader takes the first override whose regex matches anywhere in the name
-    (std::regex_search, src/llama-model-loader.cpp:1235-1258); for GGUF names that is the
-    expert tensors of layers below n_cpu_moe. A CPU override then picks the CPU buffer type
-    as an unoffloaded layer would (select_weight_buft over buft_list_cpu, :1240-1242): on
-    CUDA with mmap that is the mapped file, elsewhere CPU_REPACK where its rules take the type.
-    """
-    m = _LAYER_EXPERT.match(name)
-    return m is not None and int(m[1]) < n_cpu_moe
 
 
 def ffn_floats(shape: ModelShape, n_kv: int) -> int:

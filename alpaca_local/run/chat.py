@@ -193,11 +193,13 @@ class LlamaModel:
         self.llm.reset()
 
 
-def load_llama(path: Path, n_ctx: int = 2048, cls: type | None = None, no_repack: bool = False, **kwargs):
+def load_llama(path: Path, n_ctx: int = 2048, cls: type | None = None, no_repack: bool = False,
+               n_cpu_moe: int = 0, **kwargs):
     """Validate the file (header, trained context), then load it with llama.cpp's logging
     silenced and its weights placed by `cpu_buffers` (an AMX build would crash otherwise).
     `cls` is `llama_cpp.Llama` or a subclass; `kwargs` go to it. `no_repack`: no extra
-    buffer types (--no-repack). The one loader of chat, serve and quality."""
+    buffer types (--no-repack); `n_cpu_moe`: keep the experts of the first N layers in CPU
+    buffers (--n-cpu-moe). The one loader of chat, serve and quality."""
     from alpaca_local.run import cpu_buffers
 
     info = read_model_info(path)
@@ -206,7 +208,7 @@ def load_llama(path: Path, n_ctx: int = 2048, cls: type | None = None, no_repack
         from llama_cpp import Llama as cls
     silence_llama_cpp()
     ngl = int(kwargs.get("n_gpu_layers") or 0)
-    placement = cpu_buffers.load_placement(info.header, no_repack, ngl)
+    placement = cpu_buffers.load_placement(info.header, no_repack, ngl, n_cpu_moe)
     if not kwargs.get("vocab_only"):
         cpu_buffers.preflight(path, info.header, placement, ngl)
     try:
@@ -220,10 +222,10 @@ def load_llama(path: Path, n_ctx: int = 2048, cls: type | None = None, no_repack
 
 def load_model(
     path: Path, n_ctx: int = 2048, n_gpu_layers: int = 0, n_threads: int | None = None, no_repack: bool = False,
-    **llama_kwargs,
+    n_cpu_moe: int = 0, **llama_kwargs,
 ) -> LlamaModel:
-    return LlamaModel(load_llama(path, n_ctx, no_repack=no_repack, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
-                                 **llama_kwargs))
+    return LlamaModel(load_llama(path, n_ctx, no_repack=no_repack, n_cpu_moe=n_cpu_moe, n_gpu_layers=n_gpu_layers,
+                                 n_threads=n_threads, **llama_kwargs))
 
 
 def lora_kwargs(lora: Path | None, scale: float, model: Path) -> dict:

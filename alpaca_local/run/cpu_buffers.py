@@ -32,6 +32,7 @@ from alpaca_local.convert.cpu_repack import (
     build_facts,
     crash_reasons,
     effective_mode,
+    expert_override_patterns,
     explicit_repack,
     requested_mode,
 )
@@ -51,6 +52,8 @@ class LoadPlacement:
     repack: tuple[str, ...] = ()  # tensors handed to CPU_REPACK by name ("explicit")
     repack_buft: int = 0  # the CPU_REPACK buffer type of this build (ggml_backend_buffer_type_t)
     reason: str = ""  # why "auto" became "explicit"
+    n_cpu_moe: int = 0  # --n-cpu-moe: the experts of the first n_cpu_moe layers stay in CPU buffers
+    cpu_buft: int = 0  # the CPU backend's buffer type, which those overrides name (ggml.cpu_buffer_type)
 
     @property
     def use_extra_bufts(self) -> bool:
@@ -58,24 +61,29 @@ class LoadPlacement:
 
     def describe(self) -> str:
         if self.mode == "explicit":
-            return f"{len(self.repack)} weights handed to CPU_REPACK by name and extra buffer types off"
-        return {"auto": "llama.cpp's own buffer placement", "none": "extra buffer types off"}[self.mode]
+            text = f"{len(self.repack)} weights handed to CPU_REPACK by name and extra buffer types off"
+        else:
+            text = {"auto": "llama.cpp's own buffer placement", "none": "extra buffer types off"}[self.mode]
+        return text + (f"; the experts of the first {self.n_cpu_moe} layers in CPU buffers" if self.n_cpu_moe else "")
 
 
-def load_placement(header: GGUFHeader, no_repack: bool = False, n_gpu_layers: int = 0) -> LoadPlacement:
-    """The placement for loading `header`'s model on this machine with this build."""
-    from alpaca_local.convert.ggml import cpu_extra_buffer_types
+def load_placement(header: GGUFHeader, no_repack: bool = False, n_gpu_layers: int = 0,
+                   n_cpu_moe: int = 0) -> LoadPlacement:
+    """The placement for loading `header`'s model on this machine with this build; `n_cpu_moe`:
+    llama.cpp's --n-cpu-moe, the same override list (convert.cpu_repack.expert_override_patterns)."""
+    from alpaca_local.convert.ggml import cpu_buffer_type, cpu_extra_buffer_types
 
     requested = requested_mode(no_repack)
     bufts, gpu_build, cpu = build_facts()
+    experts = {"n_cpu_moe": n_cpu_moe, "cpu_buft": cpu_buffer_type()} if n_cpu_moe > 0 else {}
     # On a GPU build every layer's weights, offloaded or not, go through the GPU's host buffer
     # type first (convert/cpu_repack.py): nothing to steer. Without one, n_gpu_layers is moot.
     mode = effective_mode(requested, bufts, gpu_build and n_gpu_layers != 0)
     if mode != "explicit":
-        return LoadPlacement(requested, mode)
+        return LoadPlacement(requested, mode, **experts)
     buft = cpu_extra_buffer_types().get(REPACK_BUFFER, 0)
     names = tuple(explicit_repack(header.tensors, cpu.repack_rows)) if buft else ()
-    return LoadPlacement(requested, mode, names, buft, "; ".join(crash_reasons(bufts)))
+    return LoadPlacement(requested, mode, names, buft, "; ".join(crash_reasons(bufts)), **experts)
 
 
 def override_patterns(names: Sequence[str]) -> list[str]:
@@ -111,13 +119,16 @@ def apply(params: object, placement: LoadPlacement) -> object:
     """Set `placement` on a llama_model_params. Returns the override array, which must stay
     alive until the load has finished (llama.cpp keeps the pointer during loading)."""
     params.use_extra_bufts = placement.use_extra_bufts  # type: ignore[attr-defined]
-    if not placement.repack:
+    # The repacked tensors first: the loader takes the first pattern that matches.
+    pairs = [(p, placement.repack_buft) for p in (override_patterns(placement.repack) if placement.repack else [])]
+    if placement.n_cpu_moe and placement.cpu_buft:
+        pairs += [(p, placement.cpu_buft) for p in expert_override_patterns(placement.n_cpu_moe)]
+    if not pairs:
         params.tensor_buft_overrides = None  # type: ignore[attr-defined]
         return None
-    patterns = override_patterns(placement.repack)
-    array = (_BuftOverride * (len(patterns) + 1))()  # NULL-terminated: the last entry stays zero
-    for entry, pattern in zip(array, patterns):
-        entry.pattern, entry.buft = pattern.encode(), placement.repack_buft
+    array = (_BuftOverride * (len(pairs) + 1))()  # NULL-terminated: the last entry stays zero
+    for entry, (pattern, buft) in zip(array, pairs):
+        entry.pattern, entry.buft = pattern.encode(), buft
     params.tensor_buft_overrides = ctypes.cast(array, ctypes.c_void_p)  # type: ignore[attr-defined]
     return array
 
@@ -175,7 +186,7 @@ def preflight_key(header: GGUFHeader, placement: LoadPlacement, n_gpu_layers: in
     kinds = sorted({(t.ggml_type.name, "repack" if t.name in placement.repack else placement.mode)
                     for t in header.tensors})
     facts = [llama_cpp.__version__, str(lib_dir), libs, llama_cpp.llama_print_system_info().decode("utf-8", "replace"),
-             placement.mode, header.arch, kinds, n_gpu_layers]
+             placement.mode, header.arch, kinds, n_gpu_layers, placement.n_cpu_moe]
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:32]
 
 
@@ -192,7 +203,7 @@ def preflight(path: Path, header: GGUFHeader, placement: LoadPlacement, n_gpu_la
     if mark.exists():
         return
     env = dict(os.environ, **{BUFFERS_ENV: placement.mode, PREFLIGHT_ENV: "0"})
-    cmd = [sys.executable, "-m", "alpaca_local.run.cpu_buffers", str(path), str(n_gpu_layers)]
+    cmd = [sys.executable, "-m", "alpaca_local.run.cpu_buffers", str(path), str(n_gpu_layers), str(placement.n_cpu_moe)]
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, env=env, check=False)
     if proc.returncode < 0:
@@ -219,7 +230,7 @@ def crash_message(path: Path, signum: int, placement: LoadPlacement, log: Path |
             f"before anything ran; {fix}{where}")
 
 
-def _child(path: Path, n_gpu_layers: int) -> int:
+def _child(path: Path, n_gpu_layers: int, n_cpu_moe: int = 0) -> int:
     """The pre-flight itself: load as the parent will, decode a prompt batch, then one token."""
     import faulthandler
 
@@ -228,7 +239,8 @@ def _child(path: Path, n_gpu_layers: int) -> int:
     from alpaca_local.convert.gguf_read import read_gguf_header
 
     faulthandler.enable()  # where it crashes goes to the trace file the parent keeps
-    placement = load_placement(read_gguf_header(path), n_gpu_layers=n_gpu_layers)  # the mode comes in BUFFERS_ENV
+    placement = load_placement(read_gguf_header(path), n_gpu_layers=n_gpu_layers,  # the mode comes in BUFFERS_ENV
+                               n_cpu_moe=n_cpu_moe)
     with llama_defaults(placement):
         llm = Llama(model_path=str(path), n_ctx=64, n_batch=8, n_ubatch=8, n_gpu_layers=n_gpu_layers, verbose=False)
     ids = [t for t in llm.tokenize(b"Below is an instruction that describes a task.", add_bos=True)][:8] or [0]
@@ -237,5 +249,5 @@ def _child(path: Path, n_gpu_layers: int) -> int:
     return 0
 
 
-if __name__ == "__main__":  # `python -m alpaca_local.run.cpu_buffers MODEL [N_GPU_LAYERS]`: the child
-    sys.exit(_child(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0))
+if __name__ == "__main__":  # `python -m alpaca_local.run.cpu_buffers MODEL [N_GPU_LAYERS [N_CPU_MOE]]`: the child
+    sys.exit(_child(Path(sys.argv[1]), *(int(a) for a in sys.argv[2:4])))
