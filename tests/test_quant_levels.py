@@ -245,3 +245,85 @@ def test_whole_matrix_equals_reference(case, kind, quant, imatrix, tmp_path):
     reference.assert_same_tensors(ours, ref)
     assert _file_kv(ours) == _file_kv(ref)
     _assert_decodes(ours)
+
+
+# --------------------------------------------------------------------------- other commands
+
+# One file of each quantizer family, made by us (the fast suite's), and each tool run on it.
+TOOL_LEVELS = ("iq2_xxs", "iq3_m", "iq4_nl", "q2_k", "q6_k", "tq1_0", "q1_0", "bf16")
+
+
+@pytest.fixture(scope="module")
+def level_files(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("tools")
+    f16 = convert(tiny_model.path, d / "f16.gguf", "f16").output
+    imatrix = d / "i.gguf"
+    write_imatrix(synthetic_imatrix(f16), imatrix)
+    return {q: convert(tiny_model.path, d / f"tiny.{q.upper()}.gguf", q,
+                       imatrix=imatrix if q in IMATRIX_ONLY else None).output for q in TOOL_LEVELS}
+
+
+@pytest.mark.parametrize("quant", TOOL_LEVELS)
+def test_chat_modelfile_and_imatrix_take_every_level(level_files, quant, tmp_path, capfd):
+    import json
+
+    from alpaca_local.cli.main import main
+
+    path = level_files[quant]
+    assert main(["chat", str(path), "-p", "Name a color.", "-n", "4", "--temp", "0", "--json"]) == 0
+    assert json.loads(capfd.readouterr().out)["model"] == str(path)
+    assert main(["modelfile", str(path), "-o", str(tmp_path / "Modelfile")]) == 0
+    assert f"FROM {path.resolve()}\n" in (tmp_path / "Modelfile").read_text()
+    out = tmp_path / "imatrix.gguf"
+    assert main(["imatrix", str(path), "-c", "64", "--chunks", "1", "-o", str(out), "--json"]) == 0
+    assert out.stat().st_size > 0
+    capfd.readouterr()
+
+
+def test_serve_takes_an_i_quant(level_files):
+    import json
+    import urllib.request
+
+    from servers import Server
+
+    server = Server.serve(level_files["iq2_xxs"], 128)
+    try:
+        body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
+        req = urllib.request.Request(f"{server.base}/v1/chat/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            answer = json.loads(resp.read())
+        assert answer["choices"][0]["message"]["role"] == "assistant"
+    finally:
+        assert server.stop() == 0
+
+
+def _bench_plan():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_plan", Path(__file__).resolve().parents[1] / "benchmarks" / "plan.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def _assert_buffers_match_llama_cpp(path: Path) -> None:
+    """The planner's CPU_Mapped and CPU_REPACK for this file, as llama.cpp prints them (2 decimals
+    of MiB), and every tensor's bytes counted (benchmarks/plan.py loads it on the CPU)."""
+    r = _bench_plan().compare(path, 256)
+    assert r["model_size"] == r["tensor_bytes"]
+    for buffer, (got, predicted) in r["buffers"].items():
+        assert got == round(predicted, 2), (path.name, buffer, got, predicted)
+    assert r["repacked"] == (r["buffers"]["repack"][1] > 0)
+
+
+@pytest.mark.parametrize("quant", TOOL_LEVELS)
+def test_planned_buffers_match_llama_cpp(level_files, quant):
+    """IQ4_NL and Q2_K are repacked on AVX2 / AVX-512 CPUs (REPACK_RULES), the others mapped."""
+    _assert_buffers_match_llama_cpp(level_files[quant])
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("quant", DENSE)
+def test_planned_buffers_match_llama_cpp_for_every_level(case, quant):
+    c = case("llama")
+    _assert_buffers_match_llama_cpp(c.ours(quant, quant in IMATRIX_ONLY))
