@@ -34,20 +34,15 @@ def main() -> int:
 
     import real_gemma
 
-    from alpaca_local.convert.pipeline import ImatrixRequired, convert, plan_conversion
+    from alpaca_local.convert.pipeline import convert, levels_needing_imatrix, plan_conversion
     from alpaca_local.convert.quant_levels import parse_list
     from alpaca_local.measure.quality import measure_quality
 
     args.work.mkdir(parents=True, exist_ok=True)
     gemma = real_gemma.real_gemma_hf(Path(os.environ.get("GEMMA_ROOT", real_gemma.DEFAULT_ROOT)))
     levels = [q for q in parse_list(args.levels) if q != "f16"]
-    plain, needy = [], []
-    for q in levels:
-        try:
-            plan_conversion(gemma, q)
-            plain.append(q)
-        except ImatrixRequired:
-            needy.append(q)
+    needs = levels_needing_imatrix(plan_conversion(gemma, "f16"), levels)
+    plain, needy = [q for q in levels if q not in needs], [q for q in levels if q in needs]
     t0 = time.perf_counter()
     imatrix = args.work / "gemma-3-270m.imatrix.gguf"
     if needy and not imatrix.exists():

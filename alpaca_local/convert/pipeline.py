@@ -315,6 +315,15 @@ def _choose_types(
     return types, needs
 
 
+def levels_needing_imatrix(plan: ConversionPlan, quants: Sequence[str]) -> set[str]:
+    """Which of `quants` llama-quantize refuses without an importance matrix for `plan`'s model
+    (any level's plan will do: only names and shapes count), without reading anything again."""
+    facts = quant_rules.ModelFacts(arch=plan.arch.arch_name, n_layer=plan.config.n_layer, n_head=plan.config.n_head,
+                                   n_head_kv=plan.config.n_kv_head)
+    specs = [quant_rules.TensorSpec(job.name, job.shape) for job in plan.jobs]
+    return {q for q in quants if quant_rules.imatrix_required(specs, quant_rules.choose_types(specs, q, facts), q)}
+
+
 def _check_all_used(merge: MergePlan, used: set[TensorRef], arch: Architecture) -> None:
     """An adapter tensor the GGUF would not contain (e.g. Gemma 2's saved but unused lm_head)
     is refused: dropping it would silently lose part of the fine-tune."""

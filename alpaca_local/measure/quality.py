@@ -475,19 +475,13 @@ def measure_quality(
 def _imatrix_levels(source: Path, quants: Sequence[str], imatrix: Path | None) -> set[str]:
     """The levels that cannot be made without an importance matrix from this source (measured
     with `imatrix` only); without one, such a level is refused here, before the long runs."""
-    from alpaca_local.convert.pipeline import ImatrixRequired, plan_conversion
+    from alpaca_local.convert.pipeline import levels_needing_imatrix, plan_conversion
     from alpaca_local.convert.quant_levels import LEVELS
 
-    needs = set()
-    for quant in quants:
-        if not source.is_dir():  # an f16 GGUF: llama.cpp's quantizer decides; the usual shapes need one
-            if LEVELS[quant].imatrix:
-                needs.add(quant)
-            continue
-        try:
-            plan_conversion(source, quant)
-        except ImatrixRequired:
-            needs.add(quant)
+    if source.is_dir():
+        needs = levels_needing_imatrix(plan_conversion(source, BASELINE), quants)
+    else:  # an f16 GGUF: llama.cpp's quantizer decides; the usual shapes need one
+        needs = {q for q in quants if LEVELS[q].imatrix}
     if needs and imatrix is None:
         raise UsageError(f"{', '.join(sorted(needs))} need an importance matrix; add --imatrix FILE "
                          f"(from `alpaca-local imatrix {source}`)")
