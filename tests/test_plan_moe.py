@@ -153,13 +153,19 @@ def test_smallest_split_that_fits(level):
 
 
 def test_recommendation_prefers_the_higher_level_for_a_few_layers_of_experts():
-    splits = [moe_fit.split_for(QWEN3_30B, lv, CUDA, 8 * GiB, 32 * GiB) for lv in plan.LEVELS]
+    levels = plan.levels_for(QWEN3_30B, (*plan.LEVELS, "q4_0"))
+    splits = [moe_fit.split_for(QWEN3_30B, lv, CUDA, 8 * GiB, 32 * GiB) for lv in levels]
     rec = moe_fit.recommend(QWEN3_30B, splits, 8 * GiB)
     by = {x.level: x for x in splits}
     assert rec.level == "q4_k_m" and rec.n_cpu_moe == by["q4_k_m"].n_cpu_moe > by["q4_0"].n_cpu_moe
     assert by["q4_0"].read_time / by["q4_k_m"].read_time >= moe_fit.SPEED_KEPT  # close to the fastest
     assert by["q4_k_m"].read_time / by["q5_k_m"].read_time < moe_fit.SPEED_KEPT  # q5_k_m: too slow
     assert "close enough to prefer the higher quality" in rec.reason and "q5_k_m would need" in rec.reason
+    # q3_k_m and iq3_m run faster still, but below the 4-bit levels they do not set the speed bar;
+    # they are picked when nothing above them is offered
+    assert by["q3_k_m"].fits and by["q3_k_m"].read_time < by["q4_0"].read_time
+    low = [by["q3_k_m"], by["iq3_m"]]
+    assert moe_fit.recommend(QWEN3_30B, low, 8 * GiB).level == "q3_k_m"
     big = [moe_fit.split_for(QWEN3_30B, lv, CUDA, 48 * GiB, 64 * GiB) for lv in plan.LEVELS]
     assert moe_fit.recommend(QWEN3_30B, big, 48 * GiB).n_cpu_moe == 0  # fits whole: no experts in RAM
 

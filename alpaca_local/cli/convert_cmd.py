@@ -6,8 +6,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from alpaca_local.cli import lora_flags
-from alpaca_local.convert.quant_rules import QUANTS
+from alpaca_local.cli import levels, lora_flags
+from alpaca_local.convert import quant_levels
 
 DESCRIPTION = """Turn a Hugging Face model folder (config.json, safetensors or pytorch .bin
 weights, SentencePiece tokenizer) into one GGUF file that llama.cpp, Ollama and
@@ -29,9 +29,11 @@ EXAMPLES = """examples:
   alpaca-local convert Qwen/Qwen2.5-0.5B-Instruct --offline    # from the HF cache, no network
   alpaca-local convert ./alpaca-7b --imatrix imatrix.gguf # importance-weighted, as llama-quantize --imatrix
   alpaca-local convert ./alpaca-7b --calibrate            # compute the imatrix first (built-in text), then quantize
+  alpaca-local convert ./alpaca-7b --quant Q6_K           # any llama-quantize level, any case
+  alpaca-local convert ./alpaca-7b --quant iq2_m --calibrate  # the 2-bit levels need an imatrix
 
-quant levels (quality vs size, LLaMA 7B): f16 13.5 GB, q8_0 7.2 GB,
-q5_k_m 4.8 GB, q4_k_m 4.1 GB (recommended), q4_0 3.8 GB.
+""" + levels.help_table() + """
+`alpaca-local plan ./alpaca-7b --levels all` shows each level's exact size for your model.
 
 """ + lora_flags.HELP_EXAMPLES + """
 
@@ -49,8 +51,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
         help="output file (default: models/<folder or repo name>.<QUANT>.gguf)",
     )
     p.add_argument(
-        "-q", "--quant", default="q4_k_m", type=str.lower, choices=sorted(QUANTS), metavar="QUANT",
-        help=f"quant level: {', '.join(QUANTS)} (default: q4_k_m)",
+        "-q", "--quant", default="q4_k_m", type=levels.level_arg, metavar="QUANT",
+        help="quant level, any of llama-quantize's (listed below; default: q4_k_m)",
     )
     p.add_argument("-f", "--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument(
@@ -117,10 +119,10 @@ def run(args: argparse.Namespace) -> int:
     from alpaca_local.convert.pipeline import default_output
 
     # Everything that can be refused is refused before the (long) calibration run.
-    if args.quant == "f16":
-        raise UsageError("--calibrate only applies to quantized levels (q8_0, q4_0, q4_k_m, q5_k_m), not f16")
+    if quant_levels.LEVELS[args.quant].converter_outtype:
+        raise UsageError(f"--calibrate only applies to quantized levels, not {args.quant}")
     args.source = Path(args.source)
-    plain = plan_conversion(args.source, args.quant, None)
+    plain = plan_conversion(args.source, args.quant, None, expect_imatrix=True)
     if args.output is None:
         args.output = default_output(plain, Path("models"))
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@
       "levels": [{"level", "file_bytes", "file_bytes_exact", "weights_gpu_bytes", "weights_cpu_bytes",
                   "repack_bytes", "kv_bytes", "compute_bytes", "output_bytes", "overhead_bytes", "total_bytes",
                   "fits": bool, "max_ctx": int|null (only with --ctx max), "max_gpu_layers",
-                  "n_cpu_moe": int|null, "ram_bytes"}],
+                  "n_cpu_moe": int|null, "ram_bytes", "needs_imatrix": bool}],  best quality first (see --levels)
       "recommendation": {"level": str|null, "full_offload": bool, "n_gpu_layers", "n_cpu_moe",
                          "gpu_bytes", "cpu_bytes", "reason"},
       "ram": {"budget_bytes", "usable_bytes", "from": "--ram"|"detected"|"unknown"}
@@ -38,7 +38,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from alpaca_local.cli import cpu_flags
+from alpaca_local.cli import cpu_flags, levels
 
 DESCRIPTION = """Say which quant level of a model fits your GPU, with the memory llama.cpp will
 really take: weights on the GPU, KV cache at your context, compute buffer and
@@ -55,6 +55,11 @@ EXAMPLES = """examples:
   alpaca-local plan Qwen/Qwen2.5-7B-Instruct --vram 8 # from the Hub, nothing large fetched
   alpaca-local plan llama-7b --cache-type q8_0 --json
   alpaca-local plan qwen3-30b-a3b --vram 8 --ram 32   # MoE: which experts stay in RAM, per level
+  alpaca-local plan ./alpaca-7b --levels all      # the whole ladder, q8_0 down to iq1_s
+  alpaca-local plan ./alpaca-7b --levels q6_k,iq4_xs,IQ3_M --vram 6
+
+Levels are listed best quality first (measured: KL divergence from f16, see README);
+a * level needs an importance matrix (convert --imatrix FILE or --calibrate).
 
 exit codes: 0 done, 1 bad model file, 2 usage error."""
 
@@ -80,6 +85,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
                    help="count a LoRA adapter GGUF applied at run time (chat/serve --lora) in the weights")
     cpu_flags.add_no_repack(p, "plan for chat/serve --no-repack: no CPU_REPACK copies "
                                "(also: ALPACA_LOCAL_CPU_BUFFERS=none)")
+    p.add_argument("--levels", metavar="LIST", type=levels.levels_arg, default=None,
+                   help="quant levels to show, comma-separated, or 'all' for the whole ladder (default: "
+                        "f16,q8_0,q6_k,q5_k_m,q4_k_m,iq4_xs,q3_k_m,iq3_m,iq2_m; a GGUF file's own level is always shown)")
     p.add_argument("--json", action="store_true", help="print a JSON object (see module docs) instead of a table")
 
 
@@ -160,7 +168,7 @@ def build_report(args: argparse.Namespace) -> dict:
     s = replace(s, lora=lora)
     budget = dev.budget
     ram, ram_from = _ram(args)
-    levels = plan.levels_for(shape)
+    levels = plan.levels_for(shape, tuple(args.levels) if args.levels else plan.LEVELS)
     rows, plans, splits = [], {}, []
     cpu = s.cpu_features
     split_experts = shape.is_moe and dev.backend != "cpu" and not ctx_max
@@ -176,13 +184,15 @@ def build_report(args: argparse.Namespace) -> dict:
             split = moe_fit.split_for(shape, level, ls, budget, ram if ram is not None else 1 << 62)
             splits.append(split)
             plans[level] = split.plan
-            rows.append(_row(split.plan, split.fits, None, split.n_gpu_layers, split.n_cpu_moe, split.ram))
+            rows.append({**_row(split.plan, split.fits, None, split.n_gpu_layers, split.n_cpu_moe, split.ram),
+                         "needs_imatrix": plan.needs_imatrix(shape, level)})
             continue
         p = plan.plan_level(shape, level, ls)
         plans[level] = p
         fits = plan.fits(p, budget)
         ngl = shape.n_layer + 1 if fits else plan.max_gpu_layers(shape, level, ls, budget)
-        rows.append(_row(p, fits, best_ctx, ngl, 0, p.weights_cpu + p.output + plan.OVERHEAD["cpu"]))
+        rows.append({**_row(p, fits, best_ctx, ngl, 0, p.weights_cpu + p.output + plan.OVERHEAD["cpu"]),
+                     "needs_imatrix": plan.needs_imatrix(shape, level)})
     if split_experts:
         rec = moe_fit.recommend(shape, splits, budget)
     else:
@@ -266,7 +276,7 @@ def _print(report: dict) -> None:
         fit = "[green]yes[/]" if r["fits"] else f"[red]no[/] ({r['max_gpu_layers']} layers)"
         if moe:  # the smallest --n-cpu-moe that fits GPU and RAM
             fit = f"[green]{r['n_cpu_moe']}[/]" if r["fits"] else "[red]no[/]"
-        cells = [r["level"], gib(r["file_bytes"]) + ("" if r["file_bytes_exact"] else "~"), gib(r["weights_gpu_bytes"]),
+        cells = [r["level"] + ("*" if r["needs_imatrix"] else ""), gib(r["file_bytes"]) + ("" if r["file_bytes_exact"] else "~"), gib(r["weights_gpu_bytes"]),
                  *((gib(r["repack_bytes"]),) if repack else ()), gib(r["kv_bytes"]), gib(r["compute_bytes"]),
                  *(() if moe else (gib(r["overhead_bytes"]),)), gib(r["total_bytes"]),
                  *((gib(r["ram_bytes"]),) if moe else ()), fit]
@@ -276,6 +286,8 @@ def _print(report: dict) -> None:
     console = Console()
     console.print(t)
     console.print(f"sizes in GiB; ~ = header size estimated; usable {gib(d['usable_bytes'])} GiB after the safety margin. {d['note']}")
+    if any(r["needs_imatrix"] for r in report["levels"]):
+        console.print("* needs an importance matrix: convert --imatrix FILE or --calibrate (sized as made with one).")
     if report.get("lora"):
         lo = report["lora"]
         console.print(f"weights include the LoRA {lo['file']}: {lo['tensors']} tensors, {lo['bytes'] / 1e6:,.1f} MB.")

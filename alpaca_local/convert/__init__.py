@@ -1,7 +1,9 @@
 """The GGUF side: map a source model to GGUF, choose per-tensor types, quantize, write.
 
 Holds: `architectures` (one table entry per architecture: names, shapes, metadata),
-`quant_rules` (llama.cpp's per-tensor type choice and byte sizes, shared with `plan`),
+`quant_levels` (the level names llama-quantize offers, aliases, what is known of each),
+`quant_rules` (per-tensor type choice and byte sizes, shared with `plan`: the converter's step
+and `llama_quant`, the port of llama-quant.cpp's rules for every file type),
 `ggml` (ggml's quantizers through ctypes), `pipeline` (plan a conversion, stream
 chunks, write the file), `atomic` (temp file + rename, --force, disk-space checks),
 `gguf_read` (bounds-checked GGUF header reader for files we did not write),

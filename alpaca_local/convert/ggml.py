@@ -21,22 +21,16 @@ from gguf import GGMLQuantizationType
 from alpaca_local.errors import AlpacaError
 from alpaca_local.convert.quant_rules import row_nbytes
 
-# Types this module may be asked for; none *requires* an importance matrix
-# (ggml_quantize_requires_imatrix), but most use one when given (see quantize_rows).
-SUPPORTED = {
-    GGMLQuantizationType.F32,
-    GGMLQuantizationType.F16,
-    GGMLQuantizationType.Q4_0,
-    GGMLQuantizationType.Q4_1,
-    GGMLQuantizationType.Q5_0,
-    GGMLQuantizationType.Q5_1,
-    GGMLQuantizationType.Q8_0,
-    GGMLQuantizationType.Q2_K,
-    GGMLQuantizationType.Q3_K,
-    GGMLQuantizationType.Q4_K,
-    GGMLQuantizationType.Q5_K,
-    GGMLQuantizationType.Q6_K,
-}
+# Types this module may be asked for: every type a level's rules can choose (the
+# float ones, the legacy and K-quants, the i-quants, the ternary TQ*, Q1_0, MXFP4).
+# IQ2_XXS, IQ2_XS and IQ1_S *require* an importance matrix (ggml_quantize_requires_imatrix
+# asserts otherwise); most of the others use one when given (see quantize_rows).
+T = GGMLQuantizationType
+SUPPORTED = frozenset({
+    T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
+    T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ4_NL, T.IQ4_XS,
+    T.TQ1_0, T.TQ2_0, T.Q1_0, T.MXFP4,
+} | ({T.Q2_0} if hasattr(T, "Q2_0") else set()))
 
 
 class GGMLUnavailable(AlpacaError):
@@ -68,6 +62,8 @@ def _lib() -> ctypes.CDLL:
         lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
         lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
         lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+        lib.ggml_quantize_init.restype = None
+        lib.ggml_quantize_init.argtypes = [ctypes.c_int]
         lib.ggml_fp16_to_fp32_row.restype = None
         lib.ggml_fp16_to_fp32_row.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         return lib
@@ -79,6 +75,14 @@ def library() -> ctypes.CDLL:
     return _lib()
 
 
+@functools.lru_cache(maxsize=None)
+def _init(ggml_type: int) -> None:
+    # The i-quants search lattice grids that ggml_quantize_init builds once per type;
+    # ggml_quantize_chunk would build them too, but under a lock the worker threads
+    # would then queue on. Build them here, once, before the threads start.
+    _lib().ggml_quantize_init(ggml_type)
+
+
 def quantize_rows(
     values: np.ndarray, ggml_type: GGMLQuantizationType, imatrix: np.ndarray | None = None
 ) -> np.ndarray:
@@ -86,8 +90,9 @@ def quantize_rows(
 
     `imatrix`: one float32 importance weight per column (llama-quantize's per-tensor
     vector), passed to ggml_quantize_chunk as `quant_weights`; ggml's quantizers for
-    Q4_0/Q4_1/Q5_0/Q5_1 and the K-quants weight their error search with it, Q8_0 and
-    the float types ignore it.
+    Q4_0/Q4_1/Q5_0/Q5_1, the K-quants and the i-quants weight their error search with
+    it, Q8_0, the ternary types and the float types ignore it. IQ2_XXS, IQ2_XS and
+    IQ1_S cannot do without it (ValueError, where ggml would abort the process).
     """
     if ggml_type not in SUPPORTED:
         raise ValueError(f"quantizing to {ggml_type.name} is not supported")
@@ -105,6 +110,9 @@ def quantize_rows(
     if n_rows == 0 or n_per_row == 0:
         return out
     lib = _lib()
+    if weights is None and lib.ggml_quantize_requires_imatrix(int(ggml_type)):
+        raise ValueError(f"{ggml_type.name} needs an importance matrix (ggml_quantize_requires_imatrix)")
+    _init(int(ggml_type))
     if lib.ggml_row_size(int(ggml_type), n_per_row) != row_bytes:
         raise GGMLUnavailable(f"ggml disagrees with gguf on the size of {ggml_type.name}; versions do not match")
     written = lib.ggml_quantize_chunk(

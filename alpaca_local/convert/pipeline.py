@@ -28,7 +28,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from alpaca_local.convert import quant_rules
+from alpaca_local.convert import quant_levels, quant_rules
 from alpaca_local.convert.architectures import (
     ARCHITECTURES,
     CONFIG_DEFAULTS,
@@ -215,7 +215,7 @@ def _load_vocab(source: Path, arch: Architecture, cfg: ModelConfig) -> Vocab:
 
 def plan_conversion(
     source: Path, quant: str, imatrix: Path | None = None, *, adapters: Sequence[Adapter] = (),
-    weights: dict[str, TensorRef] | None = None, name: str | None = None,
+    weights: dict[str, TensorRef] | None = None, name: str | None = None, expect_imatrix: bool = False,
 ) -> ConversionPlan:
     """Check the whole input and decide every output tensor, without touching the data.
 
@@ -225,15 +225,19 @@ def plan_conversion(
     `source.adapter.read_adapter`) are merged into the weights in order as they
     stream; see `lora_merge`. `weights` and `name` come from a Hub source
     (`source.hub.HubSource`): its tensors (streamed or cached) and the repository's
-    name; `source` then holds the small files.
+    name; `source` then holds the small files. `quant` is any level name (`quant_levels`,
+    any case, aliases); a level llama-quantize refuses without an importance matrix is
+    refused here too, before any tensor data is read, unless `expect_imatrix` (--calibrate
+    computes one later: the types are then chosen as with one).
     """
-    if imatrix is not None and quant == "f16":
-        raise UsageError("--imatrix only applies to quantized levels (q8_0, q4_0, q4_k_m, q5_k_m), not f16")
+    level = quant_levels.usable(quant)
+    quant = level.name
+    if imatrix is not None and level.converter_outtype:
+        raise UsageError(f"--imatrix only applies to quantized levels, not {quant}")
     if not source.exists():
         raise InputError(f"{source} does not exist; give the path of a Hugging Face model folder")
     if not source.is_dir():
         raise InputError(f"{source} is not a folder; give the Hugging Face model folder that holds config.json")
-    quant_rules.file_type(quant)  # unknown quant names fail before any reading
     imat = read_imatrix(imatrix) if imatrix is not None else None
     cfg = load_config(source, SUPPORTED, CONFIG_DEFAULTS, REFUSED)
     arch = ARCHITECTURES[cfg.hf_arch]
@@ -262,7 +266,10 @@ def plan_conversion(
     facts = quant_rules.ModelFacts(arch=arch.arch_name, n_layer=cfg.n_layer, n_head=cfg.n_head, n_head_kv=cfg.n_kv_head,
                                    n_expert=cfg.n_expert)
     specs = [quant_rules.TensorSpec(name=f"{name}", shape=ref.shape) for ref, name, _ in tensors]
-    types = quant_rules.choose_types(specs, quant, facts, has_imatrix=imat is not None)
+    types, needs = _choose_types(level, specs, facts, imat is not None or expect_imatrix)
+    if level.trained_for:
+        notes += (f"{quant} keeps little more than the sign of each weight and a scale: it suits models trained "
+                  f"{level.trained_for}; other models lose most of their quality",)
     importance: dict[str, np.ndarray] = {}
     imatrix_kv: tuple[tuple[str, str | int], ...] = ()
     if imat is not None:
@@ -271,6 +278,10 @@ def plan_conversion(
                                             for ref, name, _ in tensors if len(ref.shape) in (2, 3)})
         importance = imat.importance()
         imatrix_kv = quantize_kv(imatrix, imat)
+        missing = [name for name in needs if name not in importance]
+        if missing:  # llama-quant.cpp:1393: "Missing importance matrix for tensor ... bailing out"
+            raise InputError(f"{imatrix} has no importance data for {missing[0]}, which {quant} needs "
+                             f"({len(missing)} such tensor(s)); compute the imatrix on this model")
     jobs = [
         TensorJob(
             ref, name, kind, ggml_type,
@@ -285,7 +296,7 @@ def plan_conversion(
     if merge:
         used = {part.source for job in jobs for part in (job.parts or (job,))}
         _check_all_used(merge, {ref for ref in used if isinstance(ref, TensorRef)}, arch)
-    if quant != "f16":  # an f16 file is the converter's output; quantize rewrites it in its own order
+    if not level.converter_outtype:  # the converter's own output keeps its order; quantize rewrites it in its own
         jobs.sort(key=lambda job: llama_cpp_order(job.name))
     base_name = name or source.resolve().name
     return ConversionPlan(source, merged_name(adapters) if adapters else base_name, quant, cfg, arch, vocab,
@@ -304,6 +315,37 @@ def _with_parts(job: TensorJob, lora_of: dict[TensorRef, tuple[LoraPair, ...]]) 
         for e, ref in enumerate(job.source.parts)
     )
     return replace(job, parts=parts, imatrix=None)
+
+
+class ImatrixRequired(UsageError):
+    """The level needs an importance matrix for this model, as llama-quantize does."""
+
+
+def _choose_types(
+    level: quant_levels.Level, specs: list[quant_rules.TensorSpec], facts: quant_rules.ModelFacts, imatrix: bool,
+) -> tuple[list[gguf.GGMLQuantizationType], list[str]]:
+    """The type of each tensor at `level`, and the tensors among them that need importance
+    data; without `imatrix` such a level is refused as llama-quantize refuses it
+    (llama-quant.cpp:1131-1145), in one line that says what to add."""
+    if level.experts_only and not facts.n_expert:
+        raise UsageError(f"{level.name} only changes mixture-of-experts tensors and this model has none (the file "
+                         "would be q8_0 under another name); use --quant q8_0")
+    types = quant_rules.choose_types(specs, level.name, facts, has_imatrix=imatrix)
+    needs = quant_rules.imatrix_required(specs, types, level.name)
+    if needs and not imatrix:
+        first = next(ty for spec, ty in zip(specs, types) if spec.name == needs[0])
+        raise ImatrixRequired(f"{level.name} needs an importance matrix, as llama-quantize does ({needs[0]} would be "
+                         f"{first.name}); add --imatrix FILE or --calibrate")
+    return types, needs
+
+
+def levels_needing_imatrix(plan: ConversionPlan, quants: Sequence[str]) -> set[str]:
+    """Which of `quants` llama-quantize refuses without an importance matrix for `plan`'s model
+    (any level's plan will do: only names and shapes count), without reading anything again."""
+    facts = quant_rules.ModelFacts(arch=plan.arch.arch_name, n_layer=plan.config.n_layer, n_head=plan.config.n_head,
+                                   n_head_kv=plan.config.n_kv_head, n_expert=plan.config.n_expert)
+    specs = [quant_rules.TensorSpec(job.name, job.shape) for job in plan.jobs]
+    return {q for q in quants if quant_rules.imatrix_required(specs, quant_rules.choose_types(specs, q, facts), q)}
 
 
 def _check_all_used(merge: MergePlan, used: set[TensorRef], arch: Architecture) -> None:
@@ -335,7 +377,7 @@ def _header_writer(plan: ConversionPlan, path: Path) -> gguf.GGUFWriter:
     w.add_size_label(size_label(plan.jobs))
     plan.arch.metadata(w, cfg)
     w.add_file_type(quant_rules.file_type(plan.quant))
-    if plan.quant != "f16":
+    if not quant_levels.LEVELS[plan.quant].converter_outtype:  # see KNOWN_DIFFERENCES in test_architectures
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value in plan.imatrix_kv:  # INT overrides are written as u32 (llama-quant.cpp:1039)
         if isinstance(value, str):
@@ -446,9 +488,11 @@ def _read(job: TensorJob, start: int, stop: int) -> np.ndarray:
 
 def _encode(job: TensorJob, start: int, stop: int, raw: np.ndarray) -> bytes:
     src = job.source
-    same = (src.dtype, job.ggml_type) in (("F16", gguf.GGMLQuantizationType.F16), ("F32", gguf.GGMLQuantizationType.F32))
-    if same and job.rope_head_dim is None and not job.offset and not job.lora:
+    plain = job.rope_head_dim is None and not job.offset and not job.lora
+    if plain and (src.dtype, job.ggml_type.name) in (("F16", "F16"), ("F32", "F32")):
         return raw.tobytes()  # identical bytes: copy, do not round-trip through float32
+    if plain and (src.dtype, job.ggml_type.name) == ("BF16", "BF16"):
+        return _quiet_bf16_nans(raw).tobytes()  # the converter's f32 round trip, minus the work
     rows = widen(raw, src.dtype)
     if job.lora:
         rows = merge_rows(rows, job.lora, start, stop)
@@ -461,6 +505,13 @@ def _encode(job: TensorJob, start: int, stop: int, raw: np.ndarray) -> bytes:
     if job.rope_head_dim:
         rows = rope_permute(rows, job.rope_head_dim)
     return quantize_rows(rows, job.ggml_type, job.imatrix).tobytes()
+
+
+def _quiet_bf16_nans(bits: np.ndarray) -> np.ndarray:
+    """BF16 bits as the converter writes them back after widening to float32: a NaN gets
+    its quiet bit (gguf-py's BF16.quantize_blocks, ggml_compute_fp32_to_bf16)."""
+    nan = (bits & 0x7FFF) > 0x7F80
+    return bits | (nan.astype(np.uint16) << 6) if nan.any() else bits
 
 
 def _read_order(plan: ConversionPlan, data_start: int) -> list[tuple[TensorJob, int]]:

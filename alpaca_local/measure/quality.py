@@ -189,12 +189,11 @@ def scored_targets(chunk: Sequence[int], n_ctx: int) -> np.ndarray:
 
 
 def parse_quants(spec: str) -> list[str]:
-    """"q4_0,q8_0" -> ["q4_0", "q8_0"]; f16 is always the baseline, so it is dropped here."""
-    names = [q.strip().lower() for q in spec.split(",") if q.strip()]
-    bad = [q for q in names if q not in QUANTS]
-    if bad:
-        raise UsageError(f"unknown quant level {bad[0]!r}; choose from {', '.join(q for q in QUANTS if q != BASELINE)}")
-    chosen = list(dict.fromkeys(q for q in names if q != BASELINE))
+    """"q4_0,Q8_0" -> ["q4_0", "q8_0"] (any level, any case, aliases; "all": the whole ladder);
+    f16 is always the baseline, so it is dropped here."""
+    from alpaca_local.convert.quant_levels import parse_list
+
+    chosen = [q for q in parse_list(spec) if q != BASELINE]
     if not chosen:
         raise UsageError(f"--quants {spec!r} names no level to compare with f16; e.g. --quants q4_k_m,q8_0")
     return chosen
@@ -456,6 +455,7 @@ def measure_quality(
         raise UsageError(f"--ctx {n_ctx} is too small; give at least {MIN_CTX} (default {DEFAULT_CTX})")
     text = default_text() if text is None else text
     work = work or default_work_dir(source)
+    needs = _imatrix_levels(source, quants, imatrix)
     baseline = prepare_baseline(source, work, status)
     tokens, chunks = _tokenize_checked(baseline, text, n_ctx, threads, no_repack)
     work.mkdir(parents=True, exist_ok=True)
@@ -464,7 +464,7 @@ def measure_quality(
     try:
         results = [_evaluate(baseline, BASELINE, chunks, base, n_ctx, threads, gen_tokens, status, no_repack)]
         for quant in quants:
-            for imat in (None, imatrix) if imatrix is not None else (None,):
+            for imat in (imatrix,) if quant in needs else (None, imatrix) if imatrix is not None else (None,):
                 path = prepare_level(source, baseline, work, quant, threads, status, imat)
                 label = f"{quant}{IMATRIX_TAG}" if imat is not None else quant
                 results.append(_evaluate(path, label, chunks, base, n_ctx, threads, gen_tokens, status, no_repack))
@@ -472,6 +472,22 @@ def measure_quality(
         base.close()
     name = source.resolve().name if source.is_dir() else source.stem
     return QualityReport(name, n_ctx, len(tokens), len(chunks), len(chunks) * rows, tuple(results))
+
+
+def _imatrix_levels(source: Path, quants: Sequence[str], imatrix: Path | None) -> set[str]:
+    """The levels that cannot be made without an importance matrix from this source (measured
+    with `imatrix` only); without one, such a level is refused here, before the long runs."""
+    from alpaca_local.convert.pipeline import levels_needing_imatrix, plan_conversion
+    from alpaca_local.convert.quant_levels import LEVELS
+
+    if source.is_dir():
+        needs = levels_needing_imatrix(plan_conversion(source, BASELINE), quants)
+    else:  # an f16 GGUF: llama.cpp's quantizer decides; the usual shapes need one
+        needs = {q for q in quants if LEVELS[q].imatrix}
+    if needs and imatrix is None:
+        raise UsageError(f"{', '.join(sorted(needs))} need an importance matrix; add --imatrix FILE "
+                         f"(from `alpaca-local imatrix {source}`)")
+    return needs
 
 
 def _n_vocab(path: Path) -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from alpaca_local.convert import quant_rules
+from alpaca_local.convert import quant_levels, quant_rules
 from alpaca_local.convert.architectures import ARCHITECTURES, Architecture
 from alpaca_local.convert.cpu_repack import (  # noqa: F401  (re-exported: the planner's public names)
     TENSOR_ALIGNMENT,
@@ -47,8 +47,9 @@ T = GGMLQuantizationType
 MiB = 1 << 20
 GiB = 1 << 30
 
-# Quant levels, best quality first (the table's row order).
-LEVELS = ("f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0")
+# The levels the table shows by default, best quality first (its row order); `--levels all`
+# shows the whole ladder (quant_levels.LADDER, in measured quality order).
+LEVELS = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs", "q3_k_m", "iq3_m", "iq2_m")
 CACHE_TYPES: dict[str, GGMLQuantizationType] = {"f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}
 
 # llama_context_params defaults (src/llama-context.cpp llama_context_default_params).
@@ -238,11 +239,29 @@ def _as_config(shape: ModelShape, arch: Architecture) -> ModelConfig:
     )
 
 
-def levels_for(shape: ModelShape) -> tuple[str, ...]:
-    """Levels we can size: all for a known architecture, else only the GGUF file's own."""
-    if _architecture(shape) is not None:
-        return LEVELS
-    return (shape.file_quant,) if shape.file_quant else ()
+def levels_for(shape: ModelShape, wanted: tuple[str, ...] = LEVELS) -> tuple[str, ...]:
+    """The `wanted` levels we can size, best quality first, with a GGUF file's own level
+    always among them: all of them for a known architecture, else the file's own only."""
+    if _architecture(shape) is None:
+        return (shape.file_quant,) if shape.file_quant else ()
+    return tuple(lv for lv in quant_levels.LADDER if lv in wanted or lv == shape.file_quant)
+
+
+def _facts(shape: ModelShape, arch: Architecture) -> quant_rules.ModelFacts:
+    return quant_rules.ModelFacts(arch=arch.arch_name, n_layer=shape.n_layer, n_head=shape.n_head,
+                                  n_head_kv=shape.n_kv_head, n_expert=shape.n_expert)
+
+
+@functools.lru_cache(maxsize=64)
+def needs_imatrix(shape: ModelShape, level: str) -> bool:
+    """The level needs an importance matrix for this model (llama-quantize's rule): then its
+    file is planned as `convert --imatrix` writes it (the imatrix changes a few types), and
+    its header holds the imatrix's quantize.imatrix.* keys, which the plan cannot know."""
+    arch = _architecture(shape)
+    if arch is None or level == shape.file_quant:
+        return False
+    specs = [quant_rules.TensorSpec(n, t) for n, (_, t) in arch.expected_tensors(_as_config(shape, arch)).items()]
+    return bool(quant_rules.imatrix_required(specs, quant_rules.choose_types(specs, level, _facts(shape, arch)), level))
 
 
 @functools.lru_cache(maxsize=32)
@@ -256,9 +275,7 @@ def tensors_for(shape: ModelShape, level: str) -> tuple[PlannedTensor, ...]:
     cfg = _as_config(shape, arch)
     # Every tensor convert writes: weights, biases and generated ones (rope_freqs).
     specs = [quant_rules.TensorSpec(name, tshape) for name, (_, tshape) in arch.expected_tensors(cfg).items()]
-    facts = quant_rules.ModelFacts(arch=arch.arch_name, n_layer=cfg.n_layer, n_head=cfg.n_head, n_head_kv=cfg.n_kv_head,
-                                   n_expert=cfg.n_expert)
-    types = quant_rules.choose_types(specs, level, facts)
+    types = quant_rules.choose_types(specs, level, _facts(shape, arch), has_imatrix=needs_imatrix(shape, level))
     order = quant_rules.llama_quantize_order([s.name for s in specs])
     return tuple(
         PlannedTensor(specs[i].name, specs[i].shape, types[i], quant_rules.tensor_nbytes(specs[i].shape, types[i]))
@@ -275,7 +292,7 @@ def file_size(shape: ModelShape, level: str) -> tuple[int, bool]:
     data = sum(_pad(t.nbytes, GGUF_ALIGNMENT) for t in tensors_for(shape, level))
     headers = dict(shape.header_bytes)
     if level in headers:
-        return headers[level] + data, True
+        return headers[level] + data, not needs_imatrix(shape, level)
     header = HEADER_BYTES_FIXED + HEADER_BYTES_PER_TOKEN * shape.vocab_size
     return _pad(header, GGUF_ALIGNMENT) + data, False
 
@@ -535,7 +552,11 @@ class Recommendation:
 
 
 def recommend(shape: ModelShape, plans: dict[str, LevelPlan], s: RunSettings, budget: int) -> Recommendation:
-    """Highest-quality level that fits fully; else the level that puts the most layers on the GPU."""
+    """Highest-quality level that fits fully; else the level that puts the most layers on the GPU.
+    `plans` is best quality first; the levels only for models trained for them (tq1_0...) are
+    never recommended unless they are the file's own."""
+    plans = {lv: p for lv, p in plans.items()
+             if not quant_levels.LEVELS[lv].trained_for or lv == shape.file_quant}
     for level, p in plans.items():
         if fits(p, budget):
             return Recommendation(level, shape.n_layer + 1, True, p.total_gpu, p.weights_cpu + p.output,
@@ -585,12 +606,12 @@ def shape_from_hf(folder, weights=None, name: str | None = None) -> ModelShape:
     from alpaca_local.convert import pipeline as convert  # heavy imports only for this input kind
 
     folder = Path(folder)
-    first = convert.plan_conversion(folder, LEVELS[0], weights=weights, name=name)
+    first = convert.plan_conversion(folder, "f16", weights=weights, name=name)
     shape = shape_from_config(first.config, first.name, "hf")
-    headers = {}
-    for level in LEVELS:
-        cplan = first if level == LEVELS[0] else replace(first, quant=level)
-        headers[level] = convert.header_nbytes(cplan)
+    # Two header sizes: the converter's own outtypes (no quantization_version) and every
+    # llama-quantize level (file type and tensor types are fixed-size fields).
+    sizes = {kind: convert.header_nbytes(replace(first, quant=kind)) for kind in ("f16", "q8_0")}
+    headers = {lv: sizes["f16" if quant_levels.LEVELS[lv].converter_outtype else "q8_0"] for lv in quant_rules.QUANTS}
     return replace(shape, header_bytes=tuple(headers.items()))
 
 

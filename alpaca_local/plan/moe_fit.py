@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from alpaca_local.convert import quant_levels
 from alpaca_local.plan import memory
 from alpaca_local.plan.memory import LevelPlan, Recommendation, RunSettings, fmt_gib
 from alpaca_local.plan.moe import kept_on_cpu
@@ -27,6 +28,10 @@ BANDWIDTH_RATIO = 10.0
 # Prefer the higher-quality level while its estimated speed stays within this fraction of the
 # fastest level that fits: a few layers of experts in RAM cost little, a lower quant is for good.
 SPEED_KEPT = 0.8
+# The speed bar is the fastest fitting level at this rank of the quality ladder or above (the
+# 4-bit levels and up): below it each step loses quality faster than it gains speed (see the
+# KL divergence ladder in the README), so a 3- or 2-bit level is picked only when nothing above fits.
+SPEED_BAR_FLOOR = "q4_0"
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,16 @@ def split_for(shape: ModelShape, level: str, s: RunSettings, vram: int, ram: int
 def recommend(shape: ModelShape, splits: list[ExpertSplit], vram: int) -> Recommendation:
     """The highest-quality level (splits are best first) whose estimated speed stays within
     SPEED_KEPT of the fastest level that fits, with the reason."""
-    fitting = [x for x in splits if x.fits]
+    # As the dense recommendation: never a level only for models trained for it; a level that
+    # needs an importance matrix only when no level without one fits, and one below
+    # SPEED_BAR_FLOOR only when none above it fits (else the fastest such level, iq2_m or
+    # q3_k_m on a big MoE, would set the speed bar and win on speed alone).
+    fitting = [x for x in splits if x.fits
+               and (not quant_levels.LEVELS[x.level].trained_for or x.level == shape.file_quant)]
+    plain = [x for x in fitting if not memory.needs_imatrix(shape, x.level)]
+    fitting = plain or fitting
+    floor = quant_levels.LADDER.index(SPEED_BAR_FLOOR)
+    fitting = [x for x in fitting if quant_levels.LADDER.index(x.level) <= floor] or fitting
     if not fitting:
         return Recommendation(None, 0, False, 0, 0, "no level fits, even with every expert in RAM; "
                               "free RAM or run on the CPU (-ngl 0)")
