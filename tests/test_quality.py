@@ -290,6 +290,21 @@ def test_imatrix_only_level_is_measured_with_the_imatrix_only(tiny_model, tiny_g
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_an_f16_gguf_needs_the_imatrix_its_hf_folder_needs(tiny_model, tiny_gguf_f16: Path) -> None:
+    """From an f16 GGUF, the levels refused without an imatrix follow llama-quantize's per-tensor
+    rule on the file's own shapes, as from its HF folder: not the level's usual answer (iq3_xxs
+    needs one only where small widths send attn_k to IQ2_S)."""
+    from alpaca_local.convert.gguf_read import read_gguf_header
+    from alpaca_local.convert.pipeline import levels_needing_imatrix, plan_conversion
+    from alpaca_local.convert.quant_levels import LEVELS
+    from alpaca_local.plan.memory import imatrix_levels, shape_from_gguf
+
+    levels = [q for q, lv in LEVELS.items() if not lv.experts_only and not lv.unavailable]
+    from_gguf = imatrix_levels(shape_from_gguf(read_gguf_header(tiny_gguf_f16)), levels)
+    assert from_gguf == levels_needing_imatrix(plan_conversion(tiny_model.path, "f16"), levels)
+    assert {"iq2_xxs", "iq1_s"} <= from_gguf and not from_gguf & {"q4_0", "q4_k_m", "q8_0"}
+
+
 def test_default_text_is_packaged(tmp_path: Path) -> None:
     """The evaluation text ships in the built wheel (package-data), not only in the source tree
     that an editable install reads, and default_text() returns that file."""

@@ -478,12 +478,14 @@ def _imatrix_levels(source: Path, quants: Sequence[str], imatrix: Path | None) -
     """The levels that cannot be made without an importance matrix from this source (measured
     with `imatrix` only); without one, such a level is refused here, before the long runs."""
     from alpaca_local.convert.pipeline import levels_needing_imatrix, plan_conversion
-    from alpaca_local.convert.quant_levels import LEVELS
 
     if source.is_dir():
         needs = levels_needing_imatrix(plan_conversion(source, BASELINE), quants)
-    else:  # an f16 GGUF: llama.cpp's quantizer decides; the usual shapes need one
-        needs = {q for q in quants if LEVELS[q].imatrix}
+    else:  # an f16 GGUF: the same per-tensor rule on its own shapes, when we know its architecture
+        from alpaca_local.convert.gguf_read import read_gguf_header
+        from alpaca_local.plan.memory import imatrix_levels, shape_from_gguf
+
+        needs = imatrix_levels(shape_from_gguf(read_gguf_header(source)), quants)
     if needs and imatrix is None:
         raise UsageError(f"{', '.join(sorted(needs))} need an importance matrix; add --imatrix FILE "
                          f"(from `alpaca-local imatrix {source}`)")

@@ -18,6 +18,7 @@ Measured errors against llama.cpp's own reports are in benchmarks/plan.py.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -262,6 +263,15 @@ def needs_imatrix(shape: ModelShape, level: str) -> bool:
         return False
     specs = [quant_rules.TensorSpec(n, t) for n, (_, t) in arch.expected_tensors(_as_config(shape, arch)).items()]
     return bool(quant_rules.imatrix_required(specs, quant_rules.choose_types(specs, level, _facts(shape, arch)), level))
+
+
+def imatrix_levels(shape: ModelShape, quants: Sequence[str]) -> set[str]:
+    """Which of `quants` llama-quantize refuses without an importance matrix for this model:
+    its per-tensor rule on the model's shapes, or for an architecture we do not know, the
+    level's usual answer (`quant_levels.Level.imatrix`)."""
+    if _architecture(shape) is None:
+        return {q for q in quants if quant_levels.LEVELS[q].imatrix}
+    return {q for q in quants if needs_imatrix(shape, q)}
 
 
 @functools.lru_cache(maxsize=32)
