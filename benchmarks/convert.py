@@ -5,8 +5,11 @@ TinyLlama-1.1B's shape, vocab 32001 with Alpaca's [PAD]), then for each quant
 runs, in this one process tree and on the same warm page cache:
   ours:      alpaca-local convert SRC --quant Q
   reference: convert_hf_to_gguf.py --outtype f16, then llama_model_quantize (default params)
-and prints wall time and peak RSS of each, and the ratios. The reference's f16
-step runs once and its time and memory count towards every quant.
+and prints wall time, peak RSS and bytes written of each, and the ratios. The reference's f16
+step runs once and its time, memory and disk count towards every quant. Levels that
+llama-quantize refuses without an importance matrix get the same synthetic one on both routes
+(`--imatrix` / `params.imatrix`, built from the f16 file's shapes as tests/test_imatrix_convert.py
+builds it). For bf16/f32 the reference is the converter alone (`--outtype bf16`).
 
     python benchmarks/convert.py [--size 1b|7b|tiny] [--quants q4_k_m,q8_0,q4_0] [--work DIR]
 """
@@ -99,15 +102,34 @@ def measure(cmd: list[str]) -> tuple[float, int]:
 
 
 QUANTIZE = """
-import sys, llama_cpp
-from alpaca_local.convert.quant_rules import QUANTS
-p = llama_cpp.llama_model_quantize_default_params()
-p.ftype = int(QUANTS[sys.argv[3]])
-sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[5])
+import reference
+reference.reference_quantize(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]) if sys.argv[4] else None)
 """
 
 
+def _needs_imatrix(quant: str, src: Path, f16: Path, out: Path) -> int:
+    """Child: print yes (after writing one importance matrix for both routes, once) or no."""
+    from alpaca_local.convert.pipeline import levels_needing_imatrix, plan_conversion
+
+    if not levels_needing_imatrix(plan_conversion(src, "f16"), [quant]):
+        print("no")
+        return 0
+    if not out.exists():  # skewed per-column weights for every block matrix
+        from test_imatrix_convert import synthetic_imatrix
+
+        from alpaca_local.convert.imatrix_file import write_imatrix
+
+        write_imatrix(synthetic_imatrix(f16), out)
+    print("yes")
+    return 0
+
+
 def main() -> int:
+    if len(sys.argv) == 6 and sys.argv[1] == "--needs-imatrix":
+        return _needs_imatrix(sys.argv[2], *map(Path, sys.argv[3:]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="1b")
     ap.add_argument("--quants", default="q4_k_m,q8_0,q4_0")
@@ -137,28 +159,51 @@ def main() -> int:
     ref_f16.unlink(missing_ok=True)
     f16_s, f16_rss = measure([py, str(vendor_dir() / "convert_hf_to_gguf.py"), str(src), "--outtype", "f16",
                               "--outfile", str(ref_f16)])
+    from alpaca_local.convert.quant_levels import LEVELS, parse_list
+
+    f16_bytes = ref_f16.stat().st_size
+    imatrix = work / "synthetic.imatrix.gguf"
     rows = []
-    for quant in args.quants.split(","):
+    for quant in parse_list(args.quants):
+        # In a child, as the model build: this process's own peak must stay small.
+        need = subprocess.run([py, __file__, "--needs-imatrix", quant, str(src), str(ref_f16), str(imatrix)],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        imat = imatrix if need == "yes" else None
         out = work / f"ours.{quant}.gguf"
         ours_s, ours_rss = measure([py, "-m", "alpaca_local", "convert", str(src), "-q", quant, "-o", str(out),
-                                    "--force", "--json"])
+                                    "--force", "--json", *(["--imatrix", str(imat)] if imat else [])])
+        ours_written = out.stat().st_size
         if quant == "f16":
-            ref_s, ref_rss = f16_s, f16_rss
+            ref_s, ref_rss, ref_written = f16_s, f16_rss, f16_bytes
+        elif LEVELS[quant].converter_outtype:
+            ref_out = work / f"ref.{quant}.gguf"
+            ref_s, ref_rss = measure([py, str(vendor_dir() / "convert_hf_to_gguf.py"), str(src), "--outtype", quant,
+                                      "--outfile", str(ref_out)])
+            ref_written = ref_out.stat().st_size
+            ref_out.unlink()
         else:
             ref_out = work / f"ref.{quant}.gguf"
-            q_s, q_rss = measure([py, "-c", QUANTIZE, str(ref_f16), str(ref_out), quant])
-            ref_s, ref_rss = f16_s + q_s, max(f16_rss, q_rss)
+            q_s, q_rss = measure([py, "-c", QUANTIZE, str(ref_f16), str(ref_out), quant, str(imat or ""),
+                                  str(ROOT / "tests")])
+            ref_s, ref_rss, ref_written = f16_s + q_s, max(f16_rss, q_rss), f16_bytes + ref_out.stat().st_size
             ref_out.unlink()
         out.unlink()
-        rows.append({"quant": quant, "ours_s": ours_s, "ref_s": ref_s, "ours_peak": ours_rss, "ref_peak": ref_rss})
+        rows.append({"quant": quant + ("+imatrix" if imat else ""), "ours_s": ours_s, "ref_s": ref_s,
+                     "ours_peak": ours_rss, "ref_peak": ref_rss, "ours_written": ours_written,
+                     "ref_written": ref_written, "load": os.getloadavg()[0]})
+        print(f"{rows[-1]['quant']}: ours {ours_s:.1f}s, reference {ref_s:.1f}s (load {rows[-1]['load']:.1f})",
+              file=sys.stderr, flush=True)
     ref_f16.unlink()
+    imatrix.unlink(missing_ok=True)
     print(f"\n{args.size} model, {src_bytes / 1e9:.2f} GB of f16 weights; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores")
-    print("| quant | ours s | reference s | time ratio | ours peak MB | reference peak MB | peak / f16 size |")
-    print("|---|---|---|---|---|---|---|")
+    print("| quant | ours s | reference s | time ratio | ours peak MB | reference peak MB | peak ratio "
+          "| ours written MB | reference written MB | load |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['quant']} | {r['ours_s']:.1f} | {r['ref_s']:.1f} | {r['ours_s'] / r['ref_s']:.2f}x | "
-              f"{r['ours_peak'] / 1e6:.0f} | {r['ref_peak'] / 1e6:.0f} | {r['ours_peak'] / src_bytes:.1%} |")
+              f"{r['ours_peak'] / 1e6:.0f} | {r['ref_peak'] / 1e6:.0f} | {r['ours_peak'] / r['ref_peak']:.2f}x | "
+              f"{r['ours_written'] / 1e6:.0f} | {r['ref_written'] / 1e6:.0f} | {r['load']:.1f} |")
     if args.json:
         args.json.write_text(json.dumps({"size": args.size, "source_bytes": src_bytes, "rows": rows}, indent=2))
     return 0

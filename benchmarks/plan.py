@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +34,7 @@ import gguf  # noqa: E402
 from alpaca_local.plan import catalog  # noqa: E402
 from alpaca_local.plan import memory as plan  # noqa: E402
 from alpaca_local.convert.architectures import LLAMA  # noqa: E402
+from alpaca_local.convert.cpu_repack import BUFFERS_ENV  # noqa: E402
 
 MiB = 1 << 20
 
@@ -42,12 +44,14 @@ MiB = 1 << 20
 
 
 def write_sparse_gguf(path: Path, shape: plan.ModelShape, level: str) -> Path:
-    """A loadable GGUF with real metadata, vocab and tensor table, whose data is a hole of zeros."""
-    cfg = plan._as_config(shape, LLAMA)
-    w = gguf.GGUFWriter(path, LLAMA.arch_name)
+    """A loadable GGUF with real metadata, vocab and tensor table, whose data is a hole of zeros
+    (the shape's architecture; a SentencePiece-style vocabulary, which llama.cpp loads for any)."""
+    arch = plan._architecture(shape) or LLAMA
+    cfg = replace(plan._as_config(shape, arch), explicit_head_dim=True)  # key_length: head_dim may not be hidden / heads
+    w = gguf.GGUFWriter(path, arch.arch_name)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(shape.name)
-    LLAMA.metadata(w, cfg)
+    arch.metadata(w, cfg)
     w.add_file_type(int(plan.quant_rules.file_type(level)))
     n_special, n_bytes = 3, 256
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(n_bytes)]
@@ -79,11 +83,16 @@ def write_sparse_gguf(path: Path, shape: plan.ModelShape, level: str) -> Path:
 _PROBE = r"""
 import json, os, sys, tempfile
 import llama_cpp
+from alpaca_local.convert.gguf_read import read_gguf_header
+from alpaca_local.run.cpu_buffers import llama_defaults, load_placement
 path, n_ctx, n_batch, cache, swa_full = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 ctype = getattr(llama_cpp, "GGML_TYPE_" + cache.upper())
-m = llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=0, verbose=True,
-                    type_k=ctype, type_v=ctype, flash_attn=cache != "f16",
-                    swa_full=None if swa_full == "default" else swa_full == "1")
+# Weights placed as alpaca-local's own loads place them ($ALPACA_LOCAL_CPU_BUFFERS, AMX builds):
+# the planner predicts those loads.
+with llama_defaults(load_placement(read_gguf_header(path))):
+    m = llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=0, verbose=True,
+                        type_k=ctype, type_v=ctype, flash_attn=cache != "f16",
+                        swa_full=None if swa_full == "default" else swa_full == "1")
 print(json.dumps({"model_size": llama_cpp.llama_model_size(m.model)}))
 """
 
@@ -99,18 +108,20 @@ _PATTERNS = {
 
 
 def llama_cpp_report(path: Path, n_ctx: int, n_batch: int = 512, cache: str = "f16",
-                     swa_full: bool | None = None) -> dict:
+                     swa_full: bool | None = None, cpu_buffers: str | None = None) -> dict:
     """Load `path` in llama-cpp-python (CPU) in a subprocess; the logged buffer sizes in MiB.
 
-    `swa_full`: passed to Llama(); None leaves llama-cpp-python's default.
+    `swa_full`: passed to Llama(); None leaves llama-cpp-python's default. `cpu_buffers`: the
+    placement mode (convert/cpu_repack.py CPU_BUFFER_MODES); None: this machine's.
 
     A subprocess because llama.cpp logs straight to fd 2 and may abort the process on a bad file.
     Returns {"model": {buffer: MiB}, "kv": ..., "compute": ..., "output": ..., "model_size": bytes}.
     """
     with tempfile.TemporaryFile() as err:
         flag = "default" if swa_full is None else str(int(swa_full))
+        env = dict(os.environ, PYTHONPATH=str(ROOT), **({BUFFERS_ENV: cpu_buffers} if cpu_buffers else {}))
         proc = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(n_ctx), str(n_batch), cache, flag],
-                              stdout=subprocess.PIPE, stderr=err, timeout=300)
+                              stdout=subprocess.PIPE, stderr=err, timeout=300, env=env)
         err.seek(0)
         log = err.read().decode(errors="replace")
     if proc.returncode:
@@ -131,19 +142,22 @@ def mib(n: int, decimals: int) -> float:
     return round(n / MiB, decimals)
 
 
-def compare(path: Path, n_ctx: int, n_batch: int = 512, cache: str = "f16", swa_full: bool | None = None) -> dict:
+def compare(path: Path, n_ctx: int, n_batch: int = 512, cache: str = "f16", swa_full: bool | None = None,
+            cpu_buffers: str | None = None) -> dict:
     """Prediction vs llama.cpp (CPU backend) for one file: MiB each, plus relative total error.
 
     "model" is all model buffers together; "mapped" (CPU_Mapped) and "repack"
-    (CPU_REPACK, ggml-cpu's interleaved copies) are its two parts.
+    (CPU_REPACK, ggml-cpu's interleaved copies) are its two parts; "other_buffers" names any
+    other model buffer llama.cpp made (an AMX one would be there), which the planner does not expect.
+    `cpu_buffers`: the placement mode of both sides; None: this machine's.
     """
     from alpaca_local.convert.gguf_read import read_gguf_header
 
     shape = plan.shape_from_gguf(read_gguf_header(path))
-    s = plan.RunSettings(n_ctx=n_ctx, n_batch=n_batch, cache_type=cache, backend="cpu",
+    s = plan.RunSettings(n_ctx=n_ctx, n_batch=n_batch, cache_type=cache, backend="cpu", cpu_buffers=cpu_buffers,
                          swa_full=plan.RunSettings.swa_full if swa_full is None else swa_full)
     p = plan.plan_level(shape, shape.file_quant, s)
-    got = llama_cpp_report(path, n_ctx, n_batch, cache, swa_full)
+    got = llama_cpp_report(path, n_ctx, n_batch, cache, swa_full, cpu_buffers)
     measured = {k: sum(got[k].values()) for k in ("model", "kv", "compute", "output")}
     predicted = {"model": p.weights_cpu / MiB, "kv": p.kv / MiB, "compute": p.compute / MiB, "output": p.output / MiB}
     m_total, p_total = sum(measured.values()), sum(predicted.values())
@@ -154,6 +168,7 @@ def compare(path: Path, n_ctx: int, n_batch: int = 512, cache: str = "f16", swa_
                     "repack": (got["model"].get("CPU_REPACK", 0.0), p.repack / MiB)},
         "model_size": got["model_size"], "tensor_bytes": sum(t.nbytes for t in shape.file_tensors),
         "repacked": "CPU_REPACK" in got["model"], "total_error": (p_total - m_total) / m_total,
+        "other_buffers": sorted(set(got["model"]) - {"CPU_Mapped", "CPU_REPACK"}),
         "model_error": (predicted["model"] - measured["model"]) / measured["model"],
     }
 

@@ -37,11 +37,11 @@ TIME_TARGET, DISK_TARGET = 0.7, 0.3
 
 
 def default_levels(n: int = 5) -> list[str]:
-    from alpaca_local.convert.levels import level_set
-    from alpaca_local.convert.quant_rules import QUANTS
+    from alpaca_local.convert.quant_levels import LEVELS, SETS
 
-    levels = list(level_set("publish"))
-    levels += [q for q in QUANTS if q not in levels and q != "f16"]
+    levels = list(SETS["publish"])
+    levels += [q for q in SETS["all"] if q not in levels and not LEVELS[q].converter_outtype
+               and not LEVELS[q].imatrix and not LEVELS[q].trained_for]
     return levels[:n]
 
 

@@ -3,7 +3,7 @@
     python benchmarks/run_all.py [--size 1b|7b|tiny] [--quants q4_k_m,q8_0,q4_0]
                                  [--chat-model M.gguf] [--chat-n 256] [--chat-repeats 10]
                                  [--load-clients 8] [--lora-repeats 3]
-                                 [--skip convert,chat,plan,hub,imatrix,load,lora,publish]
+                                 [--skip convert,chat,plan,hub,imatrix,load,lora,cpu_buffers,publish]
                                  [--out benchmarks/RESULTS.md]
 
 Each benchmark runs as its own process (so peak-memory numbers are its own):
@@ -14,6 +14,7 @@ Each benchmark runs as its own process (so peak-memory numbers are its own):
   imatrix.py                                KLD with/without our imatrix on Gemma 3 270M, --calibrate time (verbatim)
   load.py [MODEL] --clients C --json        serve under load vs llama-cpp-python's server (its table, verbatim)
   lora.py --size S --repeats R --json F     convert --lora vs plain convert vs PEFT merge + convert + quantize
+  cpu_buffers.py --size S --repeats R       tokens/s: AMX-safe load vs llama.cpp's placement vs --no-repack
   publish.py --size S --separate --json F   convert --quant L1,...,L5 vs f16 + llama-quantize per level
 The defaults are the issue's sizes (1B model, 256 tokens, 10 repeats); `--size tiny
 --chat-n 16 --chat-repeats 2 --skip plan,imatrix` checks the plumbing in well under a minute.
@@ -163,6 +164,13 @@ def run_load(args: argparse.Namespace) -> str:
                  "--clients", str(args.load_clients)])
 
 
+def run_cpu_buffers(args: argparse.Namespace) -> str:
+    argv = [str(HERE / "cpu_buffers.py"), "--size", args.size, "--repeats", str(args.cpu_repeats)]
+    if args.work:
+        argv += ["--work", str(args.work)]
+    return _run(argv)
+
+
 def run_lora(args: argparse.Namespace) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "lora.json"
@@ -257,6 +265,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
         "imatrix": "Imatrix: KLD with and without our importance matrix on real weights; --calibrate time",
         "load": "Load: `alpaca-local serve` with many clients against llama-cpp-python's server",
         "lora": "LoRA: `convert --lora` against a plain convert and PEFT merge + convert + quantize",
+        "cpu_buffers": "CPU buffers: the AMX-safe load against llama.cpp's placement and --no-repack",
         "publish": "Publish: `convert --quant L1,...,L5` (one read) against f16 + one llama-quantize per level",
     }
     for name, title in titles.items():
@@ -270,7 +279,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
             lines += convert_section(result)
         elif name == "chat":
             lines += chat_section(result)
-        elif name == "hub":
+        elif name in ("hub", "cpu_buffers"):
             lines += str(result).rstrip().splitlines()
         elif name in ("lora", "publish"):
             lines += list(result)
@@ -282,7 +291,8 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
 
 # Every benchmark, in the order RESULTS.md shows them; --skip takes these names.
 BENCHMARKS = {"convert": run_convert, "chat": run_chat, "plan": run_plan, "hub": run_hub,
-              "imatrix": run_imatrix, "load": run_load, "lora": run_lora, "publish": run_publish}
+              "imatrix": run_imatrix, "load": run_load, "lora": run_lora, "cpu_buffers": run_cpu_buffers,
+              "publish": run_publish}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chat-repeats", type=int, default=10, help="chat.py runs per path (default 10)")
     ap.add_argument("--load-clients", type=int, default=8, help="load.py concurrent clients (default 8)")
     ap.add_argument("--lora-repeats", type=int, default=3, help="lora.py paired plain/--lora runs (default 3)")
+    ap.add_argument("--cpu-repeats", type=int, default=5, help="cpu_buffers.py runs per placement (default 5)")
     ap.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: " + ", ".join(BENCHMARKS))
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="markdown file to write")
     args = ap.parse_args(argv)

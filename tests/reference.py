@@ -19,6 +19,8 @@ import pytest
 
 from alpaca_local.convert.quant_rules import QUANTS
 
+CONVERTER_OUTTYPES = ("f16", "bf16", "f32")  # the levels convert_hf_to_gguf.py writes itself
+
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_CPP_VERSION = "0.3.36"
 
@@ -31,15 +33,36 @@ def vendor_dir() -> Path:
     return path
 
 
-def reference_f16(src: Path, out: Path) -> Path:
-    script = vendor_dir() / "convert_hf_to_gguf.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), str(src), "--outtype", "f16", "--outfile", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
+_CONVERT_WITH_PRE = """
+import runpy, sys
+from pathlib import Path
+vendor, pre, *args = sys.argv[1:]
+sys.path.insert(0, vendor)
+sys.path.insert(1, str(Path(vendor) / "gguf-py"))
+import conversion.base
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+sys.argv = [str(Path(vendor) / "convert_hf_to_gguf.py"), *args]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def reference_convert(src: Path, out: Path, outtype: str = "f16", pre: str | None = None) -> Path:
+    """`convert_hf_to_gguf.py SRC --outtype OUTTYPE` (f16, bf16, f32...). `pre`: the BPE
+    pre-tokenizer name to give it; the converter only names the pre-tokenizers of released
+    vocabularies (it hashes their tokens), so a tiny trained BPE vocabulary needs one."""
+    args = [str(src), "--outtype", outtype, "--outfile", str(out)]
+    if pre is None:
+        cmd = [sys.executable, str(vendor_dir() / "convert_hf_to_gguf.py"), *args]
+    else:
+        cmd = [sys.executable, "-c", _CONVERT_WITH_PRE, str(vendor_dir()), pre, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"reference converter failed:\n{proc.stderr[-3000:]}")
     return out
+
+
+def reference_f16(src: Path, out: Path) -> Path:
+    return reference_convert(src, out, "f16")
 
 
 def reference_quantize(f16: Path, out: Path, quant: str, imatrix: Path | None = None) -> Path:
@@ -97,13 +120,13 @@ def load_imatrix_like_quantize(path: Path) -> tuple[dict[str, np.ndarray], list[
     return data, datasets, chunks
 
 
-def reference_file(src: Path, workdir: Path, quant: str) -> Path:
-    """The reference route's file for `quant`, cached in `workdir`."""
-    f16 = workdir / "ref.F16.gguf"
-    if not f16.exists():
-        reference_f16(src, f16)
-    if quant == "f16":
-        return f16
+def reference_file(src: Path, workdir: Path, quant: str, pre: str | None = None) -> Path:
+    """The reference route's file for `quant`, cached in `workdir`: the converter alone for its
+    own output types (f16, bf16, f32), else its f16 file through llama_model_quantize."""
+    if quant in CONVERTER_OUTTYPES:
+        out = workdir / f"ref.{quant.upper()}.gguf"
+        return out if out.exists() else reference_convert(src, out, quant, pre)
+    f16 = reference_file(src, workdir, "f16", pre)
     out = workdir / f"ref.{quant}.gguf"
     if not out.exists():
         reference_quantize(f16, out, quant)

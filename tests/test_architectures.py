@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -88,33 +86,13 @@ def arch_model(request, tmp_path_factory) -> tuple[tinyarch.TinyModel, Path]:
     return tinyarch.BUILDERS[request.param](work / f"tiny-{request.param}"), work
 
 
-_REFERENCE_WITH_PRE = """
-import runpy, sys
-from pathlib import Path
-vendor, pre, *args = sys.argv[1:]
-sys.path.insert(0, vendor)
-sys.path.insert(1, str(Path(vendor) / "gguf-py"))
-import conversion.base
-conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
-sys.argv = [str(Path(vendor) / "convert_hf_to_gguf.py"), *args]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 def _reference_file(model: tinyarch.TinyModel | tinymodels.TinyLlama, work: Path, quant: str) -> Path:
     """The reference route's file. For BPE the reference names the pre-tokenizer by
     hashing the tokens of a check string, which only knows the released vocabularies;
     on a tiny trained vocabulary it refuses, so it runs with UNNAMED_PRE (a pinned
     difference, never our own answer)."""
-    f16 = work / "ref.F16.gguf"
-    if getattr(model, "pre", None) is not None and not f16.exists():
-        proc = subprocess.run(
-            [sys.executable, "-c", _REFERENCE_WITH_PRE, str(reference.vendor_dir()), UNNAMED_PRE,
-             str(model.path), "--outtype", "f16", "--outfile", str(f16)],
-            capture_output=True, text=True, timeout=600, check=False,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return reference.reference_file(model.path, work, quant)
+    pre = UNNAMED_PRE if getattr(model, "pre", None) is not None else None
+    return reference.reference_file(model.path, work, quant, pre)
 
 
 def _kv(path: Path) -> dict:
@@ -266,9 +244,9 @@ def test_expected_metadata(arch_model):
 
 
 def _load(path: Path, logits_all: bool = False):
-    import llama_cpp
+    from alpaca_local.run.chat import load_llama  # the one loader: weights placed as users get them
 
-    return llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, verbose=False, logits_all=logits_all, seed=0)
+    return load_llama(path, 256, n_threads=2, logits_all=logits_all, seed=0)
 
 
 SPECIAL_TEXT = {

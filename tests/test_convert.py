@@ -98,9 +98,9 @@ def test_source_chat_template_is_kept(tmp_path):
 
 
 def _load(path: Path, n_ctx: int = 128, logits_all: bool = False):
-    import llama_cpp
+    from alpaca_local.run.chat import load_llama  # the one loader: weights placed as users get them
 
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=2, verbose=False, logits_all=logits_all, seed=0)
+    return load_llama(path, n_ctx, n_threads=2, logits_all=logits_all, seed=0)
 
 
 def test_tokenization_matches_sentencepiece(tiny_model, tiny_gguf):

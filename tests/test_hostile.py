@@ -604,7 +604,7 @@ def test_ctrl_c_mid_write_leaves_no_file(slow_model: Path, tmp_path: Path) -> No
     (["plan", "--vram", "8", "--ctx", "-5"], 2, "not a number or 'max'"),
     (["plan", "--vram", "8", "--ctx", "1e9"], 2, "not a number"),
     (["plan", "--vram", "lots"], 2, "invalid float value"),
-    (["convert", ".", "--quant", "Q4_K_Q"], 2, "unknown quant level 'q4_k_q'"),
+    (["convert", ".", "--quant", "Q4_K_Q"], 2, "unknown quant level 'Q4_K_Q'"),
     (["convert", ".", "--threads", "0"], 2, "--threads 0"),
     (["chat", "x.gguf", "-c", "-1", "-p", "hi"], 1, "does not exist"),  # the model is checked first
     (["nosuchcommand"], 2, "invalid choice"),

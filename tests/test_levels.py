@@ -23,11 +23,15 @@ from alpaca_local.cli.main import main
 from alpaca_local.convert import levels as lv
 from alpaca_local.convert.imatrix_file import write_imatrix
 from alpaca_local.convert.pipeline import convert
+from alpaca_local.convert.quant_levels import LEVELS, SETS, parse_list
 from alpaca_local.convert.quant_rules import QUANT_FILE_SUFFIX, QUANTS
-from alpaca_local.errors import UsageError
+from alpaca_local.errors import UnsupportedError, UsageError
 from alpaca_local.source.tensors import TensorRef
 
-ALL = list(QUANTS)
+# Every level a dense model takes without an importance matrix (the imatrix-only levels and
+# MXFP4_MOE are refused before anything is read), in ladder order; with one, every level.
+ALL = [q for q in QUANTS if not LEVELS[q].imatrix and not LEVELS[q].experts_only]
+WITH_IMATRIX = [q for q in QUANTS if not LEVELS[q].experts_only]
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def variant(request, tmp_path_factory) -> tuple[tinymodels.TinyLlama, Path]:
@@ -44,18 +48,58 @@ def _singles(src: Path, work: Path, quants, **kw) -> dict[str, bytes]:
     return {q: convert(src, work / f"single.{q}.gguf", q, force=True, **kw).output.read_bytes() for q in quants}
 
 
+def _plain_levels(model: Path) -> list[str]:
+    """ALL less what this model's shapes refuse (q1_0 on rows not a multiple of 128)."""
+    from alpaca_local.convert.pipeline import plan_conversion
+
+    def takes(q: str) -> bool:
+        try:
+            plan_conversion(model, q)
+        except (UsageError, UnsupportedError):
+            return False
+        return True
+
+    return [q for q in ALL if takes(q)]
+
+
 def test_every_level_equals_its_single_level_convert(variant, capsys):
     model, work = variant
     out = work / "levels"
-    rc = main(["convert", str(model.path), "--quant", ",".join(ALL), "-o", str(out), "--json"])
+    levels = _plain_levels(model.path)
+    assert len(levels) >= len(ALL) - 1
+    rc = main(["convert", str(model.path), "--quant", ",".join(levels), "-o", str(out), "--json"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    singles = _singles(model.path, work, ALL)
-    for q in ALL:
+    singles = _singles(model.path, work, levels)
+    for q in levels:
         assert (out / f"tiny.{QUANT_FILE_SUFFIX[q]}.gguf").read_bytes() == singles[q], q
     summary = json.loads(captured.out)
-    assert [o["quant"] for o in summary["outputs"]] == ALL
-    assert [o["size_bytes"] for o in summary["outputs"]] == [len(singles[q]) for q in ALL]
+    assert [o["quant"] for o in summary["outputs"]] == levels
+    assert [o["size_bytes"] for o in summary["outputs"]] == [len(singles[q]) for q in levels]
+
+
+def test_moe_levels_equal_their_single_level_converts(tmp_path, capsys):
+    """Stacked experts: each expert's rows are read once and land after the previous expert's in every file."""
+    import tinymoe
+
+    model = tinymoe.build_qwen3moe(tmp_path / "moe", shard="10MB")
+    levels = ["q8_0", "mxfp4_moe", "q4_k_m", "f16"]
+    rc, err = cli(capsys, "convert", str(model.path), "--quant", ",".join(levels), "-o", str(tmp_path / "out"),
+                  "--json")
+    assert rc == 0, err
+    singles = _singles(model.path, tmp_path, levels)
+    for q in levels:
+        assert (tmp_path / "out" / f"moe.{QUANT_FILE_SUFFIX[q]}.gguf").read_bytes() == singles[q], q
+
+
+def test_levels_that_need_an_imatrix_are_refused_together_before_reading(model, tmp_path, capsys, monkeypatch):
+    def no_reads(self, start, stop):
+        raise AssertionError("read before the refusal")
+
+    monkeypatch.setattr(TensorRef, "read_raw_rows", no_reads)
+    rc, err = cli(capsys, "convert", str(model), "--quant", "q8_0,iq2_m,q4_k_m,iq3_xxs", "-o", str(tmp_path / "out"))
+    one_line(rc, err, 2, "iq2_m, iq3_xxs need an importance matrix", "--imatrix", "--calibrate")
+    assert not (tmp_path / "out").exists()
 
 
 def test_with_an_imatrix_every_quantized_level_uses_it(tmp_path, capsys):
@@ -64,12 +108,13 @@ def test_with_an_imatrix_every_quantized_level_uses_it(tmp_path, capsys):
     f16 = convert(model.path, tmp_path / "f16.gguf", "f16").output
     imatrix = tmp_path / "imatrix.gguf"
     write_imatrix(synthetic_imatrix(f16), imatrix)
-    rc, err = cli(capsys, "convert", str(model.path), "--quant", ",".join(ALL), "--imatrix", str(imatrix),
+    rc, err = cli(capsys, "convert", str(model.path), "--quant", ",".join(WITH_IMATRIX), "--imatrix", str(imatrix),
                   "-o", str(tmp_path / "out"), "--json")
     assert rc == 0, err
-    quantized = [q for q in ALL if q != "f16"]
+    quantized = [q for q in WITH_IMATRIX if not LEVELS[q].converter_outtype]
     singles = _singles(model.path, tmp_path, quantized, imatrix=imatrix)
-    for q in quantized:
+    singles |= _singles(model.path, tmp_path, [q for q in WITH_IMATRIX if q not in quantized])  # written plain
+    for q in WITH_IMATRIX:
         assert (tmp_path / "out" / f"tiny.{QUANT_FILE_SUFFIX[q]}.gguf").read_bytes() == singles[q], q
     assert (tmp_path / "out" / "tiny.F16.gguf").read_bytes() == f16.read_bytes()
 
@@ -151,16 +196,23 @@ def test_progress_covers_every_output(model, tmp_path):
     assert [r.file_bytes for r in result.levels] == [(tmp_path / f"{q}.gguf").stat().st_size for q in ("f16", "q8_0", "q4_0")]
 
 
-def test_named_set_and_lists():
-    publish = lv.level_set("publish")
-    assert publish and set(publish) <= set(QUANTS)
-    assert set(publish) == {q for q in lv.LEVEL_SETS["publish"] if q in QUANTS}
-    assert lv.parse_levels("publish") == publish
-    assert lv.parse_levels(" Q8_0, q4_k_m ,q8_0,") == ("q8_0", "q4_k_m")
-    assert lv.parse_levels("f16,publish")[0] == "f16"
+def test_named_sets_and_lists_are_quant_levels_own():
+    """One table: --quant's names, aliases and sets all come from quant_levels."""
+    assert SETS["publish"] == ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs")
+    assert parse_list("publish") == list(SETS["publish"])
+    assert parse_list(" Q8_0, q4_k ,q8_0,") == ["q8_0", "q4_k_m"]
+    assert parse_list("f16,publish")[0] == "f16"
+    assert parse_list("all") == list(SETS["all"]) and not any(LEVELS[q].unavailable for q in SETS["all"])
     for bad in ("q3_k_xl", "q8_0,nope", ",", ""):
         with pytest.raises(UsageError):
-            lv.parse_levels(bad)
+            parse_list(bad)
+
+
+def test_quant_publish_on_the_command_line(model, tmp_path, capsys):
+    rc, err = cli(capsys, "convert", str(model), "--quant", "publish", "-o", str(tmp_path / "out"), "--json")
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["README.md", *(f"tiny.{QUANT_FILE_SUFFIX[q]}.gguf" for q in SETS["publish"])])
 
 
 def test_default_folder_is_models_name(model, tmp_path, capsys, monkeypatch):

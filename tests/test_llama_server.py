@@ -15,6 +15,7 @@ converter, with the Alpaca chat template we embed, and we check:
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import urllib.request
@@ -60,10 +61,24 @@ def llama_server(tiny_gguf: Path, tmp_path_factory):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"llama-server did not start: {log.read_text()[-3000:]}")
             time.sleep(0.2)
+        LOGS[base] = log
         yield base
     finally:
         proc.terminate()
         proc.wait(TIMEOUT)
+
+
+LOGS: dict[str, Path] = {}  # each started server's log, by base URL
+
+
+def test_built_without_amx(llama_server) -> None:
+    """Issue 21: the tools are built with AMX compiled out (tests/llama_tools.py), so on an AMX CPU
+    they place the q8_0 weights as alpaca-local's own loads do, not in the AMX buffer that crashes."""
+    log = LOGS[llama_server].read_text(errors="replace")
+    info = next(line for line in log.splitlines() if "CPU : " in line and ("SSE3" in line or "NEON" in line))
+    assert "AMX_INT8 = 1" not in info
+    buffers = re.findall(r"(\S+) model buffer size", log)
+    assert buffers and set(buffers) <= {"CPU", "CPU_Mapped", "CPU_REPACK"}, buffers
 
 
 def post(base: str, path: str, payload: dict) -> dict:

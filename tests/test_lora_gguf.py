@@ -56,13 +56,10 @@ def _vendored(adapter: Path, base: Path, out: Path, outtype: str) -> Path:
 
 
 def _logits(model: Path, lora: Path | None = None) -> np.ndarray:
-    from llama_cpp import Llama
+    from alpaca_local.run.chat import load_llama  # the one loader: weights placed as users get them
 
-    from alpaca_local.run.chat import silence_llama_cpp
-
-    silence_llama_cpp()
     kwargs = {"lora_path": str(lora)} if lora else {}
-    llm = Llama(model_path=str(model), n_ctx=64, logits_all=True, verbose=False, n_threads=2, **kwargs)
+    llm = load_llama(model, 64, logits_all=True, n_threads=2, **kwargs)
     try:
         llm.eval(TOKENS)
         return np.array(llm.scores[: len(TOKENS)], dtype=np.float64)

@@ -29,14 +29,34 @@ ALPACA = plan.shape_from_config(catalog.load("alpaca-7b"), "alpaca-7b", "catalog
 # -- file sizes: prediction == what convert writes -------------------------------------
 
 
-@pytest.mark.parametrize("level", plan.LEVELS)
+# The default ladder and a few more in the fast suite, every level in the integration one.
+_SIZED = ("q4_k_s", "iq4_nl", "q2_k", "q5_1", "tq1_0", "bf16", "f32")
+_ALL_LEVELS = [lv for lv in plan.quant_levels.LADDER if lv in plan.quant_rules.QUANTS]
+SIZE_LEVELS = [lv if lv in plan.LEVELS + _SIZED else pytest.param(lv, marks=pytest.mark.integration)
+               for lv in _ALL_LEVELS]
+
+
+@pytest.mark.parametrize("level", SIZE_LEVELS)
 def test_predicted_file_size_equals_converted_file(tiny_model, tmp_path: Path, level: str) -> None:
     # Whole file: the header size is predicted from the same gguf-py writer state convert uses.
     shape = plan.load_shape(str(tiny_model.path))
     size, exact = plan.file_size(shape, level)
-    out = convert(tiny_model.path, tmp_path / f"m.{level}.gguf", level).output
-    assert exact and size == out.stat().st_size
-    written = plan.shape_from_gguf(read_gguf_header(out))
+    imatrix = None
+    if plan.needs_imatrix(shape, level):  # made with an imatrix: its keys are the one unknown
+        from test_imatrix_convert import synthetic_imatrix
+
+        from alpaca_local.convert.imatrix_file import write_imatrix
+
+        imatrix = tmp_path / "i.gguf"
+        write_imatrix(synthetic_imatrix(convert(tiny_model.path, tmp_path / "f16.gguf", "f16").output), imatrix)
+    out = convert(tiny_model.path, tmp_path / f"m.{level}.gguf", level, imatrix=imatrix).output
+    header = read_gguf_header(out)
+    if imatrix is None:
+        assert exact and size == out.stat().st_size
+    else:
+        data = out.stat().st_size - header.data_offset
+        assert not exact and size - dict(shape.header_bytes)[level] == data
+    written = plan.shape_from_gguf(header)
     # Per tensor; the file's order is llama.cpp's (checked against it in the exactness tests).
     assert sorted((t.name, t.ggml_type, t.nbytes) for t in plan.tensors_for(shape, level)) == \
         sorted((t.name, t.ggml_type, t.nbytes) for t in written.file_tensors)
@@ -190,6 +210,7 @@ def shaped_hf(request, tmp_path_factory) -> Path:
 def _assert_model_buffers_exact(r: dict) -> None:
     m, p = r["measured"], r["predicted"]
     assert r["model_size"] == r["tensor_bytes"]  # model bytes: exact
+    assert r["other_buffers"] == []  # no AMX (or other) buffer the planner does not count
     for buffer, (got, predicted) in r["buffers"].items():  # CPU_Mapped and CPU_REPACK
         assert got == round(predicted, 2), buffer  # as llama.cpp prints them
     assert r["repacked"] == (r["buffers"]["repack"][1] > 0)
@@ -239,11 +260,11 @@ def _json(capsys, *argv: str) -> dict:
 def test_vram_8_recommends_a_level_that_fits(capsys) -> None:
     out = _json(capsys, "--vram", "8")
     rec = out["recommendation"]
-    assert rec["level"] in ("q5_k_m", "q4_k_m") and rec["full_offload"]
+    assert rec["level"] == "q6_k" and rec["full_offload"]  # 6.5 GiB: the best of the ladder that fits
     assert rec["gpu_bytes"] <= out["device"]["usable_bytes"] < 8 * GiB
     rows = {r["level"]: r for r in out["levels"]}
     assert list(rows) == list(plan.LEVELS)
-    assert not rows["f16"]["fits"] and not rows["q8_0"]["fits"] and rows["q4_0"]["fits"]
+    assert not rows["f16"]["fits"] and not rows["q8_0"]["fits"] and rows["q4_k_m"]["fits"]
     # The user-known VRAM table at 2048 context: F16 14.5, Q8_0 8.0 do not fit 8 GB; Q4_K_M ~5 does.
     assert 5.0 <= rows["q4_k_m"]["total_bytes"] / 1e9 <= 6.0
 
@@ -251,15 +272,17 @@ def test_vram_8_recommends_a_level_that_fits(capsys) -> None:
 def test_table_says_why(capsys) -> None:
     assert main(["plan", "--vram", "8"]) == 0
     text = capsys.readouterr().out
-    assert "recommended: q5_k_m" in text and "fits" in text and "q4_0" in text
+    assert "recommended: q6_k" in text and "fits" in text and "iq2_m*" in text and "importance matrix" in text
 
 
 def test_json_is_stable(capsys) -> None:
     out = _json(capsys, "llama-7b", "--vram", "24", "--ctx", "4096", "--cache-type", "q8_0")
-    assert set(out) == {"model", "device", "settings", "levels", "recommendation"}
+    assert set(out) == {"model", "device", "settings", "levels", "recommendation", "ram"}
     assert set(out["levels"][0]) == {
         "level", "file_bytes", "file_bytes_exact", "weights_gpu_bytes", "weights_cpu_bytes", "repack_bytes", "kv_bytes",
-        "compute_bytes", "output_bytes", "overhead_bytes", "total_bytes", "fits", "max_ctx", "max_gpu_layers"}
+        "compute_bytes", "output_bytes", "overhead_bytes", "total_bytes", "fits", "max_ctx", "max_gpu_layers",
+        "n_cpu_moe", "ram_bytes", "needs_imatrix"}
+    assert out["levels"][0]["n_cpu_moe"] == out["recommendation"]["n_cpu_moe"] == 0  # a dense model
     assert out["settings"]["flash_attn"] and out["model"]["vocab"] == 32000
     assert out["recommendation"]["level"] == "f16"
 

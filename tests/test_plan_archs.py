@@ -23,26 +23,31 @@ MiB = 1 << 20
 LEVELS = ("f16", "q8_0", "q4_k_m")
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """(arch, level) -> GGUF path, converted once per module."""
-    d = tmp_path_factory.mktemp("archs")
+def conversions(d: Path, builders: dict):
+    """(arch, level) -> GGUF path of `builders[arch]`'s model in `d`, converted once each."""
     files: dict[tuple[str, str], Path] = {}
 
     def get(arch: str, level: str) -> Path:
         if (arch, level) not in files:
             src = d / f"hf-{arch}"
             if not (src / "config.json").exists():
-                tinyarch.BUILDERS[arch](src)
+                builders[arch](src)
             files[arch, level] = convert(src, d / f"{arch}.{level}.gguf", level).output
         return files[arch, level]
 
     return get
 
 
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(arch, level) -> GGUF path, converted once per module."""
+    return conversions(tmp_path_factory.mktemp("archs"), tinyarch.BUILDERS)
+
+
 def _assert_exact_and_close(r: dict, kv_cells: list[int], tolerance: float = 0.05) -> None:
     m, p = r["measured"], r["predicted"]
     assert r["model_size"] == r["tensor_bytes"]  # every tensor counted (biases, rope_freqs)
+    assert r["other_buffers"] == []  # no AMX (or other) buffer the planner does not count
     for buffer, (got, predicted) in r["buffers"].items():  # CPU_Mapped and CPU_REPACK, as printed
         assert got == round(predicted, 2), buffer
     assert r["kv_cells"] == kv_cells  # each cache's cells, as llama.cpp logs them

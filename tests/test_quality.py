@@ -161,6 +161,9 @@ def test_chunks_drop_the_tail_and_start_with_bos() -> None:
 
 def test_parse_quants() -> None:
     assert quality.parse_quants("Q8_0, q4_0,f16,q8_0") == ["q8_0", "q4_0"]
+    assert quality.parse_quants("Q6_K,q4_k,IQ4_XS") == ["q6_k", "q4_k_m", "iq4_xs"]  # aliases, any case
+    ladder = quality.parse_quants("all")
+    assert ladder[:3] == ["f32", "bf16", "q8_0"] and "iq1_s" in ladder and "f16" not in ladder
 
 
 # --------------------------------------------------------------------------
@@ -241,7 +244,11 @@ def test_errors_are_one_line(tiny_model, tiny_gguf: Path, text_file: Path, tmp_p
     hf = str(tiny_model.path)
     work = ["--work", str(tmp_path)]
     _one_line_error(capsys, [str(tmp_path / "nope")], 1, "does not exist")
-    _one_line_error(capsys, [hf, "--quants", "q3_k"], 2, "unknown quant level 'q3_k'")
+    _one_line_error(capsys, [hf, "--quants", "q3_k_xl"], 2, "unknown quant level 'q3_k_xl'")
+    # a level llama-quantize refuses without an imatrix: refused before the long runs
+    _one_line_error(capsys, [hf, "--quants", "q4_0,iq2_xxs", "--text", str(text_file), *work], 2,
+                    "iq2_xxs need an importance matrix; add --imatrix FILE")
+    assert not list(tmp_path.glob("*.gguf"))
     _one_line_error(capsys, [hf, "--quants", "f16"], 2, "names no level")
     _one_line_error(capsys, [hf, "--ctx", "4", *work], 2, "--ctx 4 is too small")
     _one_line_error(capsys, [hf, "--text", str(tmp_path / "missing.txt"), *work], 1, "does not exist")
@@ -262,6 +269,40 @@ def test_plot_writes_png(tiny_model, text_file: Path, tmp_path: Path, capsys) ->
     _run_json(capsys, str(tiny_model.path), "--quants", "q4_0", "--text", str(text_file), "--work", str(tmp_path),
               "--plot", str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_imatrix_only_level_is_measured_with_the_imatrix_only(tiny_model, tiny_gguf_f16: Path, text_file: Path,
+                                                             tmp_path: Path, capsys) -> None:
+    """With --imatrix, a level that cannot be made without one gets only its "+imatrix" row;
+    the others get both, and the plot takes the whole list."""
+    pytest.importorskip("matplotlib")
+    from test_imatrix_convert import synthetic_imatrix
+
+    from alpaca_local.convert.imatrix_file import write_imatrix
+
+    imatrix = tmp_path / "i.gguf"
+    write_imatrix(synthetic_imatrix(tiny_gguf_f16), imatrix)
+    png = tmp_path / "q.png"
+    report = _run_json(capsys, str(tiny_model.path), "--quants", "iq3_xxs,Q4_K", "--imatrix", str(imatrix),
+                       "--text", str(text_file), "--work", str(tmp_path / "w"), "--plot", str(png))
+    assert [lv["quant"] for lv in report["levels"]] == ["f16", "iq3_xxs+imatrix", "q4_k_m", "q4_k_m+imatrix"]
+    assert all(lv["mean_kld"] > 0 for lv in report["levels"][1:])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_f16_gguf_needs_the_imatrix_its_hf_folder_needs(tiny_model, tiny_gguf_f16: Path) -> None:
+    """From an f16 GGUF, the levels refused without an imatrix follow llama-quantize's per-tensor
+    rule on the file's own shapes, as from its HF folder: not the level's usual answer (iq3_xxs
+    needs one only where small widths send attn_k to IQ2_S)."""
+    from alpaca_local.convert.gguf_read import read_gguf_header
+    from alpaca_local.convert.pipeline import levels_needing_imatrix, plan_conversion
+    from alpaca_local.convert.quant_levels import LEVELS
+    from alpaca_local.plan.memory import imatrix_levels, shape_from_gguf
+
+    levels = [q for q, lv in LEVELS.items() if not lv.experts_only and not lv.unavailable]
+    from_gguf = imatrix_levels(shape_from_gguf(read_gguf_header(tiny_gguf_f16)), levels)
+    assert from_gguf == levels_needing_imatrix(plan_conversion(tiny_model.path, "f16"), levels)
+    assert {"iq2_xxs", "iq1_s"} <= from_gguf and not from_gguf & {"q4_0", "q4_k_m", "q8_0"}
 
 
 def test_default_text_is_packaged(tmp_path: Path) -> None:

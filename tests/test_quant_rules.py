@@ -351,16 +351,17 @@ def test_llama_7b_f16_size() -> None:
 
 
 def test_quant_names() -> None:
-    assert QUANTS == {
-        "f16": F.MOSTLY_F16, "q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0,
-        "q4_k_m": F.MOSTLY_Q4_K_M, "q5_k_m": F.MOSTLY_Q5_K_M,
+    assert {n: QUANTS[n] for n in ("f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "iq4_xs", "bf16", "f32")} == {
+        "f16": F.MOSTLY_F16, "q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0, "q4_k_m": F.MOSTLY_Q4_K_M,
+        "q5_k_m": F.MOSTLY_Q5_K_M, "q6_k": F.MOSTLY_Q6_K, "iq4_xs": F.MOSTLY_IQ4_XS, "bf16": F.MOSTLY_BF16,
+        "f32": F.ALL_F32,
     }
-    assert QUANT_FILE_SUFFIX == {
-        "f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M"}
-    assert file_type("q4_k_m") == F.MOSTLY_Q4_K_M
+    assert QUANT_FILE_SUFFIX["q4_k_m"] == "Q4_K_M" and QUANT_FILE_SUFFIX["iq2_xxs"] == "IQ2_XXS"
+    assert file_type("q4_k_m") == file_type("Q4_K_M") == file_type("q4_k") == F.MOSTLY_Q4_K_M
+    assert file_type("Q3_K") == F.MOSTLY_Q3_K_M and file_type("q5_k") == F.MOSTLY_Q5_K_M
 
 
-@pytest.mark.parametrize("bad", ["q4_k_s", "Q4_K_M", "", "q3_k_m"])
+@pytest.mark.parametrize("bad", ["q4_k_xl", "Q4_K_Q", "", "q3_k_xs", "q4"])
 def test_unknown_quant_lists_valid_ones(bad: str) -> None:
     with pytest.raises(UsageError, match=r"q4_k_m") as err:
         file_type(bad)

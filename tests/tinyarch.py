@@ -226,9 +226,8 @@ def _base_config(arch_class: str, model_type: str, dtype: str, **fields) -> dict
 # ---------------------------------------------------------------------------------------
 
 
-def build_mistral(dirpath: str | Path, *, dtype: str = "F16", seed: int = 1) -> TinyModel:
-    dirpath = Path(dirpath)
-    dirpath.mkdir(parents=True, exist_ok=True)
+def mistral_tokenizer(dirpath: Path) -> int:
+    """Mistral 7B v0.3's tokenizer files (SentencePiece with [INST]... controls); the vocabulary size."""
     n_sp = 512
     _sentencepiece(dirpath, "mistral", n_sp, add_dummy_prefix=True, split_by_unicode_script=True,
                    unk_id=0, bos_id=1, eos_id=2, pad_id=-1, control_symbols=MISTRAL_CONTROLS)
@@ -244,6 +243,13 @@ def build_mistral(dirpath: str | Path, *, dtype: str = "F16", seed: int = 1) -> 
                          "{% endif %}{% endfor %}",
     })
     _dump(dirpath / "special_tokens_map.json", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    return n_sp
+
+
+def build_mistral(dirpath: str | Path, *, dtype: str = "F16", seed: int = 1) -> TinyModel:
+    dirpath = Path(dirpath)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    n_sp = mistral_tokenizer(dirpath)
     cfg = _base_config(
         "MistralForCausalLM", "mistral", dtype, head_dim=64, max_position_embeddings=32768,
         rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False, vocab_size=n_sp,
@@ -360,11 +366,8 @@ QWEN3_TEMPLATE = (
 )
 
 
-def build_qwen3(dirpath: str | Path, *, dtype: str = "BF16", seed: int = 5) -> TinyModel:
-    """Qwen3-0.6B's layout: head_dim 128 != hidden/heads there (here 96 != 64), q/k
-    norms, no biases, tied embeddings, Qwen2's BPE with <think> as a non-special token."""
-    dirpath = Path(dirpath)
-    dirpath.mkdir(parents=True, exist_ok=True)
+def qwen3_tokenizer(dirpath: Path) -> tuple[int, dict[str, int]]:
+    """Qwen3's tokenizer files (Qwen2's BPE, ChatML, <think> non-special); (vocabulary size, special ids)."""
     tok = _bpe_tokenizer(QWEN2_REGEX, QWEN3_SPECIALS, ignore_merges=False, nfc=True, bos=None)
     n_vocab = _write_bpe(dirpath, tok, {
         "add_bos_token": False, "add_prefix_space": False, "bos_token": None, "eos_token": "<|im_end|>",
@@ -372,7 +375,15 @@ def build_qwen3(dirpath: str | Path, *, dtype: str = "BF16", seed: int = 5) -> T
         "model_max_length": 131072, "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer",
         "chat_template": QWEN3_TEMPLATE,
     })
-    ids = {c: tok.token_to_id(c) for c, _ in QWEN3_SPECIALS}
+    return n_vocab, {c: tok.token_to_id(c) for c, _ in QWEN3_SPECIALS}
+
+
+def build_qwen3(dirpath: str | Path, *, dtype: str = "BF16", seed: int = 5) -> TinyModel:
+    """Qwen3-0.6B's layout: head_dim 128 != hidden/heads there (here 96 != 64), q/k
+    norms, no biases, tied embeddings, Qwen2's BPE with <think> as a non-special token."""
+    dirpath = Path(dirpath)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    n_vocab, ids = qwen3_tokenizer(dirpath)
     cfg = _base_config(
         "Qwen3ForCausalLM", "qwen3", dtype, head_dim=96, max_position_embeddings=40960, rope_theta=1000000.0,
         sliding_window=None, use_sliding_window=False, max_window_layers=2, tie_word_embeddings=True,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 def check_calibrate(args: argparse.Namespace, levels: tuple[str, ...]) -> None:
     """What --calibrate refuses, before any work."""
+    from alpaca_local.convert import quant_levels
     from alpaca_local.errors import UsageError
 
     if args.lora:
@@ -26,8 +27,8 @@ def check_calibrate(args: argparse.Namespace, levels: tuple[str, ...]) -> None:
         # The calibration run needs the model on disk twice over (a temporary f16/q8_0 of it).
         raise UsageError("--calibrate needs a local model folder; fetch the Hub model first "
                          f"(alpaca-local convert {args.source} --download keeps it in the HF cache)")
-    if all(q == "f16" for q in levels):
-        raise UsageError("--calibrate only applies to quantized levels (q8_0, q4_0, q4_k_m, q5_k_m), not f16")
+    if all(quant_levels.LEVELS[q].converter_outtype for q in levels):
+        raise UsageError(f"--calibrate only applies to quantized levels, not {','.join(levels)}")
 
 
 def calibrated_plan(plan, args: argparse.Namespace):

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
-from alpaca_local.cli import lora_flags
+from alpaca_local.cli import cpu_flags, gpu_split, lora_flags
 
 if TYPE_CHECKING:
     from alpaca_local.run.chat import Done, Piece, Sampling, TokenModel
@@ -59,8 +59,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     p.add_argument("--repeat-penalty", type=float, default=1.1, metavar="X", help="(default: 1.1)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("-c", "--ctx", type=int, default=2048, metavar="N", help="context length in tokens (default: 2048)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
-                   help="layers to offload to the GPU; -1 all (default: 0)")
+    gpu_split.add_arguments(p)
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: llama.cpp's)")
     p.add_argument("--system", metavar="TEXT", help="replace the Alpaca preamble sentence")
     p.add_argument("--template", choices=("alpaca", "model"), default="alpaca",
@@ -72,6 +71,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
                    help="REPL: send earlier turns too, dropping the oldest when the context is full")
     p.add_argument("--json", action="store_true", help="one-shot: print response, token counts and timings as JSON")
     lora_flags.add_runtime_arguments(p)
+    cpu_flags.add_no_repack(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,7 +80,11 @@ def run(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     instruction = _one_shot_instruction(args)
     path = resolve_model(args.model)
-    model = load_model(path, args.ctx, args.n_gpu_layers, args.threads, **lora_kwargs(args.lora, args.lora_scale, path))
+    split = gpu_split.resolve(args, path)
+    if split.note:
+        print(f"note: {split.note}", file=sys.stderr)
+    model = load_model(path, args.ctx, split.n_gpu_layers, args.threads, args.no_repack, split.n_cpu_moe,
+                       **lora_kwargs(args.lora, args.lora_scale, path))
     args.format = prompt_format(args.template, read_model_info(path), model)
     if instruction is not None:
         return _one_shot(model, instruction, args, sampling, str(path))
@@ -98,11 +102,11 @@ def _sampling(args: argparse.Namespace) -> Sampling:
         (args.top_k >= 0, f"--top-k {args.top_k}: give 0 (off) or more"),
         (args.repeat_penalty > 0, f"--repeat-penalty {args.repeat_penalty}: give a value above 0 (1 is off)"),
         (args.threads is None or 1 <= args.threads <= 1024, f"--threads {args.threads}: give 1 to 1024"),
-        (args.n_gpu_layers >= -1, f"-ngl {args.n_gpu_layers}: give -1 (all) or more"),
     ]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    gpu_split.check(args)
     return Sampling(args.n_predict, args.temp, args.top_p, args.top_k, args.repeat_penalty, args.seed)
 
 

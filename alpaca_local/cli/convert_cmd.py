@@ -6,8 +6,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from alpaca_local.cli import calibrate_flags, lora_flags, publish_flags
-from alpaca_local.convert.quant_rules import QUANTS
+from alpaca_local.cli import calibrate_flags, levels, lora_flags, publish_flags
+from alpaca_local.convert import quant_levels
 
 DESCRIPTION = """Turn a Hugging Face model folder (config.json, safetensors or pytorch .bin
 weights, SentencePiece tokenizer) into one GGUF file that llama.cpp, Ollama and
@@ -29,9 +29,11 @@ EXAMPLES = """examples:
   alpaca-local convert Qwen/Qwen2.5-0.5B-Instruct --offline    # from the HF cache, no network
   alpaca-local convert ./alpaca-7b --imatrix imatrix.gguf # importance-weighted, as llama-quantize --imatrix
   alpaca-local convert ./alpaca-7b --calibrate            # compute the imatrix first (built-in text), then quantize
+  alpaca-local convert ./alpaca-7b --quant Q6_K           # any llama-quantize level, any case
+  alpaca-local convert ./alpaca-7b --quant iq2_m --calibrate  # the 2-bit levels need an imatrix
 
-quant levels (quality vs size, LLaMA 7B): f16 13.5 GB, q8_0 7.2 GB,
-q5_k_m 4.8 GB, q4_k_m 4.1 GB (recommended), q4_0 3.8 GB.
+""" + levels.help_table() + """
+`alpaca-local plan ./alpaca-7b --levels all` shows each level's exact size for your model.
 
 """ + lora_flags.HELP_EXAMPLES + """
 
@@ -50,12 +52,11 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
         "-o", "--output", metavar="OUT.gguf", type=Path,
         help="output file (default: models/<folder or repo name>.<QUANT>.gguf)",
     )
-    from alpaca_local.convert.levels import level_set
-
     p.add_argument(
-        "-q", "--quant", default="q4_k_m", type=str.lower, metavar="QUANT[,QUANT...]",
-        help=f"quant level: {', '.join(QUANTS)} (default: q4_k_m); several separated by commas, or the set "
-             f"`publish` ({','.join(level_set('publish'))}), write one file per level from one read of the source",
+        "-q", "--quant", default=["q4_k_m"], type=levels.levels_arg, metavar="QUANT[,QUANT...]",
+        help="quant level, any of llama-quantize's (listed below; default: q4_k_m); several separated by "
+             f"commas, or the set `publish` ({','.join(quant_levels.SETS['publish'])}) or `all`: one file per "
+             "level from one read of the source",
     )
     p.add_argument("-f", "--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument(
@@ -108,23 +109,21 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     if lora_flags.is_adapter_source(args):
         return lora_flags.run_adapter(args)
-    from alpaca_local.convert.levels import parse_levels
-
-    levels = parse_levels(args.quant)
+    quants = tuple(args.quant)
     if (args.private or args.push_revision) and args.push is None:
         raise UsageError("--private and --push-revision are for --push ORG/NAME")
-    if publish_flags.wants_levels_route(args, levels):
-        return publish_flags.run_levels(args, err, levels)
-    args.quant = levels[0]
+    if publish_flags.wants_levels_route(args, quants):
+        return publish_flags.run_levels(args, err, quants)
+    args.quant = quants[0]
     if args.calibrate is None:
         return _convert_and_report(args, err, args.imatrix)
-    calibrate_flags.check_calibrate(args, levels)
+    calibrate_flags.check_calibrate(args, quants)
     from alpaca_local.convert.atomic import check_target
     from alpaca_local.convert.pipeline import default_output
 
     # Everything that can be refused is refused before the (long) calibration run.
     args.source = Path(args.source)
-    plain = plan_conversion(args.source, args.quant, None)
+    plain = plan_conversion(args.source, args.quant, None, expect_imatrix=True)
     if args.output is None:
         args.output = default_output(plain, Path("models"))
         args.output.parent.mkdir(parents=True, exist_ok=True)

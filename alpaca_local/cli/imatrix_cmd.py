@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from alpaca_local.cli import cpu_flags
 from alpaca_local.measure.imatrix import DEFAULT_CTX
 
 DESCRIPTION = """Compute an importance matrix for a GGUF model: run it over a calibration text
@@ -48,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N", help="layers to offload to the GPU")
     p.add_argument("-f", "--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
+    cpu_flags.add_no_repack(p)
 
 
 def default_output(model: Path) -> Path:
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     text, dataset = (_read_text(args.text), str(args.text)) if args.text else (default_text(), DEFAULT_DATASET)
     err = Console(stderr=True)
     t0 = time.perf_counter()
-    im_run = ImatrixRun(args.model, args.ctx, args.threads, args.n_gpu_layers)
+    im_run = ImatrixRun(args.model, args.ctx, args.threads, args.n_gpu_layers, no_repack=args.no_repack)
     partial = False
     try:
         chunks = im_run.chunks(text, args.chunks)

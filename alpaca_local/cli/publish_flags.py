@@ -181,10 +181,11 @@ class _Run:
         from alpaca_local.convert.levels import plan_levels
 
         levels = self.levels + (("f16",) if self.extra_f16 else ())
+        expect = imatrix is None and self.args.calibrate is not None  # --calibrate: the imatrix comes later
         if self.hub is None:
-            return plan_levels(self.src, levels, imatrix, adapters=self.adapters)
+            return plan_levels(self.src, levels, imatrix, adapters=self.adapters, expect_imatrix=expect)
         return plan_levels(self.src, levels, imatrix, adapters=self.adapters, weights=self.weights,
-                           name=self.hub.name)
+                           name=self.hub.name, expect_imatrix=expect)
 
     def plan_outputs(self) -> None:
         self.plans = self.plan(self.args.imatrix)

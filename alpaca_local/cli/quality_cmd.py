@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from alpaca_local.cli import cpu_flags
 from alpaca_local.measure.quality import DEFAULT_CTX, DEFAULT_GEN_TOKENS, DEFAULT_QUANTS
 
 if TYPE_CHECKING:
@@ -51,7 +52,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     p.add_argument("source", metavar="MODEL_DIR_OR_F16_GGUF", type=Path,
                    help="Hugging Face model folder, or an f16 .gguf file")
     p.add_argument("--quants", default=",".join(DEFAULT_QUANTS), metavar="LIST",
-                   help=f"comma-separated levels to compare with f16 (default: {','.join(DEFAULT_QUANTS)})")
+                   help=f"comma-separated levels to compare with f16, any of convert's (any case), or 'all' "
+                        f"for the whole ladder (default: {','.join(DEFAULT_QUANTS)}); the levels that need an "
+                        "importance matrix need --imatrix")
     p.add_argument("--text", type=Path, metavar="FILE", help="evaluation text, UTF-8 (default: the shipped eval.txt)")
     p.add_argument("--ctx", type=int, default=DEFAULT_CTX, metavar="N", help=f"tokens per chunk (default: {DEFAULT_CTX})")
     p.add_argument("--work", type=Path, metavar="DIR",
@@ -63,6 +66,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
                    help="also measure each level quantized with this importance matrix, side by side")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="also draw quality against size (needs matplotlib)")
+    cpu_flags.add_no_repack(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     with err.status("starting", spinner="dots") as status:
         report = measure_quality(
             args.source, quants, text, args.ctx, args.work, args.threads, args.gen_tokens,
-            status=lambda line: status.update(line), imatrix=args.imatrix,
+            status=lambda line: status.update(line), imatrix=args.imatrix, no_repack=args.no_repack,
         )
     if args.plot is not None:
         write_plot(report, args.plot)
@@ -126,17 +130,30 @@ def _check_plot_target(path: Path) -> None:
 
 
 def write_plot(report: QualityReport, path: Path) -> None:
-    """Two panels against file size: mean KLD (with its 99th percentile) and perplexity."""
+    """Two panels against file size: mean KLD (with its 99th percentile; log scale, so the
+    whole ladder from q8_0 to iq1_s reads on one axis) and perplexity."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
+    from alpaca_local.measure.quality import BASELINE, IMATRIX_TAG
+
     levels = sorted(report.levels, key=lambda lv: lv.size_bytes)  # lines run left to right
     size = [lv.size_bytes / 1e6 for lv in levels]
-    fig, (ax_kld, ax_ppl) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    ax_kld.plot(size, [lv.stats.mean_kld for lv in levels], "o-", label="mean KLD")
-    ax_kld.plot(size, [lv.stats.kld_p99 for lv in levels], "s--", alpha=0.6, label="99th percentile")
+    wide = len(levels) > 8
+    fig, (ax_kld, ax_ppl) = plt.subplots(1, 2, figsize=(14, 6) if wide else (10, 4), constrained_layout=True)
+    quants = [lv for lv in levels if lv.quant != BASELINE and lv.stats.mean_kld > 0]  # log axis: no zero
+    for label, pick, style in (("plain", lambda lv: not lv.quant.endswith(IMATRIX_TAG), "o-"),
+                               ("with imatrix", lambda lv: lv.quant.endswith(IMATRIX_TAG), "^-")):
+        chosen = [lv for lv in quants if pick(lv)]
+        if chosen:
+            ax_kld.plot([lv.size_bytes / 1e6 for lv in chosen], [lv.stats.mean_kld for lv in chosen], style,
+                        label=f"mean KLD, {label}")
+    ax_kld.plot([lv.size_bytes / 1e6 for lv in quants], [lv.stats.kld_p99 for lv in quants], "s", alpha=0.4,
+                label="99th percentile")
+    if quants:
+        ax_kld.set_yscale("log")
     ax_kld.set_ylabel("KL divergence from f16 (nats)")
     ax_kld.legend()
     ax_ppl.errorbar(size, [lv.stats.perplexity for lv in levels], yerr=[lv.stats.perplexity_err for lv in levels],
@@ -146,7 +163,10 @@ def write_plot(report: QualityReport, path: Path) -> None:
         ax.set_xlabel("file size (MB)")
         ax.grid(alpha=0.3)
         for lv, x in zip(levels, size):
-            ax.annotate(lv.quant, (x, getattr(lv.stats, key)), textcoords="offset points", xytext=(4, 4))
+            if ax is ax_kld and lv not in quants:
+                continue
+            ax.annotate(lv.quant, (x, getattr(lv.stats, key)), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7 if wide else 10, rotation=30 if wide else 0)
     fig.suptitle(f"{report.model}: quality against size (ctx {report.n_ctx}, {report.n_scored} scored tokens)")
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -8,7 +8,7 @@ import os
 import re
 import sys
 
-from alpaca_local.cli import lora_flags
+from alpaca_local.cli import cpu_flags, gpu_split, lora_flags
 
 DESCRIPTION = """Serve a GGUF model on an OpenAI-compatible HTTP API: /v1/chat/completions
 (streaming and not), /v1/completions and /v1/models, built on llama-cpp-python's server.
@@ -48,8 +48,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
                    help=f"require 'Authorization: Bearer KEY' on every request (default: ${API_KEY_ENV}, else none)")
     p.add_argument("--alias", metavar="NAME", help="model name in /v1/models and responses (default: the file name)")
     p.add_argument("-c", "--ctx", type=int, default=2048, metavar="N", help="context length in tokens (default: 2048)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
-                   help="layers to offload to the GPU; -1 all (default: 0)")
+    gpu_split.add_arguments(p)
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: llama.cpp's)")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_WAITING, metavar="N",
                    help=f"requests that may wait behind the running one; more get 503 (default: {DEFAULT_MAX_WAITING})")
@@ -60,6 +59,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
                    help="allow browser pages from ORIGIN (e.g. http://localhost:3000) to call the API; "
                         "repeatable (default: none)")
     lora_flags.add_runtime_arguments(p)
+    cpu_flags.add_no_repack(p)
     p.add_argument("--show-prompt", action="store_true",
                    help="print each prompt and its token ids on stderr as the model receives them")
 
@@ -73,8 +73,12 @@ def run(args: argparse.Namespace) -> int:
     path = resolve_model(args.model)
     lora = lora_kwargs(args.lora, args.lora_scale, path)
     sock = bind(args.host, args.port)  # before loading: a busy port fails in a second, not after a load
-    llm = load_server_model(path, args.ctx, args.n_gpu_layers, args.threads,
-                            on_prompt=print_prompt if args.show_prompt else None, **lora)
+    split = gpu_split.resolve(args, path)
+    if split.note:
+        print(f"note: {split.note}", file=sys.stderr, flush=True)
+    llm = load_server_model(path, args.ctx, split.n_gpu_layers, args.threads,
+                            on_prompt=print_prompt if args.show_prompt else None, no_repack=args.no_repack,
+                            n_cpu_moe=split.n_cpu_moe, **lora)
     from alpaca_local.convert.split import model_name
 
     alias = args.alias or model_name(path)
@@ -102,7 +106,6 @@ def _check_args(args: argparse.Namespace) -> None:
     checks = [
         (0 <= args.port <= 65535, f"--port {args.port}: give 0 to 65535"),
         (args.threads is None or 1 <= args.threads <= 1024, f"--threads {args.threads}: give 1 to 1024"),
-        (args.n_gpu_layers >= -1, f"-ngl {args.n_gpu_layers}: give -1 (all) or more"),
         (args.api_key is None or args.api_key.strip() == args.api_key != "",
          "--api-key: give a key without spaces at its ends"),
         (0 <= args.max_queue <= 100_000, f"--max-queue {args.max_queue}: give 0 to 100000"),
@@ -115,6 +118,7 @@ def _check_args(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    gpu_split.check(args)
 
 
 def _check_extra() -> None:

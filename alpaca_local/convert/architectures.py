@@ -23,6 +23,13 @@ from typing import Any
 import gguf
 import numpy as np
 
+from alpaca_local.convert.experts import (
+    MIXTRAL_EXPERTS,
+    QWEN_MOE_EXPERTS,
+    ExpertLayout,
+    check_expert_counts,
+    check_qwen_moe,
+)
 from alpaca_local.source.config import ModelConfig
 from alpaca_local.errors import InputError, UnsupportedError
 
@@ -64,9 +71,9 @@ class Architecture:
     biases: Callable[[ModelConfig], Shapes] = _no_tensors
     # Source tensor names dropped whole (Gemma 2 never uses a saved lm_head).
     skip_names: frozenset[str] = frozenset()
-    # Tokenizer: "sentencepiece" (tokenizer.model) or "sentencepiece-or-bpe"
-    # (tokenizer.model when present, else tokenizer.json's byte-level BPE, as
-    # LlamaModel.set_vocab / Qwen2Model.set_vocab try them).
+    # Tokenizer: "sentencepiece" (tokenizer.model), "bpe" (tokenizer.json's byte-level
+    # BPE: TextModel.set_vocab) or "sentencepiece-or-bpe" (tokenizer.model when present,
+    # else the BPE, as LlamaModel.set_vocab / Qwen2Model.set_vocab try them).
     tokenizer: str = "sentencepiece"
     # tokenizer.ggml.add_space_prefix for the folder (None: not written).
     add_space_prefix: Callable[[Path], bool | None] = _no_space_prefix_key
@@ -89,6 +96,8 @@ class Architecture:
     strip_parts: tuple[str, ...] = ()
     # Refuses a config llama.cpp would run differently from the source model.
     check_config: Callable[[ModelConfig], None] = _no_check
+    # Mixture of experts: how the source stores one matrix per expert (None: dense).
+    experts: ExpertLayout | None = None
 
     @property
     def arch_name(self) -> str:
@@ -153,6 +162,9 @@ def _common_metadata(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
     _rope_scaling_metadata(w, cfg)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
+    if cfg.is_moe:  # conversion/base.py:1517-1522
+        w.add_expert_count(cfg.n_expert)
+        w.add_expert_used_count(cfg.n_expert_used)
     if cfg.explicit_head_dim:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
@@ -188,12 +200,26 @@ def _llama_metadata(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
     w.add_rope_dimension_count(cfg.head_dim)
 
 
+def _moe_ffn(shapes: Shapes, cfg: ModelConfig) -> Shapes:
+    """A MoE layer's feed-forward: the router and the stacked experts in place of the dense
+    FFN (llama.cpp's load_arch_tensors: ffn_gate_inp {n_embd, n_expert}, ffn_{gate,up}_exps
+    {n_embd, n_ff_exp, n_expert}, ffn_down_exps {n_ff_exp, n_embd, n_expert}; numpy order here)."""
+    if not cfg.is_moe:
+        return shapes
+    for kind in (T.FFN_GATE, T.FFN_UP, T.FFN_DOWN):
+        del shapes[kind]
+    n, ff, h = cfg.n_expert, cfg.expert_ff, cfg.hidden
+    shapes.update({T.FFN_GATE_INP: (n, h), T.FFN_GATE_EXP: (n, ff, h), T.FFN_UP_EXP: (n, ff, h),
+                   T.FFN_DOWN_EXP: (n, h, ff)})
+    return shapes
+
+
 def _llama_shapes(cfg: ModelConfig) -> Shapes:
     shapes = _attention_shapes(cfg)
     shapes[T.FFN_NORM] = (cfg.hidden,)
     if not cfg.tie_embeddings:
         shapes[T.OUTPUT] = (cfg.vocab_size, cfg.hidden)
-    return shapes
+    return _moe_ffn(shapes, cfg)  # llama.cpp's llama arch is Mixtral's too (n_expert > 0)
 
 
 def llama3_rope_factors(cfg: ModelConfig) -> np.ndarray | None:
@@ -262,6 +288,15 @@ LLAMA = Architecture(
 # The reference converter registers MistralForCausalLM on LlamaModel: same
 # tensors, permutation and metadata, SentencePiece vocabulary.
 MISTRAL = replace(LLAMA, hf_class="MistralForCausalLM", description="Mistral 7B")
+
+
+# Mixtral 8x7B / 8x22B: the reference registers MixtralForCausalLM on LlamaModel too; the
+# per-expert w1/w2/w3 are stacked into ffn_gate/down/up_exps (conversion/llama.py:262-290),
+# and llama.cpp's llama arch runs them when expert_count > 0 (src/models/llama.cpp:69-90).
+MIXTRAL = replace(
+    LLAMA, hf_class="MixtralForCausalLM", description="Mixtral 8x7B / 8x22B (mixture of experts)",
+    experts=MIXTRAL_EXPERTS, check_config=lambda cfg: check_expert_counts(cfg, ("num_local_experts",)),
+)
 
 
 # --------------------------------------------------------------------------
@@ -355,6 +390,52 @@ QWEN3 = Architecture(
     metadata=_qwen2_metadata,  # Qwen3Model inherits Qwen2Model.set_gguf_parameters
     shapes=_qwen3_shapes,
     tokenizer="sentencepiece-or-bpe",
+)
+
+
+# --------------------------------------------------------------------------
+# Qwen3-MoE and Qwen2-MoE (conversion/qwen.py Qwen3MoeModel, Qwen2MoeModel)
+# --------------------------------------------------------------------------
+
+
+def _qwen_moe_metadata(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
+    # Qwen2MoeModel.set_gguf_parameters (conversion/qwen.py:81-88), which Qwen3MoeModel inherits.
+    _common_metadata(w, cfg)
+    if cfg.n_ff_exp:
+        w.add_expert_feed_forward_length(cfg.n_ff_exp)
+    if cfg.n_ff_shexp:
+        w.add_expert_shared_feed_forward_length(cfg.n_ff_shexp)
+
+
+def _qwen2moe_shapes(cfg: ModelConfig) -> Shapes:
+    # The shared expert beside the routed ones, and its sigmoid gate (src/models/qwen2moe.cpp:52-57;
+    # HF stores shared_expert_gate as [1, n_embd], llama.cpp reads it as {n_embd}).
+    shapes = _llama_shapes(cfg)  # the routed experts come with it (_moe_ffn)
+    ff, h = cfg.n_ff_shexp, cfg.hidden
+    shapes.update({T.FFN_GATE_INP_SHEXP: (1, h), T.FFN_GATE_SHEXP: (ff, h), T.FFN_UP_SHEXP: (ff, h),
+                   T.FFN_DOWN_SHEXP: (h, ff)})
+    return shapes
+
+
+def _check_qwen2moe(cfg: ModelConfig) -> None:
+    check_qwen_moe(cfg, norm_topk=False, arch_name="qwen2moe")
+    if not cfg.n_ff_shexp:
+        raise InputError("config.json lacks shared_expert_intermediate_size, the shared expert's width")
+
+
+# Qwen3's attention and tensors; _llama_shapes puts the experts in (_moe_ffn).
+QWEN3MOE = replace(
+    QWEN3, hf_class="Qwen3MoeForCausalLM", gguf_arch=gguf.MODEL_ARCH.QWEN3MOE,
+    description="Qwen3 MoE (30B-A3B, 235B-A22B)", metadata=_qwen_moe_metadata,
+    tokenizer="bpe",  # Qwen2MoeModel keeps TextModel.set_vocab (conversion/base.py:1403)
+    check_config=lambda cfg: check_qwen_moe(cfg, norm_topk=True, arch_name="qwen3moe"),
+    experts=QWEN_MOE_EXPERTS,
+)
+
+QWEN2MOE = replace(
+    QWEN3MOE, hf_class="Qwen2MoeForCausalLM", gguf_arch=gguf.MODEL_ARCH.QWEN2MOE,
+    description="Qwen1.5-MoE / Qwen2-MoE (shared expert)", shapes=_qwen2moe_shapes, biases=_qwen2_biases,
+    check_config=_check_qwen2moe,
 )
 
 
@@ -464,9 +545,17 @@ GEMMA3_MM = replace(
 )
 
 ARCHITECTURES: dict[str, Architecture] = {
-    a.hf_class: a for a in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3, GEMMA3_MM)
+    a.hf_class: a for a in (LLAMA, MISTRAL, MIXTRAL, QWEN2, QWEN3, QWEN3MOE, QWEN2MOE, GEMMA2, GEMMA3, GEMMA3_MM)
 }
 SUPPORTED = {name: arch.description for name, arch in ARCHITECTURES.items()}
+# Architectures convert refuses, with the reason its error gives.
+REFUSED = {
+    # conversion/gpt_oss.py: the experts ship as MXFP4 blocks + scales (uint8), which the reference
+    # repacks bit for bit into an MXFP4_MOE file; on top come attention sinks, biased experts with
+    # interleaved gate/up columns and the clamped SwiGLU: none of it is here yet.
+    "GptOssForCausalLM": "gpt-oss's experts ship as MXFP4 blocks, which llama.cpp's route repacks into "
+                         "an MXFP4_MOE file; use its convert_hf_to_gguf.py (chat and serve run the GGUF it writes)",
+}
 CONFIG_DEFAULTS = {name: arch.config_defaults for name, arch in ARCHITECTURES.items() if arch.config_defaults}
 
 

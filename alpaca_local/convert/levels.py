@@ -34,11 +34,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from alpaca_local.convert import quant_rules
+from alpaca_local.convert import quant_levels
 from alpaca_local.convert.atomic import atomic_write_all, check_targets
 from alpaca_local.convert.lora_merge import one_blas_thread
 from alpaca_local.convert.pipeline import (
     ConversionPlan,
+    ImatrixRequired,
     Progress,
     TensorJob,
     _encode,
@@ -46,68 +47,46 @@ from alpaca_local.convert.pipeline import (
     _padded,
     _read_ahead,
     _write_header,
+    levels_needing_imatrix,
     plan_conversion,
 )
 from alpaca_local.convert.split import KEY_COUNT, KEY_NO, KEY_TENSORS, SplitRule, part_of_each, part_paths
-from alpaca_local.errors import UsageError
 from alpaca_local.source.adapter import Adapter
 from alpaca_local.source.tensors import TensorRef
-
-# Named sets for `--quant`. "publish": the levels GGUF publishers commonly ship (the set the
-# issue names: 8-bit for near-lossless, 6/5/4-bit K-quants, IQ4_XS as the smallest good 4-bit).
-# A level this build's quant_rules does not know is left out of the set, not an error.
-LEVEL_SETS: dict[str, tuple[str, ...]] = {
-    "publish": ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs"),
-}
 
 WriteProgress = Callable[[int, int], None]  # (level index, bytes just written to that level)
 
 
-def level_set(name: str) -> tuple[str, ...]:
-    """The levels of a named set that this build knows, in the set's order."""
-    return tuple(q for q in LEVEL_SETS[name] if q in quant_rules.QUANTS)
-
-
-def parse_levels(spec: str) -> tuple[str, ...]:
-    """`q8_0,q4_k_m` or `publish` (or both, `publish,f16`) -> the levels, each once, in the order given."""
-    levels: list[str] = []
-    for item in (part.strip().lower() for part in spec.split(",")):
-        if not item:
-            continue
-        if item in LEVEL_SETS:
-            levels += level_set(item)
-        elif item in quant_rules.QUANTS:
-            levels.append(item)
-        else:
-            sets = ", ".join(f"{n} ({','.join(level_set(n))})" for n in LEVEL_SETS)
-            raise UsageError(f"unknown quant level {item!r}; choose from {', '.join(quant_rules.QUANTS)} "
-                             f"(several separated by commas) or a set: {sets}")
-    if not levels:
-        raise UsageError(f"--quant {spec!r} names no level; e.g. --quant q4_k_m or --quant q8_0,q4_k_m")
-    return tuple(dict.fromkeys(levels))
-
-
 def plan_levels(
     source: Path, levels: Sequence[str], imatrix: Path | None = None, *, adapters: Sequence[Adapter] = (),
-    weights: dict[str, TensorRef] | None = None, name: str | None = None,
+    weights: dict[str, TensorRef] | None = None, name: str | None = None, expect_imatrix: bool = False,
 ) -> tuple[ConversionPlan, ...]:
-    """One plan per level, each what a single-level convert of that level plans; the source's
-    tensors are indexed once and shared (a streamed Hub source has one stream per file).
+    """One plan per level (canonical names, `quant_levels.parse_list`), each what a single-level
+    convert of that level plans; the source's tensors are indexed once and shared (a streamed
+    Hub source has one stream per file).
 
-    The imatrix applies to every quantized level; an f16 level among them is written plain
-    (an importance matrix changes nothing in a 16-bit file)."""
-    first = plan_conversion(source, levels[0], imatrix if levels[0] != "f16" else None, adapters=adapters,
-                            weights=weights, name=name)  # every check a single-level convert makes, first
+    The imatrix applies to every quantized level; a 16/32-bit level among them is written
+    plain (the converter's own output types take none). Without one (and without
+    `expect_imatrix`: --calibrate computes it later), the levels llama-quantize refuses
+    without an importance matrix are refused together, before any tensor data is read."""
+    def plan(q: str, weights: dict[str, TensorRef] | None) -> ConversionPlan:
+        plain = quant_levels.LEVELS[q].converter_outtype
+        return plan_conversion(source, q, None if plain else imatrix, adapters=adapters, weights=weights,
+                               name=name, expect_imatrix=expect_imatrix and not plain)
+
+    first = plan(levels[0], weights)  # every check a single-level convert makes, first
+    if imatrix is None and not expect_imatrix:
+        needs = [q for q in levels if q in levels_needing_imatrix(first, levels)]
+        if needs:
+            raise ImatrixRequired(f"{', '.join(needs)} need{'s' if len(needs) == 1 else ''} an importance matrix, "
+                                  "as llama-quantize does; add --imatrix FILE or --calibrate, or leave "
+                                  f"{'it' if len(needs) == 1 else 'them'} out")
     if weights is None and len(levels) > 1:
         from alpaca_local.source.weights import read_weights
 
         weights = read_weights(source)
     # Every level reads the same tokenizer files: keep one vocabulary (Gemma's 262k tokens) for all.
-    return (first, *(
-        replace(plan_conversion(source, q, imatrix if q != "f16" else None, adapters=adapters, weights=weights,
-                                name=name), vocab=first.vocab)
-        for q in levels[1:]
-    ))
+    return (first, *(replace(plan(q, weights), vocab=first.vocab) for q in levels[1:]))
 
 
 @dataclass(frozen=True)
@@ -173,13 +152,25 @@ def _write_part_header(out: LevelOutput, no: int, path: Path) -> int:
     return _padded(path.stat().st_size)
 
 
-def _placements(out: LevelOutput, paths: Sequence[Path]) -> dict[str, tuple[int, int]]:
-    """Write each part's header, size the part, and return job name -> (part, data offset)."""
-    placed: dict[str, tuple[int, int]] = {}
+Unit = tuple[str, int]  # (tensor name, expert): what one read fills; a stacked-experts tensor has one per expert
+
+
+def _units(plan: ConversionPlan) -> dict[Unit, TensorJob]:
+    """The jobs the source is read as: each job, or each expert of a stacked-experts job (`job.parts`)."""
+    return {(job.name, e): part for job in plan.jobs for e, part in enumerate(job.parts or (job,))}
+
+
+def _placements(out: LevelOutput, paths: Sequence[Path]) -> dict[Unit, tuple[int, int]]:
+    """Write each part's header, size the part, and return each unit -> (part, data offset):
+    expert e's rows follow expert e-1's, as `pipeline._read_order` places them."""
+    placed: dict[Unit, tuple[int, int]] = {}
     for no, path in enumerate(paths):
         offset = _write_part_header(out, no, path)
         for job in out.jobs_in(no):
-            placed[job.name] = (no, offset)
+            at = offset
+            for e, part in enumerate(job.parts or (job,)):
+                placed[(job.name, e)] = (no, at)
+                at += part.nbytes
             offset += _padded(job.nbytes)
         os.truncate(path, offset)  # padding and alignment gaps read as zeros
     return placed
@@ -224,10 +215,11 @@ def write_levels(
     return LevelsResult(tuple(results), time.perf_counter() - t0, peak)
 
 
-def _stream(outputs: Sequence[LevelOutput], handles: list[list], placements: list[dict[str, tuple[int, int]]],
+def _stream(outputs: Sequence[LevelOutput], handles: list[list], placements: list[dict[Unit, tuple[int, int]]],
             workers: int, read_progress: Progress | None, write_progress: WriteProgress | None) -> None:
     """Read the first level's jobs in source order; encode each chunk once per distinct type; write it everywhere."""
-    by_name = [{job.name: job for job in out.plan.jobs} for out in outputs]
+    by_unit = [_units(out.plan) for out in outputs]
+    unit_of = {id(job): unit for unit, job in by_unit[0].items()}  # _read_ahead yields these very jobs
     # Encode tasks in flight: 2 x workers as in pipeline._write_tensor_data, plus one chunk's worth
     # (a task per level), so the workers have the next chunk's tasks while the oldest one drains.
     window = 2 * workers + len(outputs)
@@ -237,8 +229,9 @@ def _stream(outputs: Sequence[LevelOutput], handles: list[list], placements: lis
 
         def drain_one() -> int:
             lead, start, stop, jobs, encoded = pending.popleft()
+            unit = unit_of[id(lead)]
             for level, job in enumerate(jobs):
-                part, offset = placements[level][job.name]
+                part, offset = placements[level][unit]
                 f = handles[level][part]
                 if start == 0:  # a tensor's chunks arrive in order, so only its first one seeks
                     f.seek(offset)
@@ -252,7 +245,7 @@ def _stream(outputs: Sequence[LevelOutput], handles: list[list], placements: lis
 
         try:
             for lead, _, start, stop, raw in _read_ahead(outputs[0].plan, 0, window):
-                jobs = [names[lead.name] for names in by_name]
+                jobs = [units[unit_of[id(lead)]] for units in by_unit]
                 encoded: dict[object, Future[bytes]] = {}
                 for job in jobs:
                     # The bytes depend on the rows and the type only: every level's job of a

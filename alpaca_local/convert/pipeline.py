@@ -28,15 +28,17 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from alpaca_local.convert import quant_rules
+from alpaca_local.convert import quant_levels, quant_rules
 from alpaca_local.convert.architectures import (
     ARCHITECTURES,
     CONFIG_DEFAULTS,
+    REFUSED,
     SUPPORTED,
     Architecture,
     map_name,
 )
 from alpaca_local.convert.atomic import atomic_write, check_target
+from alpaca_local.convert.experts import StackedTensor, stack_experts
 from alpaca_local.convert.imatrix_file import check_against_model, quantize_kv, read_imatrix
 from alpaca_local.convert.lora_merge import MergePlan, merge_rows, merged_name, one_blas_thread, plan_merge
 from alpaca_local.source.adapter import Adapter, LoraPair
@@ -86,7 +88,7 @@ class GeneratedTensor:
 
 @dataclass(frozen=True)
 class TensorJob:
-    source: TensorRef | GeneratedTensor
+    source: TensorRef | GeneratedTensor | StackedTensor
     name: str  # GGUF name
     kind: gguf.MODEL_TENSOR
     ggml_type: gguf.GGMLQuantizationType
@@ -98,6 +100,9 @@ class TensorJob:
     imatrix: np.ndarray | None = None
     # LoRAs merged into the source rows, in order, before anything else (lora_merge).
     lora: tuple[LoraPair, ...] = ()
+    # Stacked experts: one job per expert, whose data follow one another as this
+    # tensor's (each with its expert's imatrix slice and LoRAs); written part by part.
+    parts: tuple[TensorJob, ...] = ()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -157,20 +162,20 @@ def llama_cpp_order(name: str) -> tuple[int, str]:
 
 
 def _map_tensors(
-    cfg: ModelConfig, arch: Architecture, refs: dict[str, TensorRef]
-) -> list[tuple[TensorRef | GeneratedTensor, str, gguf.MODEL_TENSOR]]:
+    cfg: ModelConfig, arch: Architecture, refs: dict[str, TensorRef | StackedTensor]
+) -> list[tuple[TensorRef | GeneratedTensor | StackedTensor, str, gguf.MODEL_TENSOR]]:
     name_map = gguf.get_tensor_name_map(arch.gguf_arch, cfg.n_layer)
     expected = arch.expected_tensors(cfg)
     generated = {
         f"{gguf.TENSOR_NAMES[kind]}.weight": (kind, values) for kind, values in arch.extra_tensors(cfg).items()
     }
-    mapped: dict[str, tuple[TensorRef | GeneratedTensor, str, gguf.MODEL_TENSOR]] = {}
+    mapped: dict[str, tuple[TensorRef | GeneratedTensor | StackedTensor, str, gguf.MODEL_TENSOR]] = {}
     for hf_name, ref in refs.items():
         m = map_name(arch, name_map, hf_name)
         if m is None:
             continue
         if m.layer is not None and not 0 <= m.layer < cfg.n_layer:
-            raise InputError(f"tensor {hf_name!r} is for layer {m.layer} but config.json has {cfg.n_layer} layers")
+            raise InputError(f"tensor {ref.name!r} is for layer {m.layer} but config.json has {cfg.n_layer} layers")
         if m.gguf_name in mapped:
             raise InputError(f"tensors {mapped[m.gguf_name][0].name!r} and {hf_name!r} both map to {m.gguf_name}")
         shape = expected[m.gguf_name][1] if m.gguf_name in expected and m.gguf_name not in generated else None
@@ -180,7 +185,7 @@ def _map_tensors(
             raise InputError(f"tensor {hf_name!r} ({m.gguf_name}) is not used by {arch.hf_class}")
         if ref.shape != shape:
             raise InputError(
-                f"tensor {hf_name!r} has shape {list(ref.shape)} but config.json implies {list(shape)}; "
+                f"tensor {ref.name!r} has shape {list(ref.shape)} but config.json implies {list(shape)}; "
                 "the weights do not match the config"
             )
         mapped[m.gguf_name] = (ref, m.gguf_name, m.kind)
@@ -200,7 +205,7 @@ def _map_tensors(
 def _load_vocab(source: Path, arch: Architecture, cfg: ModelConfig) -> Vocab:
     # LlamaModel.set_vocab / Qwen2Model.set_vocab: SentencePiece when there is a
     # tokenizer.model, else tokenizer.json's byte-level BPE.
-    if arch.tokenizer == "sentencepiece-or-bpe" and not (source / "tokenizer.model").is_file():
+    if arch.tokenizer == "bpe" or (arch.tokenizer == "sentencepiece-or-bpe" and not (source / "tokenizer.model").is_file()):
         vocab = load_bpe_vocab(source, cfg.vocab_size)
     else:
         vocab = load_vocab(source, cfg.vocab_size)
@@ -210,7 +215,7 @@ def _load_vocab(source: Path, arch: Architecture, cfg: ModelConfig) -> Vocab:
 
 def plan_conversion(
     source: Path, quant: str, imatrix: Path | None = None, *, adapters: Sequence[Adapter] = (),
-    weights: dict[str, TensorRef] | None = None, name: str | None = None,
+    weights: dict[str, TensorRef] | None = None, name: str | None = None, expect_imatrix: bool = False,
 ) -> ConversionPlan:
     """Check the whole input and decide every output tensor, without touching the data.
 
@@ -220,17 +225,21 @@ def plan_conversion(
     `source.adapter.read_adapter`) are merged into the weights in order as they
     stream; see `lora_merge`. `weights` and `name` come from a Hub source
     (`source.hub.HubSource`): its tensors (streamed or cached) and the repository's
-    name; `source` then holds the small files.
+    name; `source` then holds the small files. `quant` is any level name (`quant_levels`,
+    any case, aliases); a level llama-quantize refuses without an importance matrix is
+    refused here too, before any tensor data is read, unless `expect_imatrix` (--calibrate
+    computes one later: the types are then chosen as with one).
     """
-    if imatrix is not None and quant == "f16":
-        raise UsageError("--imatrix only applies to quantized levels (q8_0, q4_0, q4_k_m, q5_k_m), not f16")
+    level = quant_levels.usable(quant)
+    quant = level.name
+    if imatrix is not None and level.converter_outtype:
+        raise UsageError(f"--imatrix only applies to quantized levels, not {quant}")
     if not source.exists():
         raise InputError(f"{source} does not exist; give the path of a Hugging Face model folder")
     if not source.is_dir():
         raise InputError(f"{source} is not a folder; give the Hugging Face model folder that holds config.json")
-    quant_rules.file_type(quant)  # unknown quant names fail before any reading
     imat = read_imatrix(imatrix) if imatrix is not None else None
-    cfg = load_config(source, SUPPORTED, CONFIG_DEFAULTS)
+    cfg = load_config(source, SUPPORTED, CONFIG_DEFAULTS, REFUSED)
     arch = ARCHITECTURES[cfg.hf_arch]
     arch.check(cfg)
     if source_is_quantized(cfg):
@@ -247,22 +256,32 @@ def plan_conversion(
     if adapters:
         merge = plan_merge(refs, adapters, cfg.hf_arch, cfg.vocab_size)
         refs, cfg = merge.refs, replace(cfg, vocab_size=merge.vocab_size)
-    tensors = _map_tensors(cfg, arch, refs)
+    tensors = _map_tensors(cfg, arch, stack_experts(refs, arch.experts, cfg.n_expert) if arch.experts else refs)
     vocab = _load_vocab(merge.vocab_folder if merge and merge.vocab_folder else source, arch, cfg)
     if merge and merge.chat_template:
         vocab.chat_template = merge.chat_template  # the adapter's template wins over the base's
     if vocab.chat_template is None:
         vocab.chat_template = ALPACA_CHAT_TEMPLATE
     lora_of = {merge.refs[name]: pairs for name, pairs in merge.ops.items()} if merge else {}
-    facts = quant_rules.ModelFacts(arch=arch.arch_name, n_layer=cfg.n_layer, n_head=cfg.n_head, n_head_kv=cfg.n_kv_head)
+    facts = quant_rules.ModelFacts(arch=arch.arch_name, n_layer=cfg.n_layer, n_head=cfg.n_head, n_head_kv=cfg.n_kv_head,
+                                   n_expert=cfg.n_expert)
     specs = [quant_rules.TensorSpec(name=f"{name}", shape=ref.shape) for ref, name, _ in tensors]
-    types = quant_rules.choose_types(specs, quant, facts, has_imatrix=imat is not None)
+    types, needs = _choose_types(level, specs, facts, imat is not None or expect_imatrix)
+    if level.trained_for:
+        notes += (f"{quant} keeps little more than the sign of each weight and a scale: it suits models trained "
+                  f"{level.trained_for}; other models lose most of their quality",)
     importance: dict[str, np.ndarray] = {}
     imatrix_kv: tuple[tuple[str, str | int], ...] = ()
     if imat is not None:
-        check_against_model(imat, imatrix, {name: ref.shape[-1] for ref, name, _ in tensors if len(ref.shape) == 2})
+        # One value per input column, and per expert for a 3-D weight (ne[0] x ne[2]: llama-quant.cpp:1281).
+        check_against_model(imat, imatrix, {name: ref.shape[-1] * (ref.shape[0] if len(ref.shape) == 3 else 1)
+                                            for ref, name, _ in tensors if len(ref.shape) in (2, 3)})
         importance = imat.importance()
         imatrix_kv = quantize_kv(imatrix, imat)
+        missing = [name for name in needs if name not in importance]
+        if missing:  # llama-quant.cpp:1393: "Missing importance matrix for tensor ... bailing out"
+            raise InputError(f"{imatrix} has no importance data for {missing[0]}, which {quant} needs "
+                             f"({len(missing)} such tensor(s)); compute the imatrix on this model")
     jobs = [
         TensorJob(
             ref, name, kind, ggml_type,
@@ -273,13 +292,60 @@ def plan_conversion(
         )
         for (ref, name, kind), ggml_type in zip(tensors, types)
     ]
+    jobs = [_with_parts(job, lora_of) if isinstance(job.source, StackedTensor) else job for job in jobs]
     if merge:
-        _check_all_used(merge, {job.source for job in jobs if isinstance(job.source, TensorRef)}, arch)
-    if quant != "f16":  # an f16 file is the converter's output; quantize rewrites it in its own order
+        used = {part.source for job in jobs for part in (job.parts or (job,))}
+        _check_all_used(merge, {ref for ref in used if isinstance(ref, TensorRef)}, arch)
+    if not level.converter_outtype:  # the converter's own output keeps its order; quantize rewrites it in its own
         jobs.sort(key=lambda job: llama_cpp_order(job.name))
     base_name = name or source.resolve().name
     return ConversionPlan(source, merged_name(adapters) if adapters else base_name, quant, cfg, arch, vocab,
                           tuple(jobs), notes, imatrix_kv, merge, base_name)
+
+
+def _with_parts(job: TensorJob, lora_of: dict[TensorRef, tuple[LoraPair, ...]]) -> TensorJob:
+    """A stacked-experts job with one part per expert: expert e's rows follow expert e-1's in the
+    tensor's data, with its slice of the importance matrix (llama-quantize reads n_expert x ne0
+    values for a 3-D weight and gives expert e the e-th run: llama-quant.cpp:779-785)."""
+    assert isinstance(job.source, StackedTensor)
+    ne0 = job.shape[-1]
+    parts = tuple(
+        replace(job, source=ref, lora=lora_of.get(ref, ()),
+                imatrix=None if job.imatrix is None else job.imatrix[e * ne0:(e + 1) * ne0])
+        for e, ref in enumerate(job.source.parts)
+    )
+    return replace(job, parts=parts, imatrix=None)
+
+
+class ImatrixRequired(UsageError):
+    """The level needs an importance matrix for this model, as llama-quantize does."""
+
+
+def _choose_types(
+    level: quant_levels.Level, specs: list[quant_rules.TensorSpec], facts: quant_rules.ModelFacts, imatrix: bool,
+) -> tuple[list[gguf.GGMLQuantizationType], list[str]]:
+    """The type of each tensor at `level`, and the tensors among them that need importance
+    data; without `imatrix` such a level is refused as llama-quantize refuses it
+    (llama-quant.cpp:1131-1145), in one line that says what to add."""
+    if level.experts_only and not facts.n_expert:
+        raise UsageError(f"{level.name} only changes mixture-of-experts tensors and this model has none (the file "
+                         "would be q8_0 under another name); use --quant q8_0")
+    types = quant_rules.choose_types(specs, level.name, facts, has_imatrix=imatrix)
+    needs = quant_rules.imatrix_required(specs, types, level.name)
+    if needs and not imatrix:
+        first = next(ty for spec, ty in zip(specs, types) if spec.name == needs[0])
+        raise ImatrixRequired(f"{level.name} needs an importance matrix, as llama-quantize does ({needs[0]} would be "
+                         f"{first.name}); add --imatrix FILE or --calibrate")
+    return types, needs
+
+
+def levels_needing_imatrix(plan: ConversionPlan, quants: Sequence[str]) -> set[str]:
+    """Which of `quants` llama-quantize refuses without an importance matrix for `plan`'s model
+    (any level's plan will do: only names and shapes count), without reading anything again."""
+    facts = quant_rules.ModelFacts(arch=plan.arch.arch_name, n_layer=plan.config.n_layer, n_head=plan.config.n_head,
+                                   n_head_kv=plan.config.n_kv_head, n_expert=plan.config.n_expert)
+    specs = [quant_rules.TensorSpec(job.name, job.shape) for job in plan.jobs]
+    return {q for q in quants if quant_rules.imatrix_required(specs, quant_rules.choose_types(specs, q, facts), q)}
 
 
 def _check_all_used(merge: MergePlan, used: set[TensorRef], arch: Architecture) -> None:
@@ -308,11 +374,10 @@ def _header_writer(plan: ConversionPlan, path: Path) -> gguf.GGUFWriter:
     w = gguf.GGUFWriter(path, plan.arch.arch_name)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(plan.name)
-    # "7B"-style label that LM Studio and Ollama show; gguf-py's rule, as the reference converter uses.
-    w.add_size_label(gguf.size_label(sum(j.source.n_elements for j in plan.jobs), 0, 0, 0))
+    w.add_size_label(size_label(plan.jobs))
     plan.arch.metadata(w, cfg)
     w.add_file_type(quant_rules.file_type(plan.quant))
-    if plan.quant != "f16":
+    if not quant_levels.LEVELS[plan.quant].converter_outtype:  # see KNOWN_DIFFERENCES in test_architectures
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value in plan.imatrix_kv:  # INT overrides are written as u32 (llama-quant.cpp:1039)
         if isinstance(value, str):
@@ -324,8 +389,36 @@ def _header_writer(plan: ConversionPlan, path: Path) -> gguf.GGUFWriter:
         _provenance(w, plan)
     for job in plan.jobs:
         # A float dtype makes gguf-py take `shape` as the element shape (uint8 would mean bytes).
-        w.add_tensor_info(job.name, job.shape, np.dtype(np.float32), job.nbytes, raw_dtype=job.ggml_type)
+        w.add_tensor_info(job.name, _file_shape(job.shape, plan.quant), np.dtype(np.float32), job.nbytes,
+                          raw_dtype=job.ggml_type)
     return w
+
+
+def _file_shape(shape: tuple[int, ...], quant: str) -> tuple[int, ...]:
+    """The shape as the file stores it. llama-quantize re-adds every tensor with gguf_add_tensor,
+    which writes ggml_n_dims dimensions (ggml/src/gguf.cpp:1546, from llama-quant.cpp:1119), so
+    trailing ggml 1s (leading numpy ones: Qwen2-MoE's [1, n_embd] shared-expert gate) are dropped;
+    the converter's f16 file keeps the numpy shape."""
+    if quant == "f16":
+        return shape
+    keep = next((i for i, n in enumerate(shape) if n != 1), len(shape) - 1)
+    return shape[keep:]
+
+
+def size_label(jobs: Sequence[TensorJob]) -> str:
+    """The "7B" / "8x7B"-style label LM Studio and Ollama show: gguf-py's size_label over the sums of
+    GGUFWriter.get_total_parameter_count (gguf_writer.py:113-160), as the reference converter
+    computes it (conversion/base.py:1191-1211): experts count once per expert, times the count."""
+    total = shared = expert = expert_sum = n_expert_tensors = 0
+    for job in jobs:
+        size = job.source.n_elements
+        if "_exps." in job.name and len(job.shape) >= 3:
+            count = job.shape[-2 if ".bias" in job.name else -3]
+            expert, expert_sum, n_expert_tensors = expert + size // count, expert_sum + count, n_expert_tensors + 1
+        else:
+            shared += size
+        total += size
+    return gguf.size_label(total, shared, expert, expert_sum // n_expert_tensors if n_expert_tensors else 0)
 
 
 def _provenance(w: gguf.GGUFWriter, plan: ConversionPlan) -> None:
@@ -395,9 +488,11 @@ def _read(job: TensorJob, start: int, stop: int) -> np.ndarray:
 
 def _encode(job: TensorJob, start: int, stop: int, raw: np.ndarray) -> bytes:
     src = job.source
-    same = (src.dtype, job.ggml_type) in (("F16", gguf.GGMLQuantizationType.F16), ("F32", gguf.GGMLQuantizationType.F32))
-    if same and job.rope_head_dim is None and not job.offset and not job.lora:
+    plain = job.rope_head_dim is None and not job.offset and not job.lora
+    if plain and (src.dtype, job.ggml_type.name) in (("F16", "F16"), ("F32", "F32")):
         return raw.tobytes()  # identical bytes: copy, do not round-trip through float32
+    if plain and (src.dtype, job.ggml_type.name) == ("BF16", "BF16"):
+        return _quiet_bf16_nans(raw).tobytes()  # the converter's f32 round trip, minus the work
     rows = widen(raw, src.dtype)
     if job.lora:
         rows = merge_rows(rows, job.lora, start, stop)
@@ -412,6 +507,13 @@ def _encode(job: TensorJob, start: int, stop: int, raw: np.ndarray) -> bytes:
     return quantize_rows(rows, job.ggml_type, job.imatrix).tobytes()
 
 
+def _quiet_bf16_nans(bits: np.ndarray) -> np.ndarray:
+    """BF16 bits as the converter writes them back after widening to float32: a NaN gets
+    its quiet bit (gguf-py's BF16.quantize_blocks, ggml_compute_fp32_to_bf16)."""
+    nan = (bits & 0x7FFF) > 0x7F80
+    return bits | (nan.astype(np.uint16) << 6) if nan.any() else bits
+
+
 def _read_order(plan: ConversionPlan, data_start: int) -> list[tuple[TensorJob, int]]:
     """(job, where its data goes in the output), in the order the sources are read.
 
@@ -420,7 +522,10 @@ def _read_order(plan: ConversionPlan, data_start: int) -> list[tuple[TensorJob, 
     """
     placed, offset = [], data_start
     for job in plan.jobs:
-        placed.append((job, offset))
+        at = offset
+        for part in job.parts or (job,):  # stacked experts: each expert's data after the last one's
+            placed.append((part, at))
+            at += part.nbytes
         offset += _padded(job.nbytes)
 
     def key(item: tuple[TensorJob, int]) -> tuple[str, int]:

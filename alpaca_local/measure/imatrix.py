@@ -280,11 +280,16 @@ class ImatrixRun:
     SIGTERM at any point raises KeyboardInterrupt at the next check (`close()` always)."""
 
     def __init__(self, model: Path, n_ctx: int = DEFAULT_CTX, threads: int | None = None,
-                 n_gpu_layers: int = 0, process_output: bool = False) -> None:
+                 n_gpu_layers: int = 0, process_output: bool = False, no_repack: bool = False) -> None:
+        from alpaca_local.run import cpu_buffers
         from alpaca_local.run.chat import check_context, read_model_info, silence_llama_cpp
 
-        check_context(n_ctx, read_model_info(model))
+        info = read_model_info(model)
+        check_context(n_ctx, info)
         silence_llama_cpp()
+        # Placed as chat places it (an AMX build crashes otherwise), pre-flight included.
+        self.placement = cpu_buffers.load_placement(info.header, no_repack, n_gpu_layers)
+        cpu_buffers.preflight(model, info.header, self.placement, n_gpu_layers)
         self.n_ctx = n_ctx
         self.done = 0  # chunks merged so far
         self.collector = Collector(process_output)
@@ -300,8 +305,11 @@ class ImatrixRun:
     def _load(self, model: Path, n_ctx: int, threads: int | None, n_gpu_layers: int) -> None:
         import llama_cpp
 
+        from alpaca_local.run.cpu_buffers import apply
+
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
+        keep = apply(mp, self.placement)  # noqa: F841  (the overrides must outlive the load)
         self._model = llama_cpp.llama_model_load_from_file(str(model).encode(), mp)
         if not self._model:
             raise InputError(f"llama.cpp could not load {model}; is it a complete, supported model?")
@@ -402,9 +410,9 @@ class ImatrixRun:
 
 def compute_imatrix(model: Path, text: str, dataset: str, n_ctx: int = DEFAULT_CTX, n_chunks: int | None = None,
                     threads: int | None = None, n_gpu_layers: int = 0,
-                    progress: Callable[[ChunkDone], None] | None = None) -> Imatrix:
+                    progress: Callable[[ChunkDone], None] | None = None, no_repack: bool = False) -> Imatrix:
     """The whole run in one call (Ctrl-C propagates; use ImatrixRun to keep a partial result)."""
-    run = ImatrixRun(model, n_ctx, threads, n_gpu_layers)
+    run = ImatrixRun(model, n_ctx, threads, n_gpu_layers, no_repack=no_repack)
     try:
         run.run(run.chunks(text, n_chunks), progress)
         return run.result([dataset])

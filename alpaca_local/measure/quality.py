@@ -189,12 +189,11 @@ def scored_targets(chunk: Sequence[int], n_ctx: int) -> np.ndarray:
 
 
 def parse_quants(spec: str) -> list[str]:
-    """"q4_0,q8_0" -> ["q4_0", "q8_0"]; f16 is always the baseline, so it is dropped here."""
-    names = [q.strip().lower() for q in spec.split(",") if q.strip()]
-    bad = [q for q in names if q not in QUANTS]
-    if bad:
-        raise UsageError(f"unknown quant level {bad[0]!r}; choose from {', '.join(q for q in QUANTS if q != BASELINE)}")
-    chosen = list(dict.fromkeys(q for q in names if q != BASELINE))
+    """"q4_0,Q8_0" -> ["q4_0", "q8_0"] (any level, any case, aliases; "all": the whole ladder);
+    f16 is always the baseline, so it is dropped here."""
+    from alpaca_local.convert.quant_levels import parse_list
+
+    chosen = [q for q in parse_list(spec) if q != BASELINE]
     if not chosen:
         raise UsageError(f"--quants {spec!r} names no level to compare with f16; e.g. --quants q4_k_m,q8_0")
     return chosen
@@ -320,12 +319,13 @@ def file_facts(path: Path) -> tuple[int, float]:
 # Running the models (llama-cpp-python)
 # --------------------------------------------------------------------------
 
-def load(path: Path, n_ctx: int, threads: int | None) -> Llama:
+def load(path: Path, n_ctx: int, threads: int | None, no_repack: bool = False) -> Llama:
     """A `Llama` returning logits for every position; one decode call per chunk."""
     from alpaca_local.run.chat import load_llama
 
     return load_llama(
-        path, n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, n_threads=threads, n_threads_batch=threads
+        path, n_ctx, no_repack=no_repack, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, n_threads=threads,
+        n_threads_batch=threads,
     )
 
 
@@ -417,9 +417,9 @@ class _BaseLogits:
 
 
 def _evaluate(path: Path, quant: str, chunks: list[list[int]], base: _BaseLogits, n_ctx: int,
-              threads: int | None, gen_tokens: int, status: Status) -> LevelResult:
+              threads: int | None, gen_tokens: int, status: Status, no_repack: bool = False) -> LevelResult:
     """Score one file on every chunk; the f16 run scores against itself and fills `base`."""
-    llm = load(path, n_ctx, threads)
+    llm = load(path, n_ctx, threads, no_repack)
     parts, seconds = [], 0.0
     for i, chunk in enumerate(chunks):
         status(f"evaluating {quant}: chunk {i + 1}/{len(chunks)}")
@@ -446,6 +446,7 @@ def measure_quality(
     gen_tokens: int = DEFAULT_GEN_TOKENS,
     status: Status = lambda line: None,
     imatrix: Path | None = None,
+    no_repack: bool = False,
 ) -> QualityReport:
     """f16 first (its logits become the reference), then each quant level against it; with
     `imatrix`, each level twice: plain, then quantized with the importance matrix ("q4_k_m+imatrix")."""
@@ -454,13 +455,16 @@ def measure_quality(
     if n_ctx < MIN_CTX:
         raise UsageError(f"--ctx {n_ctx} is too small; give at least {MIN_CTX} (default {DEFAULT_CTX})")
     work = work or default_work_dir(source)
+    needs = _imatrix_levels(source, quants, imatrix)
     baseline = prepare_baseline(source, work, status)
     # Each level is made only when its turn comes, after the text has been checked against the f16.
+    # A level that needs an importance matrix is measured with it only.
     files = [(f"{quant}{IMATRIX_TAG}" if imat is not None else quant,
               lambda quant=quant, imat=imat: prepare_level(source, baseline, work, quant, threads, status, imat))
-             for quant in quants for imat in ((None, imatrix) if imatrix is not None else (None,))]
+             for quant in quants
+             for imat in ((imatrix,) if quant in needs else (None, imatrix) if imatrix is not None else (None,))]
     name = source.resolve().name if source.is_dir() else source.stem
-    return measure_files(baseline, files, text, n_ctx, work, threads, gen_tokens, status, name)
+    return measure_files(baseline, files, text, n_ctx, work, threads, gen_tokens, status, name, no_repack)
 
 
 def measure_files(
@@ -473,6 +477,7 @@ def measure_files(
     gen_tokens: int = DEFAULT_GEN_TOKENS,
     status: Status = lambda line: None,
     name: str | None = None,
+    no_repack: bool = False,
 ) -> QualityReport:
     """The f16 `baseline` first (its logits become the reference), then each (label, file) against
     it: what `quality` measures, for files that exist (convert --card-quality's levels) or are made
@@ -482,18 +487,36 @@ def measure_files(
         raise UsageError(f"--ctx {n_ctx} is too small; give at least {MIN_CTX} (default {DEFAULT_CTX})")
     text = default_text() if text is None else text
     work = work or baseline.parent
-    tokens, chunks = _tokenize_checked(baseline, text, n_ctx, threads)
+    tokens, chunks = _tokenize_checked(baseline, text, n_ctx, threads, no_repack)
     work.mkdir(parents=True, exist_ok=True)
     rows = n_ctx - 1 - n_ctx // 2
     base = _BaseLogits(work, len(chunks), rows, _n_vocab(baseline))
     try:
-        results = [_evaluate(baseline, BASELINE, chunks, base, n_ctx, threads, gen_tokens, status)]
+        results = [_evaluate(baseline, BASELINE, chunks, base, n_ctx, threads, gen_tokens, status, no_repack)]
         for label, path in files:
             path = path if isinstance(path, Path) else path()
-            results.append(_evaluate(path, label, chunks, base, n_ctx, threads, gen_tokens, status))
+            results.append(_evaluate(path, label, chunks, base, n_ctx, threads, gen_tokens, status, no_repack))
     finally:
         base.close()
     return QualityReport(name or baseline.stem, n_ctx, len(tokens), len(chunks), len(chunks) * rows, tuple(results))
+
+
+def _imatrix_levels(source: Path, quants: Sequence[str], imatrix: Path | None) -> set[str]:
+    """The levels that cannot be made without an importance matrix from this source (measured
+    with `imatrix` only); without one, such a level is refused here, before the long runs."""
+    from alpaca_local.convert.pipeline import levels_needing_imatrix, plan_conversion
+
+    if source.is_dir():
+        needs = levels_needing_imatrix(plan_conversion(source, BASELINE), quants)
+    else:  # an f16 GGUF: the same per-tensor rule on its own shapes, when we know its architecture
+        from alpaca_local.convert.gguf_read import read_gguf_header
+        from alpaca_local.plan.memory import imatrix_levels, shape_from_gguf
+
+        needs = imatrix_levels(shape_from_gguf(read_gguf_header(source)), quants)
+    if needs and imatrix is None:
+        raise UsageError(f"{', '.join(sorted(needs))} need an importance matrix; add --imatrix FILE "
+                         f"(from `alpaca-local imatrix {source}`)")
+    return needs
 
 
 def _n_vocab(path: Path) -> int:
@@ -506,9 +529,10 @@ def _n_vocab(path: Path) -> int:
     return len(tokens)
 
 
-def _tokenize_checked(baseline: Path, text: str, n_ctx: int, threads: int | None) -> tuple[list[int], list[list[int]]]:
+def _tokenize_checked(baseline: Path, text: str, n_ctx: int, threads: int | None,
+                      no_repack: bool = False) -> tuple[list[int], list[list[int]]]:
     """Tokenize with the f16 model; every level then sees these same ids (llama.cpp: the logits file)."""
-    llm = load(baseline, n_ctx, threads)
+    llm = load(baseline, n_ctx, threads, no_repack)
     tokens, bos = tokenize(llm, text)
     llm.close()
     if len(tokens) < 2 * n_ctx:  # perplexity.cpp:478

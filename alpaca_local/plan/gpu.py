@@ -119,6 +119,16 @@ def parse_meminfo(text: str) -> GPU | None:
     return GPU("CPU RAM", fields["MemTotal"], fields.get("MemAvailable", fields["MemTotal"]))
 
 
+def available_ram() -> int | None:
+    """Host memory available now (/proc/meminfo's MemAvailable), None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            ram = parse_meminfo(f.read())
+    except OSError:
+        return None
+    return ram.free if ram else None
+
+
 def detect() -> Device:
     gpus = _nvml() or _nvidia_smi()
     if gpus:

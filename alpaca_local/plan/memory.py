@@ -18,13 +18,14 @@ Measured errors against llama.cpp's own reports are in benchmarks/plan.py.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from alpaca_local.convert import quant_rules
+from alpaca_local.convert import quant_levels, quant_rules
 from alpaca_local.convert.architectures import ARCHITECTURES, Architecture
-from alpaca_local.plan.cpu_repack import (  # noqa: F401  (re-exported: the planner's public names)
+from alpaca_local.convert.cpu_repack import (  # noqa: F401  (re-exported: the planner's public names)
     TENSOR_ALIGNMENT,
     GET_ROWS_TENSORS,
     CpuFeatures,
@@ -34,9 +35,12 @@ from alpaca_local.plan.cpu_repack import (  # noqa: F401  (re-exported: the plan
     repack_rows_for,
     REPACK_RULES,
     is_repacked,
+    machine_mode,
+    requested_mode,
 )
+from alpaca_local.plan import moe
 from alpaca_local.plan.shape import ModelShape, PlannedTensor
-from alpaca_local.source.config import MAX_CTX, MAX_DIM, MAX_VOCAB, ModelConfig, dims_of
+from alpaca_local.source.config import MAX_CTX, MAX_DIM, MAX_EXPERTS, MAX_VOCAB, ModelConfig, dims_of
 from alpaca_local.errors import InputError, UsageError
 from alpaca_local.convert.gguf_read import GGUFHeader
 
@@ -44,8 +48,9 @@ T = GGMLQuantizationType
 MiB = 1 << 20
 GiB = 1 << 30
 
-# Quant levels, best quality first (the table's row order).
-LEVELS = ("f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0")
+# The levels the table shows by default, best quality first (its row order); `--levels all`
+# shows the whole ladder (quant_levels.LADDER, in measured quality order).
+LEVELS = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs", "q3_k_m", "iq3_m", "iq2_m")
 CACHE_TYPES: dict[str, GGMLQuantizationType] = {"f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}
 
 # llama_context_params defaults (src/llama-context.cpp llama_context_default_params).
@@ -105,6 +110,10 @@ class RunSettings:
     cache_type: str = "f16"
     backend: str = "cuda"  # "cuda", "metal" or "cpu": which overhead and alignment apply
     cpu: CpuFeatures | None = None  # decides CPU_REPACK; None: this machine's (detect_cpu)
+    # How alpaca-local's loads place CPU weights (convert/cpu_repack.py CPU_BUFFER_MODES, the
+    # effective mode): "auto", "explicit" (an AMX build) or "none" (--no-repack). None: this
+    # machine's, from $ALPACA_LOCAL_CPU_BUFFERS and the build, asked only where it matters.
+    cpu_buffers: str | None = None
     # Sliding-window layers get a full-size cache: llama_context_default_params has
     # swa_full = true (src/llama-context.cpp:3788) and llama-cpp-python 0.3.36 keeps it unless
     # given swa_full= (llama_cpp/llama.py:363).  False: window + ubatch cells (kv_cells).
@@ -139,6 +148,7 @@ class LevelPlan:
     overhead: int
     n_gpu_layers: int  # -ngl used for this plan (n_layer + 1 = everything)
     repack: int = 0  # the CPU_REPACK buffer: part of weights_cpu, in addition to the mapped file
+    n_cpu_moe: int = 0  # --n-cpu-moe: the experts of the first n_cpu_moe layers stay in RAM
 
     @property
     def total_gpu(self) -> int:
@@ -172,12 +182,12 @@ def shape_from_gguf(header: GGUFHeader) -> ModelShape:
     """Model facts from a GGUF header (llama.cpp's own keys, LLM_KV_* in src/llama-arch.cpp)."""
     a = header.arch
 
-    def positive(key: str, default: int | None = None, most: int = MAX_DIM) -> int:
+    def positive(key: str, default: int | None = None, most: int = MAX_DIM, least: int = 1) -> int:
         # The arithmetic below (and the tensor lists it builds) trusts these: a crafted
         # header must not make it loop over 2^31 layers or plan with zero heads.
         value = header.get_int(f"{a}.{key}", default)
-        if not 1 <= value <= most:
-            raise InputError(f"{header.path}: metadata {a}.{key} = {value} is not between 1 and {most}")
+        if not least <= value <= most:
+            raise InputError(f"{header.path}: metadata {a}.{key} = {value} is not between {least} and {most}")
         return value
 
     n_head = positive("attention.head_count")
@@ -200,6 +210,9 @@ def shape_from_gguf(header: GGUFHeader) -> ModelShape:
     has_window = SWA_DEFAULT_WINDOW.get(a) or f"{a}.attention.sliding_window" in header.kv
     n_swa = positive("attention.sliding_window", SWA_DEFAULT_WINDOW[a], most=MAX_CTX) if pattern and has_window else 0
     pattern = pattern if n_swa else 0
+    # LLM_KV_EXPERT_* (llama_model::load_hparams): 0 < expert_used_count <= expert_count when there are experts.
+    n_expert = positive("expert_count", 0, most=MAX_EXPERTS, least=0)
+    n_expert_used = positive("expert_used_count", 0, most=max(n_expert, 1), least=1 if n_expert else 0)
     return ModelShape(
         name=header.path.name, arch=a, n_layer=positive("block_count", most=max(1, len(header.tensors))),
         hidden=hidden, n_head=n_head, n_kv_head=n_kv_head,
@@ -209,6 +222,9 @@ def shape_from_gguf(header: GGUFHeader) -> ModelShape:
         source="gguf", file_quant=level, file_tensors=tensors, file_bytes=header.file_size,
         header_bytes=((level, header.header_bytes),) if level else (),
         rope_freqs="rope_freqs.weight" in names, n_swa=n_swa, swa_pattern=pattern,
+        n_expert=n_expert, n_expert_used=n_expert_used,
+        n_ff_exp=positive("expert_feed_forward_length", 0, most=16 * MAX_DIM, least=0),
+        n_ff_shexp=positive("expert_shared_feed_forward_length", 0, most=16 * MAX_DIM, least=0),
     )
 
 
@@ -224,11 +240,38 @@ def _as_config(shape: ModelShape, arch: Architecture) -> ModelConfig:
     )
 
 
-def levels_for(shape: ModelShape) -> tuple[str, ...]:
-    """Levels we can size: all for a known architecture, else only the GGUF file's own."""
-    if _architecture(shape) is not None:
-        return LEVELS
-    return (shape.file_quant,) if shape.file_quant else ()
+def levels_for(shape: ModelShape, wanted: tuple[str, ...] = LEVELS) -> tuple[str, ...]:
+    """The `wanted` levels we can size, best quality first, with a GGUF file's own level
+    always among them: all of them for a known architecture, else the file's own only."""
+    if _architecture(shape) is None:
+        return (shape.file_quant,) if shape.file_quant else ()
+    return tuple(lv for lv in quant_levels.LADDER if lv in wanted or lv == shape.file_quant)
+
+
+def _facts(shape: ModelShape, arch: Architecture) -> quant_rules.ModelFacts:
+    return quant_rules.ModelFacts(arch=arch.arch_name, n_layer=shape.n_layer, n_head=shape.n_head,
+                                  n_head_kv=shape.n_kv_head, n_expert=shape.n_expert)
+
+
+@functools.lru_cache(maxsize=64)
+def needs_imatrix(shape: ModelShape, level: str) -> bool:
+    """The level needs an importance matrix for this model (llama-quantize's rule): then its
+    file is planned as `convert --imatrix` writes it (the imatrix changes a few types), and
+    its header holds the imatrix's quantize.imatrix.* keys, which the plan cannot know."""
+    arch = _architecture(shape)
+    if arch is None or level == shape.file_quant:
+        return False
+    specs = [quant_rules.TensorSpec(n, t) for n, (_, t) in arch.expected_tensors(_as_config(shape, arch)).items()]
+    return bool(quant_rules.imatrix_required(specs, quant_rules.choose_types(specs, level, _facts(shape, arch)), level))
+
+
+def imatrix_levels(shape: ModelShape, quants: Sequence[str]) -> set[str]:
+    """Which of `quants` llama-quantize refuses without an importance matrix for this model:
+    its per-tensor rule on the model's shapes, or for an architecture we do not know, the
+    level's usual answer (`quant_levels.Level.imatrix`)."""
+    if _architecture(shape) is None:
+        return {q for q in quants if quant_levels.LEVELS[q].imatrix}
+    return {q for q in quants if needs_imatrix(shape, q)}
 
 
 @functools.lru_cache(maxsize=32)
@@ -242,8 +285,7 @@ def tensors_for(shape: ModelShape, level: str) -> tuple[PlannedTensor, ...]:
     cfg = _as_config(shape, arch)
     # Every tensor convert writes: weights, biases and generated ones (rope_freqs).
     specs = [quant_rules.TensorSpec(name, tshape) for name, (_, tshape) in arch.expected_tensors(cfg).items()]
-    facts = quant_rules.ModelFacts(arch=arch.arch_name, n_layer=cfg.n_layer, n_head=cfg.n_head, n_head_kv=cfg.n_kv_head)
-    types = quant_rules.choose_types(specs, level, facts)
+    types = quant_rules.choose_types(specs, level, _facts(shape, arch), has_imatrix=needs_imatrix(shape, level))
     order = quant_rules.llama_quantize_order([s.name for s in specs])
     return tuple(
         PlannedTensor(specs[i].name, specs[i].shape, types[i], quant_rules.tensor_nbytes(specs[i].shape, types[i]))
@@ -260,7 +302,7 @@ def file_size(shape: ModelShape, level: str) -> tuple[int, bool]:
     data = sum(_pad(t.nbytes, GGUF_ALIGNMENT) for t in tensors_for(shape, level))
     headers = dict(shape.header_bytes)
     if level in headers:
-        return headers[level] + data, True
+        return headers[level] + data, not needs_imatrix(shape, level)
     header = HEADER_BYTES_FIXED + HEADER_BYTES_PER_TOKEN * shape.vocab_size
     return _pad(header, GGUF_ALIGNMENT) + data, False
 
@@ -300,20 +342,23 @@ def _gpu_alloc_size(t: PlannedTensor, backend: str) -> int:
 
 
 def weights_split(tensors: tuple[PlannedTensor, ...], shape: ModelShape, ngl: int, backend: str,
-                  repack_rows: dict[GGMLQuantizationType, int] | None = None) -> tuple[int, int, int]:
-    """(device bytes, CPU_Mapped bytes, CPU_REPACK bytes) of the model buffers for -ngl `ngl`.
+                  repack_rows: dict[GGMLQuantizationType, int] | None = None,
+                  tied_output_repacked: bool = True, n_cpu_moe: int = 0) -> tuple[int, int, int]:
+    """(device bytes, CPU_Mapped bytes, CPU_REPACK bytes) of the model buffers for -ngl `ngl`
+    and `--n-cpu-moe n_cpu_moe` (those experts take the CPU buffers an unoffloaded layer would).
 
     CPU_Mapped: llama.cpp maps the file and wraps the range from the first to
     the last tensor that stays mapped (llama_model_loader::get_mapping_range).
     CPU_REPACK: the CPU tensors `is_repacked` picks (types and row multiples in
     `repack_rows`, see REPACK_RULES), each padded to TENSOR_ALIGNMENT.
     A tied model's output layer is a second copy of token_embd (TENSOR_DUPLICATED):
-    on the device when ngl >= 1, else repacked when its type is.
+    on the device when ngl >= 1, else repacked when its type is and `tied_output_repacked`
+    (llama.cpp's own placement; an explicit one names tensors, and cannot name this one).
     """
     rows = repack_rows or {}
     gpu, repack, cpu_spans, offset = 0, 0, [], 0
     for t in tensors:
-        if _on_gpu(t.name, shape.n_layer, ngl):
+        if _on_gpu(t.name, shape.n_layer, ngl) and not moe.kept_on_cpu(t.name, n_cpu_moe):
             gpu += _gpu_alloc_size(t, backend)
         elif is_repacked(t, rows):
             repack += _pad(t.nbytes, TENSOR_ALIGNMENT)
@@ -325,7 +370,8 @@ def weights_split(tensors: tuple[PlannedTensor, ...], shape: ModelShape, ngl: in
         if ngl >= 1:
             gpu += sum(_gpu_alloc_size(t, backend) for t in embd)
         else:
-            repack += sum(_pad(t.nbytes, TENSOR_ALIGNMENT) for t in embd if is_repacked(t, rows, as_output=True))
+            repack += sum(_pad(t.nbytes, TENSOR_ALIGNMENT) for t in embd
+                          if tied_output_repacked and is_repacked(t, rows, as_output=True))
     cpu = cpu_spans[-1][1] - cpu_spans[0][0] if cpu_spans else 0
     return gpu, cpu, repack
 
@@ -396,10 +442,14 @@ def compute_bytes(shape: ModelShape, s: RunSettings) -> int:
     swa_idxs = 2 * kv_w + 2 if swa else 0
     if s.flash_attn:
         mask_bytes = 2 * (n_kv + n_kv_swa) * n_tokens
-        per_token = max(3 * shape.intermediate + 3 * h, shape.vocab_size + 2 * h + 2 * kv_w) + 64 + swa_idxs
+        ffn_fa = moe.ffn_floats(shape, 0) if shape.is_moe else 3 * shape.intermediate + 3 * h
+        per_token = max(ffn_fa, shape.vocab_size + 2 * h + 2 * kv_w) + 64 + swa_idxs
         return mask_bytes + 4 * n_tokens * per_token
-    attention = n_kv * (shape.n_head + 1) + n_kv_swa + 3 * h + 2 * shape.n_q + 2 * kv_w + 5 + swa_idxs
+    attention = (n_kv * (shape.n_head + 1) + n_kv_swa + 3 * h + 2 * shape.n_q + 2 * kv_w + 5 + swa_idxs
+                 + moe.attention_extra_floats(shape))
     ffn = 3 * shape.intermediate + (5 + FFN_EXTRA_WIDTHS.get(shape.arch, 0)) * h + 5 + (2 if swa else 0)
+    if shape.is_moe:  # no dense FFN: the routed (and shared) experts' moment, see plan.moe
+        ffn = moe.ffn_floats(shape, n_kv)
     output = shape.vocab_size + 3 * h + 5
     return 4 * n_tokens * max(attention, ffn, output)
 
@@ -410,27 +460,51 @@ def output_bytes(shape: ModelShape, n_outputs: int = 1) -> int:
     return 4 * shape.vocab_size * n_outputs
 
 
-def plan_level(shape: ModelShape, level: str, s: RunSettings, n_gpu_layers: int | None = None) -> LevelPlan:
-    """Memory of one level with `n_gpu_layers` offloaded (default: all, n_layer + 1)."""
+def cpu_placement(s: RunSettings, shape: ModelShape,
+                  tensors: tuple[PlannedTensor, ...]) -> tuple[dict[GGMLQuantizationType, int], bool]:
+    """(the types CPU_REPACK takes, whether a tied output is repacked) under `s`'s placement.
+    The build is asked (importing llama.cpp) only when the answer turns on it: "auto" on an
+    AMX build is "explicit", which differs from llama.cpp's own placement only in a tied
+    output of a repacked type."""
+    mode = s.cpu_buffers or requested_mode()
+    if mode == "none":
+        return {}, False
+    rows = repack_rows_for(s.backend, s.cpu_features)
+    tied_matters = shape.tie_embeddings and any(
+        is_repacked(t, rows, as_output=True) for t in tensors if t.name == "token_embd.weight")
+    if mode == "auto" and s.cpu_buffers is None and tied_matters:
+        mode = machine_mode()
+    return rows, mode == "auto"
+
+
+def plan_level(shape: ModelShape, level: str, s: RunSettings, n_gpu_layers: int | None = None,
+               n_cpu_moe: int = 0) -> LevelPlan:
+    """Memory of one level with `n_gpu_layers` offloaded (default: all, n_layer + 1) and the
+    experts of the first `n_cpu_moe` layers kept in RAM (llama.cpp's --n-cpu-moe)."""
     ngl = shape.n_layer + 1 if n_gpu_layers is None else n_gpu_layers
     tensors = tensors_for(shape, level)
     size, exact = file_size(shape, level)
     on_gpu = s.backend != "cpu" and ngl > 0
     gpu_layers = max(0, min(ngl, shape.n_layer + 1) - 1) if on_gpu else 0
-    rows = repack_rows_for(s.backend, s.cpu_features)
+    rows, tied = cpu_placement(s, shape, tensors)
     if s.backend == "cpu":
-        w_gpu, mapped, repack = weights_split(tensors, shape, 0, "cpu", rows)
+        w_gpu, mapped, repack = weights_split(tensors, shape, 0, "cpu", rows, tied)
         kv_dev = kv_bytes(shape, s.n_ctx, s.cache_type, None, s.n_ubatch, s.swa_full)
     else:
-        w_gpu, mapped, repack = weights_split(tensors, shape, ngl if on_gpu else 0, s.backend, rows)
+        w_gpu, mapped, repack = weights_split(tensors, shape, ngl if on_gpu else 0, s.backend, rows, tied, n_cpu_moe)
         kv_dev = kv_bytes(shape, s.n_ctx, s.cache_type, gpu_layers, s.n_ubatch, s.swa_full)
     lora_gpu, lora_cpu = lora_split(s.lora, shape, ngl if on_gpu else 0, s.backend)
     w_gpu, w_cpu = w_gpu + lora_gpu, mapped + repack + lora_cpu
     compute = compute_bytes(shape, s) if (on_gpu or s.backend == "cpu") else 0
+    if on_gpu and s.backend == "cuda":  # prompt batches run host-weight ops on the GPU (plan.moe)
+        host = [t for t in tensors if t.name not in GET_ROWS_TENSORS
+                and not (_on_gpu(t.name, shape.n_layer, ngl) and not moe.kept_on_cpu(t.name, n_cpu_moe))]
+        compute += moe.offload_copy_bytes(host, min(s.n_ubatch, padded_ctx(s.n_ctx)), lambda t: _gpu_alloc_size(t, "cuda"))
     return LevelPlan(
         level=level, file_bytes=size, exact_file=exact, weights_gpu=w_gpu if s.backend != "cpu" else w_cpu,
         weights_cpu=w_cpu, kv=kv_dev, compute=compute, output=output_bytes(shape),
         overhead=OVERHEAD[s.backend] if (on_gpu or s.backend == "cpu") else 0, n_gpu_layers=ngl, repack=repack,
+        n_cpu_moe=n_cpu_moe,
     )
 
 
@@ -484,10 +558,15 @@ class Recommendation:
     gpu_bytes: int
     cpu_bytes: int
     reason: str
+    n_cpu_moe: int = 0  # MoE: the experts of the first n_cpu_moe layers stay in RAM (plan.moe_fit)
 
 
 def recommend(shape: ModelShape, plans: dict[str, LevelPlan], s: RunSettings, budget: int) -> Recommendation:
-    """Highest-quality level that fits fully; else the level that puts the most layers on the GPU."""
+    """Highest-quality level that fits fully; else the level that puts the most layers on the GPU.
+    `plans` is best quality first; the levels only for models trained for them (tq1_0...) are
+    never recommended unless they are the file's own."""
+    plans = {lv: p for lv, p in plans.items()
+             if not quant_levels.LEVELS[lv].trained_for or lv == shape.file_quant}
     for level, p in plans.items():
         if fits(p, budget):
             return Recommendation(level, shape.n_layer + 1, True, p.total_gpu, p.weights_cpu + p.output,
@@ -537,12 +616,12 @@ def shape_from_hf(folder, weights=None, name: str | None = None) -> ModelShape:
     from alpaca_local.convert import pipeline as convert  # heavy imports only for this input kind
 
     folder = Path(folder)
-    first = convert.plan_conversion(folder, LEVELS[0], weights=weights, name=name)
+    first = convert.plan_conversion(folder, "f16", weights=weights, name=name)
     shape = shape_from_config(first.config, first.name, "hf")
-    headers = {}
-    for level in LEVELS:
-        cplan = first if level == LEVELS[0] else replace(first, quant=level)
-        headers[level] = convert.header_nbytes(cplan)
+    # Two header sizes: the converter's own outtypes (no quantization_version) and every
+    # llama-quantize level (file type and tensor types are fixed-size fields).
+    sizes = {kind: convert.header_nbytes(replace(first, quant=kind)) for kind in ("f16", "q8_0")}
+    headers = {lv: sizes["f16" if quant_levels.LEVELS[lv].converter_outtype else "q8_0"] for lv in quant_rules.QUANTS}
     return replace(shape, header_bytes=tuple(headers.items()))
 
 

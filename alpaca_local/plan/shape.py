@@ -1,7 +1,7 @@
 """The planner's view of a model: `ModelShape` and its tensors, whatever they were read from.
 
 In: built by `plan.memory` from a GGUF header, a Hugging Face config or a catalog
-entry. Out: one frozen value the planner's arithmetic (and `cpu_repack`) reads.
+entry. Out: one frozen value the planner's arithmetic reads.
 The size fields come from `source.config.ModelDims`, shared with `ModelConfig`.
 """
 

