@@ -162,6 +162,41 @@ def test_whole_tensor_not_in_modules_to_save(made, adapter: Path, tmp_path: Path
     one_line(*_merge(capsys, made, adapter, tmp_path), 1, "modules_to_save")
 
 
+@pytest.fixture(scope="module")
+def resized(made: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Both embeddings in modules_to_save on a resized vocabulary: PEFT saves X.weight,
+    X.modules_to_save.weight and X.original_module.weight for each (test_lora_merge)."""
+    return pa.make_adapter(made["base"], tmp_path_factory.mktemp("resized") / "lora", vocab_rows=515, r=4,
+                           lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+
+
+LM_HEAD = "base_model.model.lm_head"
+
+
+@pytest.mark.parametrize("edit, needles", [
+    ("copies_differ", ("lm_head.modules_to_save.weight", "different values")),
+    ("trained_missing", ("no 'base_model.model.lm_head.weight'", "incomplete")),
+    ("not_listed", ("lm_head.modules_to_save.weight", "does not list")),
+    ("wrong_shape", ("lm_head.original_module.weight", "corrupt")),
+])
+def test_modules_to_save_copies_that_disagree(edit: str, needles, made, resized: Path, tmp_path: Path, capsys) -> None:
+    """What PEFT never writes (or could not load again) is refused, not guessed at."""
+    adapter = Path(shutil.copytree(resized, tmp_path / "adapter"))
+
+    def change(t):
+        if edit == "copies_differ":
+            t[f"{LM_HEAD}.modules_to_save.weight"].flat[5] += 1
+        elif edit == "trained_missing":
+            del t[f"{LM_HEAD}.weight"]
+        elif edit == "wrong_shape":
+            t[f"{LM_HEAD}.original_module.weight"] = np.ascontiguousarray(t[f"{LM_HEAD}.original_module.weight"][:513])
+
+    _edit_tensors(adapter, change)
+    if edit == "not_listed":
+        _edit_config(adapter, modules_to_save=["embed_tokens"])
+    one_line(*_merge(capsys, made, adapter, tmp_path), 1, *needles)
+
+
 def test_wrong_base(made, adapter: Path, tmp_path: Path, capsys) -> None:
     other = tinymodels.build_llama(tmp_path / "other", hidden=32, n_head=2, n_kv_head=1, intermediate=64).path
     one_line(*_merge(capsys, made, adapter, tmp_path, base=other), 1, "right base")

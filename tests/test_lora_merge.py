@@ -94,6 +94,23 @@ def test_resized_vocab_and_added_tokens(base: Path, tmp_path: Path) -> None:
     assert [bytes(tokens.parts[i]).decode() for i in tokens.data[-2:]] == list(pa.ADDED)
 
 
+def test_resized_vocab_with_embeddings_in_modules_to_save(base: Path, tmp_path: Path) -> None:
+    """Issue 22: a fine-tune that adds tokens and trains both embeddings whole. PEFT saves each
+    as `X.weight`, `X.modules_to_save.weight` and `X.original_module.weight`; PEFT's merge keeps
+    the first (the trained copy), and so must we."""
+    from safetensors import safe_open
+
+    rows = 515
+    adapter = pa.make_adapter(base, tmp_path / "lora-added-tokens", vocab_rows=rows, r=4, lora_alpha=8,
+                              target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    with safe_open(adapter / "adapter_model.safetensors", "np") as f:
+        saved = {k for k in f.keys() if "lora_" not in k}
+    assert saved == {f"base_model.model.{m}{part}.weight" for m in ("model.embed_tokens", "lm_head")
+                     for part in ("", ".modules_to_save", ".original_module")}
+    table = _equal_to_reference(tmp_path, base, [adapter], vocab_rows=rows)
+    assert table["token_embd.weight"][1] == table["output.weight"][1] == (64, rows)
+
+
 def test_quant_levels_follow_from_the_merged_f16(base: Path, tmp_path: Path) -> None:
     adapter = pa.make_adapter(base, tmp_path / "lora", **CASES["plain"])
     _equal_to_reference(tmp_path, base, [adapter], quant="q4_k_m")

@@ -63,6 +63,16 @@ _ROLES = (
 # Saved whole by save_embedding_layers even when not listed in modules_to_save
 # (peft/utils/constants.py EMBEDDING_LAYER_NAMES).
 _EMBEDDING_LAYERS = ("embed_tokens", "lm_head")
+# The inner modules of PEFT's ModulesToSaveWrapper (peft/utils/other.py). A module in
+# modules_to_save is saved as `X.weight`, the trained copy (its adapter_state_dict). When
+# the vocabulary was resized, save_embedding_layers also saves every state_dict key under
+# the embedding's name (save_and_load.py get_peft_model_state_dict, "DEAL WITH
+# EMBEDDINGS"; PEFT 0.7 to 0.21 alike): `X.modules_to_save.weight`, the same trained
+# copy again, and `X.original_module.weight`, the frozen resized base. On load PEFT
+# puts `X.weight` into the trained copy (adapter_state_dict_load_map), ignores
+# `X.modules_to_save.weight` and loads `X.original_module.weight` into the frozen module
+# that merge_and_unload then drops: `X.weight` is what the merged model holds.
+_WRAPPER_PARTS = {"modules_to_save": "trained copy", "original_module": "frozen original"}
 
 
 @dataclass(frozen=True)
@@ -207,7 +217,11 @@ def _split_key(key: str, where: Path) -> tuple[str, str]:
         raise UnsupportedError(f"{where}: tensor {_short(key)} is a trained bias on lora_B (lora_bias), which is not supported")
     for suffix in (".weight", ".bias"):
         if name.endswith(suffix):
-            return name[: -len(suffix)], "R" + suffix
+            module = name[: -len(suffix)]
+            outer, _, part = module.rpartition(".")
+            if outer and part in _WRAPPER_PARTS:
+                return outer, part + suffix
+            return module, "R" + suffix
     raise InputError(f"{where}: tensor {_short(key)} is neither a LoRA factor nor a saved module; not supported")
 
 
@@ -220,12 +234,55 @@ def check_finite(ref: TensorRef, what: str) -> None:
             raise InputError(f"{what}: tensor {_short(ref.name)} contains NaN or Inf; the adapter is broken, retrain or re-download it")
 
 
-def _saved_whole(module: str, cfg: dict) -> bool:
-    last = module.rsplit(".", 1)[-1]
+def _listed(module: str, cfg: dict) -> bool:
+    """Whether `module` is in modules_to_save (PEFT matches a name or the end of one)."""
     listed = cfg.get("modules_to_save") or []
     if not isinstance(listed, list):
         return False
-    return last in _EMBEDDING_LAYERS or any(isinstance(m, str) and (module == m or module.endswith("." + m)) for m in listed)
+    return any(isinstance(m, str) and (module == m or module.endswith("." + m)) for m in listed)
+
+
+def _saved_whole(module: str, cfg: dict) -> bool:
+    return module.rsplit(".", 1)[-1] in _EMBEDDING_LAYERS or _listed(module, cfg)
+
+
+def _same_bytes(a: TensorRef, b: TensorRef) -> bool:
+    rows_per = max(1, _FINITE_CHUNK // max(a.shape[-1] if a.shape else 1, 1))
+    for start in range(0, a.n_rows, rows_per):
+        stop = min(a.n_rows, start + rows_per)
+        if a.read_raw_rows(start, stop).tobytes() != b.read_raw_rows(start, stop).tobytes():
+            return False
+    return True
+
+
+def _check_wrapper_parts(parts: list[tuple[str, str, str, TensorRef]], replacements: dict[str, TensorRef],
+                         cfg: dict, wfile: Path) -> None:
+    """The `X.modules_to_save.*` / `X.original_module.*` tensors saved beside a resized
+    embedding (see _WRAPPER_PARTS): consistent with the trained `X.*`, which alone is merged.
+    Anything PEFT would not write, or could not load again, is refused."""
+    for key, module, part, ref in parts:
+        if not _listed(module, cfg):
+            raise InputError(
+                f"{wfile}: tensor {_short(key)} is a whole module that adapter_config.json does not list "
+                "in modules_to_save; the config and the weights disagree"
+            )
+        target = module + key[key.rindex("."):]
+        trained = replacements.get(target)
+        if trained is None:
+            raise InputError(
+                f"{wfile}: tensor {_short(key)} has no {_short(_PREFIX + target)} beside it, the trained copy "
+                "PEFT loads; the adapter file is incomplete"
+            )
+        if ref.shape != trained.shape or ref.dtype != trained.dtype:
+            raise InputError(
+                f"{wfile}: tensor {_short(key)} is {ref.dtype} {list(ref.shape)} but {_short(_PREFIX + target)} is "
+                f"{trained.dtype} {list(trained.shape)}; the adapter is corrupt"
+            )
+        if part == "modules_to_save" and not _same_bytes(ref, trained):
+            raise InputError(
+                f"{wfile}: tensors {_short(key)} and {_short(_PREFIX + target)} are two saves of the same trained "
+                "copy but hold different values; the file was altered after PEFT saved it"
+            )
 
 
 def _pair(module: str, parts: dict[str, TensorRef], cfg: dict, user_scale: float, where: Path) -> LoraPair:
@@ -279,8 +336,12 @@ def read_adapter(folder: Path, user_scale: float = 1.0, name: str | None = None)
     grouped: dict[str, dict[str, TensorRef]] = {}
     replacements: dict[str, TensorRef] = {}
     base_layers: set[str] = set()
+    wrapper_parts: list[tuple[str, str, str, TensorRef]] = []
     for key, ref in _read_tensors(wfile).items():
         module, role = _split_key(key, wfile)
+        if role.split(".", 1)[0] in _WRAPPER_PARTS:
+            wrapper_parts.append((key, module, role.split(".", 1)[0], ref))
+            continue
         if role.startswith("R") or role == "W":
             if role.startswith("R") and not _saved_whole(module, cfg):
                 raise InputError(
@@ -301,6 +362,7 @@ def read_adapter(folder: Path, user_scale: float = 1.0, name: str | None = None)
         raise InputError(f"{wfile} holds no LoRA tensors; the adapter is empty")
     for ref in [*replacements.values(), *(t for p in pairs.values() for t in (p.a, p.b, p.magnitude) if t is not None)]:
         check_finite(ref, str(wfile))
+    _check_wrapper_parts(wrapper_parts, replacements, cfg, wfile)
     return Adapter(
         folder, name or folder.resolve().name, cfg, pairs, replacements, frozenset(base_layers),
         lora_alpha=float(cfg.get("lora_alpha", 8)), rank=int(cfg["r"]),
