@@ -42,7 +42,7 @@ def make_adapter(base: Path, out: Path, *, seed: int = 0, vocab_rows: int | None
                 p.mul_(1 + 0.1 * torch.randn_like(p))
             elif "lora_" in name:
                 p.copy_(torch.randn_like(p) * std)
-            elif "modules_to_save" in name:
+            elif "modules_to_save" in name or "trainable_tokens_delta" in name:
                 p.add_(torch.randn_like(p) * std)
     model.save_pretrained(out, safe_serialization=not bin_format)
     if vocab_rows is not None:

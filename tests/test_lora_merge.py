@@ -60,6 +60,10 @@ CASES = {
     "fan_in_fan_out": dict(r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["q_proj", "o_proj"]),
     "embedding": dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj"]),
     "modules_to_save": dict(r=4, lora_alpha=8, target_modules=["k_proj"], modules_to_save=["lm_head"]),
+    # TrainableTokensLayer: the listed rows are replaced (a list: the input embedding's; a dict: by module)
+    "trainable_tokens": dict(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[3, 100, 7]),
+    "trainable_tokens_dict": dict(r=4, lora_alpha=8, target_modules=["v_proj"],
+                                  trainable_token_indices={"embed_tokens": [5, 2], "lm_head": [2, 511, 9]}),
 }
 
 
@@ -111,6 +115,28 @@ def test_resized_vocab_with_embeddings_in_modules_to_save(base: Path, tmp_path: 
     assert table["token_embd.weight"][1] == table["output.weight"][1] == (64, rows)
 
 
+def test_resized_vocab_with_trainable_token_rows(base: Path, tmp_path: Path) -> None:
+    """Added tokens trained alone: PEFT saves the resized embeddings whole (the input one as
+    its token_adapter's base layer) and the new ids' rows, which replace those rows."""
+    rows = 515
+    adapter = pa.make_adapter(base, tmp_path / "lora-new-tokens", vocab_rows=rows, r=4, lora_alpha=8,
+                              target_modules=["q_proj"], trainable_token_indices=[513, 514, 1])
+    table = _equal_to_reference(tmp_path, base, [adapter], vocab_rows=rows)
+    assert table["token_embd.weight"][1] == (64, rows)
+
+
+@pytest.mark.parametrize("embeddings", ["modules_to_save", "trainable_tokens"])
+def test_dora_and_rslora_on_a_resized_vocabulary(embeddings: str, base: Path, tmp_path: Path) -> None:
+    """The combinations a chat fine-tune meets at once: DoRA and rsLoRA on every linear layer,
+    added tokens, the embeddings trained whole or only their new rows."""
+    rows = 515
+    extra = (dict(modules_to_save=["embed_tokens", "lm_head"]) if embeddings == "modules_to_save"
+             else dict(trainable_token_indices={"embed_tokens": [513, 514], "lm_head": [514, 0]}))
+    adapter = pa.make_adapter(base, tmp_path / "lora", vocab_rows=rows, r=8, lora_alpha=16, use_dora=True,
+                              use_rslora=True, target_modules=ALL_LINEAR, **extra)
+    _equal_to_reference(tmp_path, base, [adapter], vocab_rows=rows)
+
+
 def test_quant_levels_follow_from_the_merged_f16(base: Path, tmp_path: Path) -> None:
     adapter = pa.make_adapter(base, tmp_path / "lora", **CASES["plain"])
     _equal_to_reference(tmp_path, base, [adapter], quant="q4_k_m")
@@ -136,6 +162,16 @@ def test_lora_scale_multiplies_the_peft_scale(base: Path, tmp_path: Path) -> Non
 def test_other_architectures(arch: str, tmp_path: Path) -> None:
     model = getattr(tinyarch, f"build_{arch}")(tmp_path / f"tiny-{arch}")
     adapter = pa.make_adapter(model.path, tmp_path / "lora", r=4, lora_alpha=8, target_modules=ALL_LINEAR)
+    _equal_to_reference(tmp_path, model.path, [adapter], pre=model.pre)
+
+
+def test_trainable_tokens_on_tied_embeddings(tmp_path: Path) -> None:
+    """Gemma 2 ties lm_head to embed_tokens: PEFT saves the rows once (the lm_head's adapter is
+    tied to the embedding's), and the GGUF's output is token_embd, rows replaced."""
+    model = tinyarch.build_gemma2(tmp_path / "tiny-gemma2")
+    adapter = pa.make_adapter(model.path, tmp_path / "lora", r=4, lora_alpha=8, target_modules=["q_proj"],
+                              trainable_token_indices=[4, 40])
+    assert list(read_adapter(adapter).token_rows) == ["model.embed_tokens.weight"]
     _equal_to_reference(tmp_path, model.path, [adapter], pre=model.pre)
 
 
