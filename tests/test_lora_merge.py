@@ -226,3 +226,18 @@ def test_round_to_f16_is_numpys_rounding() -> None:
         with np.errstate(over="ignore"):
             want = v.astype(np.float16).astype(np.float32)
         assert np.array_equal(round_to_f16(v).view(np.uint32), want.view(np.uint32)), n
+
+
+def test_dora_row_norms_are_torchs() -> None:
+    """DoRA divides by torch.linalg.norm of each merged row; ours sums in torch's order, so the
+    quotient, and the f16 it rounds to, is PEFT's bit for bit (an einsum is an ulp off in ~25% of rows)."""
+    import numpy as np
+    import torch
+
+    from alpaca_local.convert.lora_merge import row_norms
+
+    rng = np.random.default_rng(0)
+    for width in (8, 64, 128, 2304, 4096, 11008):
+        rows = (rng.standard_normal((256, width)) * 10.0 ** rng.integers(-4, 2, (256, 1))).astype(np.float32)
+        want = torch.linalg.norm(torch.from_numpy(rows), dim=1).numpy()
+        assert np.array_equal(row_norms(rows).view(np.uint32), want.view(np.uint32)), width
