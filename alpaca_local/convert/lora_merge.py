@@ -126,13 +126,15 @@ def row_norms(x: np.ndarray) -> np.ndarray:
     layer of the supported models is; elsewhere within an ulp of torch's."""
     n_rows, width = x.shape
     whole = width - width % _NORM_LANES
-    squares = x * x
+    squares = x * x  # rounded, then added: ATen multiplies and adds, no fused multiply-add
     lanes = np.zeros((n_rows, _NORM_LANES), np.float32)
-    if whole:
-        lanes = np.cumsum(squares[:, :whole].reshape(n_rows, -1, _NORM_LANES), axis=1, dtype=np.float32)[:, -1]
-    total = np.cumsum(lanes, axis=1, dtype=np.float32)[:, -1]  # cumsum: strictly left to right
+    for col in range(0, whole, _NORM_LANES):  # a loop, so the order is ours, not numpy's pairwise sum
+        lanes += squares[:, col:col + _NORM_LANES]
+    total = lanes[:, 0].copy()
+    for lane in range(1, _NORM_LANES):
+        total += lanes[:, lane]
     for col in range(whole, width):
-        total = total + squares[:, col]
+        total += squares[:, col]
     return np.sqrt(total)
 
 
