@@ -11,6 +11,9 @@ Two servers, as on the real Hub: the endpoint (HF_ENDPOINT) answers the API and
 - File host GET/HEAD /lfs/{sha256}: Range → 206 + Content-Range, ETag.
 - Errors as the Hub sends them: 401 + X-Error-Code RepoNotFound (unknown or
   private without the token), 403 GatedRepo, 404 RevisionNotFound / EntryNotFound.
+- The file host answers 400 to a request that carries an Authorization header, as a
+  signed-URL store does ("only one auth mechanism allowed"): a client that forwards the
+  token across the redirect fails. `FakeHub.authorized` lists the paths that had one.
 
 Faults, set per test on `FakeHub.faults`: drop a connection after N bytes of a
 file (once), flip one byte of a file as served, answer 500 to everything.
@@ -71,6 +74,7 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.faults = Faults()
         self.log: list[tuple[str, str, str | None]] = []
+        self.authorized: list[tuple[str, str]] = []  # ("api" or "files", path) of requests with a token
         self.bytes_served = 0  # file host body bytes sent
         self.unstall = threading.Event()  # set by close(): stalled answers give up
         self._lock = threading.Lock()
@@ -145,9 +149,13 @@ def _handler(hub: FakeHub, files: bool):
             path = urlsplit(self.path).path
             with hub._lock:
                 hub.log.append((self.command, path, self.headers.get("Range")))
+                if self.headers.get("Authorization"):
+                    hub.authorized.append(("files" if files else "api", path))
             if hub.faults.fail_all:
                 return self._error(hub.faults.fail_all, "Internal Error", None, body)
             if files:
+                if self.headers.get("Authorization"):
+                    return self._error(400, "Only one auth mechanism allowed", None, body)
                 if hub.faults.fail_files:
                     return self._error(hub.faults.fail_files, "Internal Error", None, body)
                 with hub._lock:

@@ -253,10 +253,17 @@ def test_hub_errors_are_one_line_and_leave_nothing(hub, tmp_path, capsys, setup,
     assert leftovers(out) == []
 
 
-def test_token_opens_a_private_repo(hub, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("download", [False, True], ids=["streamed", "downloaded"])
+def test_token_opens_a_private_repo_and_stays_on_the_hub(hub, tmp_path, capsys, monkeypatch, download):
+    """The token goes to the endpoint, never across the redirect to the file host (which, like
+    a signed-URL store, refuses a request that carries one)."""
     hub.repos["me/tiny"].private = True
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    assert cli(capsys, "convert", "me/tiny", "-o", str(tmp_path / "x.gguf"), "-q", "q4_0", "--json")[0] == 0
+    argv = ["convert", "me/tiny", "-o", str(tmp_path / "x.gguf"), "-q", "q4_0", "--json"] + ["--download"] * download
+    rc, err = cli(capsys, *argv)
+    assert rc == 0, err
+    assert [r for r in hub.log if r[1].startswith("/lfs/")], "nothing came from the file host"
+    assert {host for host, _ in hub.authorized} == {"api"}, hub.authorized
 
 
 def test_no_network_says_so(hub, tmp_path, capsys, monkeypatch):
@@ -391,15 +398,14 @@ def test_server_failing_mid_stream_leaves_nothing(hub, tmp_path):
 def test_remote_file_checks_a_git_sha1(hub, good):
     import hashlib
 
-    import requests
-
     from alpaca_local.errors import InputError
+    from alpaca_local.source.hub_http import hub_client
     from alpaca_local.source.remote import Checksum, RemoteFile
 
     data = hub.repos["me/tiny"].files[SHARD1]
     sha1 = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() if good else "0" * 40
     url = f"{hub.endpoint}/me/tiny/resolve/main/{SHARD1}"
-    f = RemoteFile(url, SHARD1, Checksum(len(data), git_sha1=sha1), {}, requests.Session())
+    f = RemoteFile(url, SHARD1, Checksum(len(data), git_sha1=sha1), {}, hub_client())
     assert f.read_at(100, 50) == data[100:150]
     with pytest.raises(RuntimeError, match="reads must go forward"):
         f.read_at(10, 5)
