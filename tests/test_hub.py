@@ -321,7 +321,7 @@ def test_plan_of_a_bin_repo_fetches_no_weights(hub, tmp_path, capsys):
 def test_cli_process_honours_hf_endpoint_and_hf_hub_offline(hub, models, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf-home"), ALPACA_LOCAL_HUB_BACKOFF="0",
-               NO_PROXY="127.0.0.1", HF_HUB_DISABLE_TELEMETRY="1")
+               NO_PROXY="127.0.0.1,127.0.0.2", HF_HUB_DISABLE_TELEMETRY="1")
 
     def run(*argv: str, **extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "alpaca_local", *argv], env={**env, **extra},
