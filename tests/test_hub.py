@@ -445,3 +445,42 @@ def test_lora_and_base_take_hub_ids(hub, models, tmp_path, capsys):
         assert rc == 0, err
     hub_kv, local_kv = (gguf.GGUFReader(out / f"{n}.gguf") for n in ("hub-adapter", "local-adapter"))
     assert [(t.name, bytes(t.data)) for t in hub_kv.tensors] == [(t.name, bytes(t.data)) for t in local_kv.tensors]
+
+
+def test_hub_http_read1_returns_what_arrived_and_a_stall_times_out():
+    """source/hub_http on whichever huggingface_hub is installed (`make compat` runs the oldest
+    and the newest): the bytes sent before a stall come back at once, then the read timeout
+    raises one of `body_errors`, so RemoteFile resumes at the exact byte."""
+    import socket
+    import threading
+    import time
+
+    from alpaca_local.source.hub_http import hub_client
+
+    server = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+        done.wait(10)  # then silence until the test is over
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    client = hub_client()
+    resp = client.open(f"http://127.0.0.1:{server.getsockname()[1]}/f", {"Range": "bytes=0-99999"}, 5.0, 0.5)
+    try:
+        assert resp.status_code == 206 and resp.headers.get("content-length") == "100000"
+        got = b""
+        while len(got) < 1000:
+            got += resp.read1(100_000)
+        assert got == b"x" * 1000
+        start = time.monotonic()
+        with pytest.raises(client.body_errors):
+            resp.read1(100_000)
+        assert time.monotonic() - start < 5  # the 0.5 s read timeout, not the server giving up
+    finally:
+        done.set()
+        resp.close()
+        server.close()
