@@ -49,7 +49,7 @@ llama-tools: $(STAMP) $(VENDOR)/convert_hf_to_gguf.py
 
 # Issue 22: our package installed into a venv with the newest transformers, PEFT and
 # huggingface_hub (nothing downgraded, `import transformers, peft` works) and into one with
-# the oldest huggingface_hub we support; tests/test_hub.py in each (tests/compat.py, ~4 min).
+# the oldest huggingface_hub we support; tests/test_hub.py in each (tests/compat.py, ~3 min).
 compat: $(STAMP)
 	$(PY) tests/compat.py
 
