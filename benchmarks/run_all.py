@@ -14,6 +14,8 @@ Each benchmark runs as its own process (so peak-memory numbers are its own):
   load.py [MODEL] --clients C --json        serve under load vs llama-cpp-python's server (its table, verbatim)
   lora.py --size S --repeats R --json F     convert --lora vs plain convert vs PEFT merge + convert + quantize
   cpu_buffers.py --size S --repeats R       tokens/s: AMX-safe load vs llama.cpp's placement vs --no-repack
+  ladder.py                                 KLD from f16 against size, every quant level, real Gemma 3 270M
+  moe.py                                    convert time / peak RSS on a wide Qwen3-MoE vs the two-step route
 The defaults are the issue's sizes (1B model, 256 tokens, 10 repeats); `--size tiny
 --chat-n 16 --chat-repeats 2 --skip plan,imatrix` checks the plumbing in well under a minute.
 A benchmark that fails or is missing is reported in RESULTS.md and the exit code is 1.
@@ -169,6 +171,14 @@ def run_cpu_buffers(args: argparse.Namespace) -> str:
     return _run(argv)
 
 
+def run_ladder(args: argparse.Namespace) -> str:
+    return _run([str(HERE / "ladder.py")])
+
+
+def run_moe(args: argparse.Namespace) -> str:
+    return _run([str(HERE / "moe.py"), *(["--work", str(args.work)] if args.work else [])])
+
+
 def run_lora(args: argparse.Namespace) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "lora.json"
@@ -251,6 +261,8 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
         "load": "Load: `alpaca-local serve` with many clients against llama-cpp-python's server",
         "lora": "LoRA: `convert --lora` against a plain convert and PEFT merge + convert + quantize",
         "cpu_buffers": "CPU buffers: the AMX-safe load against llama.cpp's placement and --no-repack",
+        "ladder": "Ladder: KL divergence from f16 against file size for every quant level (real weights)",
+        "moe": "MoE: `convert` of a wide mixture-of-experts model against the two-step route",
     }
     for name, title in titles.items():
         lines += ["", f"## {title}", ""]
@@ -263,7 +275,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
             lines += convert_section(result)
         elif name == "chat":
             lines += chat_section(result)
-        elif name in ("hub", "cpu_buffers"):
+        elif name in ("hub", "cpu_buffers", "ladder", "moe"):
             lines += str(result).rstrip().splitlines()
         elif name == "lora":
             lines += list(result)
@@ -275,7 +287,8 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
 
 # Every benchmark, in the order RESULTS.md shows them; --skip takes these names.
 BENCHMARKS = {"convert": run_convert, "chat": run_chat, "plan": run_plan, "hub": run_hub,
-              "imatrix": run_imatrix, "load": run_load, "lora": run_lora, "cpu_buffers": run_cpu_buffers}
+              "imatrix": run_imatrix, "load": run_load, "lora": run_lora, "cpu_buffers": run_cpu_buffers,
+              "ladder": run_ladder, "moe": run_moe}
 
 
 def main(argv: list[str] | None = None) -> int:

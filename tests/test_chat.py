@@ -13,6 +13,7 @@ import random
 import re
 import select
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -536,6 +537,9 @@ def test_repl_in_a_terminal(tiny_gguf, tmp_path) -> None:
            "--show-prompt", "--ctx", "1024"]
     pid, fd = pty.fork()
     if pid == 0:  # child: the pty is its controlling terminal, so \x03 becomes SIGINT
+        # A shell's background job ignores SIGINT, and an ignored signal survives exec: Python
+        # would then never raise KeyboardInterrupt. A user's terminal delivers it.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execve(sys.executable, cmd, env)
     seen = ["", 0]
     try:
