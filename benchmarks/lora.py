@@ -140,7 +140,7 @@ def run(size: str, quant: str, rank: int, work_root: Path, repeats: int = 1, thr
     m_s, m_rss = measure([py, "-c", PEFT_MERGE, str(src), str(adapter), str(merged)])
     c_s, c_rss = measure([py, str(vendor_dir() / "convert_hf_to_gguf.py"), str(merged), "--outtype", "f16",
                           "--outfile", str(f16)])
-    q_s, q_rss = measure([py, "-c", QUANTIZE, str(f16), str(q_out), quant])
+    q_s, q_rss = measure([py, "-c", QUANTIZE, str(f16), str(q_out), quant, "", str(HERE.parent / "tests")])
     three_disk = _size(merged) + _size(f16) + _size(q_out)
     for p in (f16, q_out):
         p.unlink(missing_ok=True)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from convert import QUANTIZE, measure  # noqa: E402
-from test_architectures import _REFERENCE_WITH_PRE  # noqa: E402
+from reference import _CONVERT_WITH_PRE  # noqa: E402
 
 TIME_TARGET, PEAK_TARGET = 0.9, 0.25
 
@@ -130,10 +130,10 @@ def main() -> int:
                                    "--force", "--json"]), load()))
             before = load()
             # The reference names a BPE pre-tokenizer by hashing released vocabularies only, so it
-            # runs told the name (as tests/test_architectures.py runs it on trained tiny vocabularies).
-            f16_s, f16_rss = measure([py, "-c", _REFERENCE_WITH_PRE, str(vendor_dir()), "qwen2", str(src),
+            # runs told the name (as tests/reference.py runs it on trained tiny vocabularies).
+            f16_s, f16_rss = measure([py, "-c", _CONVERT_WITH_PRE, str(vendor_dir()), "qwen2", str(src),
                                       "--outtype", "f16", "--outfile", str(ref_f16)])
-            q_s, q_rss = measure([py, "-c", QUANTIZE, str(ref_f16), str(ref_out), quant])
+            q_s, q_rss = measure([py, "-c", QUANTIZE, str(ref_f16), str(ref_out), quant, "", str(HERE.parent / "tests")])
             ref.append((f16_s + q_s, max(f16_rss, q_rss), before))
             for f in (out, ref_out, ref_f16):
                 f.unlink(missing_ok=True)

@@ -1,7 +1,10 @@
 """A Hugging Face Hub on 127.0.0.1, serving model folders the way huggingface.co does.
 
 Two servers, as on the real Hub: the endpoint (HF_ENDPOINT) answers the API and
-`resolve` URLs; large (LFS) files are redirected to a separate file host.
+`resolve` URLs; large (LFS) files are redirected to a separate file host, on another
+host name as a CDN is (127.0.0.2, also loopback on Linux: huggingface_hub 1.x follows a
+redirect that stays on the endpoint's host name, token and all, and stops at one that
+leaves it).
 
 - GET /api/models/{repo}[/revision/{rev}][?blobs=true]: model info with `sha` and
   `siblings` (rfilename, size, blobId, lfs {sha256, size, pointerSize}).
@@ -11,6 +14,9 @@ Two servers, as on the real Hub: the endpoint (HF_ENDPOINT) answers the API and
 - File host GET/HEAD /lfs/{sha256}: Range → 206 + Content-Range, ETag.
 - Errors as the Hub sends them: 401 + X-Error-Code RepoNotFound (unknown or
   private without the token), 403 GatedRepo, 404 RevisionNotFound / EntryNotFound.
+- The file host answers 400 to a request that carries an Authorization header, as a
+  signed-URL store does ("only one auth mechanism allowed"): a client that forwards the
+  token across the redirect fails. `FakeHub.authorized` lists the paths that had one.
 
 Faults, set per test on `FakeHub.faults`: drop a connection after N bytes of a
 file (once), flip one byte of a file as served, answer 500 to everything.
@@ -29,6 +35,7 @@ from urllib.parse import unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".bin")
 TOKEN = "hf_fake_token_for_tests"
+FILE_HOST = "127.0.0.2"  # the CDN's address: loopback, but not the endpoint's host
 
 
 @dataclass
@@ -71,14 +78,16 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.faults = Faults()
         self.log: list[tuple[str, str, str | None]] = []
+        self.authorized: list[tuple[str, str]] = []  # ("api" or "files", path) of requests with a token
         self.bytes_served = 0  # file host body bytes sent
         self.unstall = threading.Event()  # set by close(): stalled answers give up
         self._lock = threading.Lock()
         self._api = _QuietServer(("127.0.0.1", 0), _handler(self, files=False))
-        self._cdn = _QuietServer(("127.0.0.1", 0), _handler(self, files=True))
+        self._cdn = _QuietServer((FILE_HOST, 0), _handler(self, files=True))
         for server in (self._api, self._cdn):
             server.daemon_threads = True
-            threading.Thread(target=server.serve_forever, daemon=True).start()
+            # poll often: shutdown() waits up to one poll per server, at every test's teardown
+            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
     @property
     def endpoint(self) -> str:
@@ -86,7 +95,7 @@ class FakeHub:
 
     @property
     def file_host(self) -> str:
-        return f"http://127.0.0.1:{self._cdn.server_address[1]}"
+        return f"http://{FILE_HOST}:{self._cdn.server_address[1]}"
 
     def take_fault(self, faults: dict[str, int], name: str, length: int) -> int | None:
         """Bytes to send before a fault armed for `name`, once, when it falls inside this body."""
@@ -145,9 +154,13 @@ def _handler(hub: FakeHub, files: bool):
             path = urlsplit(self.path).path
             with hub._lock:
                 hub.log.append((self.command, path, self.headers.get("Range")))
+                if self.headers.get("Authorization"):
+                    hub.authorized.append(("files" if files else "api", path))
             if hub.faults.fail_all:
                 return self._error(hub.faults.fail_all, "Internal Error", None, body)
             if files:
+                if self.headers.get("Authorization"):
+                    return self._error(400, "Only one auth mechanism allowed", None, body)
                 if hub.faults.fail_files:
                     return self._error(hub.faults.fail_files, "Internal Error", None, body)
                 with hub._lock:

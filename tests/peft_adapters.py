@@ -20,9 +20,12 @@ ADDED = ("<|im_start|>", "<|im_end|>")  # what a chat fine-tune typically adds
 
 def _load_base(base: Path, vocab_rows: int | None):
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    # `dtype` since transformers 4.56; older releases (tests/peft_versions.py) call it torch_dtype
+    key = "dtype" if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
+    model = AutoModelForCausalLM.from_pretrained(base, **{key: torch.float32})
     if vocab_rows is not None:
         model.resize_token_embeddings(vocab_rows, mean_resizing=False)
     return model
@@ -42,7 +45,7 @@ def make_adapter(base: Path, out: Path, *, seed: int = 0, vocab_rows: int | None
                 p.mul_(1 + 0.1 * torch.randn_like(p))
             elif "lora_" in name:
                 p.copy_(torch.randn_like(p) * std)
-            elif "modules_to_save" in name:
+            elif "modules_to_save" in name or "trainable_tokens_delta" in name:
                 p.add_(torch.randn_like(p) * std)
     model.save_pretrained(out, safe_serialization=not bin_format)
     if vocab_rows is not None:

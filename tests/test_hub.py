@@ -253,10 +253,17 @@ def test_hub_errors_are_one_line_and_leave_nothing(hub, tmp_path, capsys, setup,
     assert leftovers(out) == []
 
 
-def test_token_opens_a_private_repo(hub, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("download", [False, True], ids=["streamed", "downloaded"])
+def test_token_opens_a_private_repo_and_stays_on_the_hub(hub, tmp_path, capsys, monkeypatch, download):
+    """The token goes to the endpoint, never across the redirect to the file host (which, like
+    a signed-URL store, refuses a request that carries one)."""
     hub.repos["me/tiny"].private = True
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    assert cli(capsys, "convert", "me/tiny", "-o", str(tmp_path / "x.gguf"), "-q", "q4_0", "--json")[0] == 0
+    argv = ["convert", "me/tiny", "-o", str(tmp_path / "x.gguf"), "-q", "q4_0", "--json"] + ["--download"] * download
+    rc, err = cli(capsys, *argv)
+    assert rc == 0, err
+    assert [r for r in hub.log if r[1].startswith("/lfs/")], "nothing came from the file host"
+    assert {host for host, _ in hub.authorized} == {"api"}, hub.authorized
 
 
 def test_no_network_says_so(hub, tmp_path, capsys, monkeypatch):
@@ -314,7 +321,7 @@ def test_plan_of_a_bin_repo_fetches_no_weights(hub, tmp_path, capsys):
 def test_cli_process_honours_hf_endpoint_and_hf_hub_offline(hub, models, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf-home"), ALPACA_LOCAL_HUB_BACKOFF="0",
-               NO_PROXY="127.0.0.1", HF_HUB_DISABLE_TELEMETRY="1")
+               NO_PROXY="127.0.0.1,127.0.0.2", HF_HUB_DISABLE_TELEMETRY="1")
 
     def run(*argv: str, **extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "alpaca_local", *argv], env={**env, **extra},
@@ -391,15 +398,14 @@ def test_server_failing_mid_stream_leaves_nothing(hub, tmp_path):
 def test_remote_file_checks_a_git_sha1(hub, good):
     import hashlib
 
-    import requests
-
     from alpaca_local.errors import InputError
+    from alpaca_local.source.hub_http import hub_client
     from alpaca_local.source.remote import Checksum, RemoteFile
 
     data = hub.repos["me/tiny"].files[SHARD1]
     sha1 = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() if good else "0" * 40
     url = f"{hub.endpoint}/me/tiny/resolve/main/{SHARD1}"
-    f = RemoteFile(url, SHARD1, Checksum(len(data), git_sha1=sha1), {}, requests.Session())
+    f = RemoteFile(url, SHARD1, Checksum(len(data), git_sha1=sha1), {}, hub_client())
     assert f.read_at(100, 50) == data[100:150]
     with pytest.raises(RuntimeError, match="reads must go forward"):
         f.read_at(10, 5)
@@ -439,3 +445,42 @@ def test_lora_and_base_take_hub_ids(hub, models, tmp_path, capsys):
         assert rc == 0, err
     hub_kv, local_kv = (gguf.GGUFReader(out / f"{n}.gguf") for n in ("hub-adapter", "local-adapter"))
     assert [(t.name, bytes(t.data)) for t in hub_kv.tensors] == [(t.name, bytes(t.data)) for t in local_kv.tensors]
+
+
+def test_hub_http_read1_returns_what_arrived_and_a_stall_times_out():
+    """source/hub_http on whichever huggingface_hub is installed (`make compat` runs the oldest
+    and the newest): the bytes sent before a stall come back at once, then the read timeout
+    raises one of `body_errors`, so RemoteFile resumes at the exact byte."""
+    import socket
+    import threading
+    import time
+
+    from alpaca_local.source.hub_http import hub_client
+
+    server = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+        done.wait(10)  # then silence until the test is over
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    client = hub_client()
+    resp = client.open(f"http://127.0.0.1:{server.getsockname()[1]}/f", {"Range": "bytes=0-99999"}, 5.0, 0.5)
+    try:
+        assert resp.status_code == 206 and resp.headers.get("content-length") == "100000"
+        got = b""
+        while len(got) < 1000:
+            got += resp.read1(100_000)
+        assert got == b"x" * 1000
+        start = time.monotonic()
+        with pytest.raises(client.body_errors):
+            resp.read1(100_000)
+        assert time.monotonic() - start < 5  # the 0.5 s read timeout, not the server giving up
+    finally:
+        done.set()
+        resp.close()
+        server.close()

@@ -114,11 +114,13 @@ def test_scales_llama_cpp_script_gets_wrong(kind: str, base: Path, base_gguf: Pa
 
 @pytest.mark.parametrize("kind, needle", [
     ("dora", "DoRA"), ("modules_to_save", "modules_to_save"), ("resized", "resized vocabulary"),
+    ("tokens", "trainable_token_indices"),
 ])
 def test_refuses_what_llama_cpp_cannot_apply(kind: str, needle: str, base: Path, tmp_path: Path, capsys) -> None:
     kwargs = {"dora": dict(use_dora=True, target_modules=["q_proj"]),
               "modules_to_save": dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
-              "resized": dict(target_modules=["q_proj", "embed_tokens"], vocab_rows=515)}[kind]
+              "resized": dict(target_modules=["q_proj", "embed_tokens"], vocab_rows=515),
+              "tokens": dict(target_modules=["q_proj"], trainable_token_indices=[3, 9])}[kind]
     adapter = pa.make_adapter(base, tmp_path / "lora", r=4, lora_alpha=8, **kwargs)
     capsys.readouterr()  # PEFT's own warnings
     out = tmp_path / "out"

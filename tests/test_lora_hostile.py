@@ -119,7 +119,8 @@ def test_config_not_json(made, adapter: Path, tmp_path: Path, capsys) -> None:
     ({"lora_bias": True}, ("lora_bias",)),
     ({"layer_replication": [[0, 2]]}, ("layer_replication",)),
     ({"alora_invocation_tokens": [5, 6]}, ("alora_invocation_tokens",)),
-    ({"trainable_token_indices": [3]}, ("trainable_token_indices",)),
+    ({"trainable_token_indices": [3]}, ("trainable_token_indices", "0 trainable_tokens_delta")),
+    ({"trainable_token_indices": {"embed_tokens": "3"}}, ("trainable_token_indices", "list of token ids")),
     ({"r": "four"}, ("r is 'four'",)),
     ({"lora_alpha": None}, ("lora_alpha",)),
     ({"rank_pattern": {"q_proj": 2}}, ("rank 4", "r=2")),
@@ -160,6 +161,72 @@ def test_whole_tensor_not_in_modules_to_save(made, adapter: Path, tmp_path: Path
 
     _edit_tensors(adapter, add)
     one_line(*_merge(capsys, made, adapter, tmp_path), 1, "modules_to_save")
+
+
+@pytest.fixture(scope="module")
+def resized(made: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Both embeddings in modules_to_save on a resized vocabulary: PEFT saves X.weight,
+    X.modules_to_save.weight and X.original_module.weight for each (test_lora_merge)."""
+    return pa.make_adapter(made["base"], tmp_path_factory.mktemp("resized") / "lora", vocab_rows=515, r=4,
+                           lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+
+
+LM_HEAD = "base_model.model.lm_head"
+
+
+@pytest.mark.parametrize("edit, needles", [
+    ("copies_differ", ("lm_head.modules_to_save.weight", "different values")),
+    ("trained_missing", ("no 'base_model.model.lm_head.weight'", "incomplete")),
+    ("not_listed", ("lm_head.modules_to_save.weight", "does not list")),
+    ("wrong_shape", ("lm_head.original_module.weight", "corrupt")),
+])
+def test_modules_to_save_copies_that_disagree(edit: str, needles, made, resized: Path, tmp_path: Path, capsys) -> None:
+    """What PEFT never writes (or could not load again) is refused, not guessed at."""
+    adapter = Path(shutil.copytree(resized, tmp_path / "adapter"))
+
+    def change(t):
+        if edit == "copies_differ":
+            t[f"{LM_HEAD}.modules_to_save.weight"].flat[5] += 1
+        elif edit == "trained_missing":
+            del t[f"{LM_HEAD}.weight"]
+        elif edit == "wrong_shape":
+            t[f"{LM_HEAD}.original_module.weight"] = np.ascontiguousarray(t[f"{LM_HEAD}.original_module.weight"][:513])
+
+    _edit_tensors(adapter, change)
+    if edit == "not_listed":
+        _edit_config(adapter, modules_to_save=["embed_tokens"])
+    one_line(*_merge(capsys, made, adapter, tmp_path), 1, *needles)
+
+
+@pytest.fixture(scope="module")
+def tokens(made: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """trainable_token_indices [3, 100, 7]: a (3, 64) trainable_tokens_delta for embed_tokens."""
+    return pa.make_adapter(made["base"], tmp_path_factory.mktemp("tokens") / "lora", r=4, lora_alpha=8,
+                           target_modules=["q_proj"], trainable_token_indices=[3, 100, 7])
+
+
+@pytest.mark.parametrize("ids, needles", [
+    ([3, 3, 7], ("repeats a token id", "undefined")),
+    (None, ("sets no trainable_token_indices",)),
+    ([3, 100, 600], ("token ids up to 600", "right base")),
+    ([3, 100], ("shape [3, 64] for 2 token ids",)),
+    ({"lm_head": [3, 100, 7]}, ("names 'lm_head'", "no trainable_tokens_delta")),
+    ({"tokens": [3, 100, 7], "embed_tokens": [1, 2, 4]}, ("twice", "ambiguous")),
+])
+def test_trainable_tokens_that_disagree(ids, needles, made, tokens: Path, tmp_path: Path, capsys) -> None:
+    adapter = Path(shutil.copytree(tokens, tmp_path / "adapter"))
+    _edit_config(adapter, trainable_token_indices=ids)
+    one_line(*_merge(capsys, made, adapter, tmp_path), 1, *needles)
+
+
+def test_trainable_tokens_nan(made, tokens: Path, tmp_path: Path, capsys) -> None:
+    adapter = Path(shutil.copytree(tokens, tmp_path / "adapter"))
+
+    def poison(t):
+        t[_first(t, "trainable_tokens_delta")].flat[7] = np.nan
+
+    _edit_tensors(adapter, poison)
+    one_line(*_merge(capsys, made, adapter, tmp_path), 1, "NaN or Inf", "embed_tokens.token_adapter")
 
 
 def test_wrong_base(made, adapter: Path, tmp_path: Path, capsys) -> None:

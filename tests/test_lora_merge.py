@@ -60,6 +60,10 @@ CASES = {
     "fan_in_fan_out": dict(r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["q_proj", "o_proj"]),
     "embedding": dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj"]),
     "modules_to_save": dict(r=4, lora_alpha=8, target_modules=["k_proj"], modules_to_save=["lm_head"]),
+    # TrainableTokensLayer: the listed rows are replaced (a list: the input embedding's; a dict: by module)
+    "trainable_tokens": dict(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[3, 100, 7]),
+    "trainable_tokens_dict": dict(r=4, lora_alpha=8, target_modules=["v_proj"],
+                                  trainable_token_indices={"embed_tokens": [5, 2], "lm_head": [2, 511, 9]}),
 }
 
 
@@ -94,6 +98,45 @@ def test_resized_vocab_and_added_tokens(base: Path, tmp_path: Path) -> None:
     assert [bytes(tokens.parts[i]).decode() for i in tokens.data[-2:]] == list(pa.ADDED)
 
 
+def test_resized_vocab_with_embeddings_in_modules_to_save(base: Path, tmp_path: Path) -> None:
+    """Issue 22: a fine-tune that adds tokens and trains both embeddings whole. PEFT saves each
+    as `X.weight`, `X.modules_to_save.weight` and `X.original_module.weight`; PEFT's merge keeps
+    the first (the trained copy), and so must we."""
+    from safetensors import safe_open
+
+    rows = 515
+    adapter = pa.make_adapter(base, tmp_path / "lora-added-tokens", vocab_rows=rows, r=4, lora_alpha=8,
+                              target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    with safe_open(adapter / "adapter_model.safetensors", "np") as f:
+        saved = {k for k in f.keys() if "lora_" not in k}
+    assert saved == {f"base_model.model.{m}{part}.weight" for m in ("model.embed_tokens", "lm_head")
+                     for part in ("", ".modules_to_save", ".original_module")}
+    table = _equal_to_reference(tmp_path, base, [adapter], vocab_rows=rows)
+    assert table["token_embd.weight"][1] == table["output.weight"][1] == (64, rows)
+
+
+def test_resized_vocab_with_trainable_token_rows(base: Path, tmp_path: Path) -> None:
+    """Added tokens trained alone: PEFT saves the resized embeddings whole (the input one as
+    its token_adapter's base layer) and the new ids' rows, which replace those rows."""
+    rows = 515
+    adapter = pa.make_adapter(base, tmp_path / "lora-new-tokens", vocab_rows=rows, r=4, lora_alpha=8,
+                              target_modules=["q_proj"], trainable_token_indices=[513, 514, 1])
+    table = _equal_to_reference(tmp_path, base, [adapter], vocab_rows=rows)
+    assert table["token_embd.weight"][1] == (64, rows)
+
+
+@pytest.mark.parametrize("embeddings", ["modules_to_save", "trainable_tokens"])
+def test_dora_and_rslora_on_a_resized_vocabulary(embeddings: str, base: Path, tmp_path: Path) -> None:
+    """The combinations a chat fine-tune meets at once: DoRA and rsLoRA on every linear layer,
+    added tokens, the embeddings trained whole or only their new rows."""
+    rows = 515
+    extra = (dict(modules_to_save=["embed_tokens", "lm_head"]) if embeddings == "modules_to_save"
+             else dict(trainable_token_indices={"embed_tokens": [513, 514], "lm_head": [514, 0]}))
+    adapter = pa.make_adapter(base, tmp_path / "lora", vocab_rows=rows, r=8, lora_alpha=16, use_dora=True,
+                              use_rslora=True, target_modules=ALL_LINEAR, **extra)
+    _equal_to_reference(tmp_path, base, [adapter], vocab_rows=rows)
+
+
 def test_quant_levels_follow_from_the_merged_f16(base: Path, tmp_path: Path) -> None:
     adapter = pa.make_adapter(base, tmp_path / "lora", **CASES["plain"])
     _equal_to_reference(tmp_path, base, [adapter], quant="q4_k_m")
@@ -119,6 +162,16 @@ def test_lora_scale_multiplies_the_peft_scale(base: Path, tmp_path: Path) -> Non
 def test_other_architectures(arch: str, tmp_path: Path) -> None:
     model = getattr(tinyarch, f"build_{arch}")(tmp_path / f"tiny-{arch}")
     adapter = pa.make_adapter(model.path, tmp_path / "lora", r=4, lora_alpha=8, target_modules=ALL_LINEAR)
+    _equal_to_reference(tmp_path, model.path, [adapter], pre=model.pre)
+
+
+def test_trainable_tokens_on_tied_embeddings(tmp_path: Path) -> None:
+    """Gemma 2 ties lm_head to embed_tokens: PEFT saves the rows once (the lm_head's adapter is
+    tied to the embedding's), and the GGUF's output is token_embd, rows replaced."""
+    model = tinyarch.build_gemma2(tmp_path / "tiny-gemma2")
+    adapter = pa.make_adapter(model.path, tmp_path / "lora", r=4, lora_alpha=8, target_modules=["q_proj"],
+                              trainable_token_indices=[4, 40])
+    assert list(read_adapter(adapter).token_rows) == ["model.embed_tokens.weight"]
     _equal_to_reference(tmp_path, model.path, [adapter], pre=model.pre)
 
 
@@ -173,3 +226,18 @@ def test_round_to_f16_is_numpys_rounding() -> None:
         with np.errstate(over="ignore"):
             want = v.astype(np.float16).astype(np.float32)
         assert np.array_equal(round_to_f16(v).view(np.uint32), want.view(np.uint32)), n
+
+
+def test_dora_row_norms_are_torchs() -> None:
+    """DoRA divides by torch.linalg.norm of each merged row; ours sums in torch's order, so the
+    quotient, and the f16 it rounds to, is PEFT's bit for bit (an einsum is an ulp off in ~25% of rows)."""
+    import numpy as np
+    import torch
+
+    from alpaca_local.convert.lora_merge import row_norms
+
+    rng = np.random.default_rng(0)
+    for width in (8, 64, 128, 2304, 4096, 11008):
+        rows = (rng.standard_normal((256, width)) * 10.0 ** rng.integers(-4, 2, (256, 1))).astype(np.float32)
+        want = torch.linalg.norm(torch.from_numpy(rows), dim=1).numpy()
+        assert np.array_equal(row_norms(rows).view(np.uint32), want.view(np.uint32)), width

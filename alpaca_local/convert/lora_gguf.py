@@ -15,7 +15,7 @@ modules get the default scale. We write alpha so the default module's scale
 is PEFT's, and fold any module whose scale differs into its B.
 
 What llama.cpp cannot apply at run time (DoRA, modules_to_save, a resized
-vocabulary) is refused with a pointer to the merge route.
+vocabulary, trainable token rows) is refused with a pointer to the merge route.
 """
 
 from __future__ import annotations
@@ -73,6 +73,9 @@ def _refuse_merge_only(adapter: Adapter, base: dict) -> None:
     hint = f"merge it instead: alpaca-local convert BASE --lora {adapter.folder}"
     if adapter.use_dora:
         raise UnsupportedError(f"adapter {adapter.name} uses DoRA, which llama.cpp cannot apply at run time; {hint}")
+    if adapter.token_rows:
+        raise UnsupportedError(f"adapter {adapter.name} retrains token rows (trainable_token_indices), which a "
+                               f"llama.cpp adapter cannot hold; {hint}")
     for target, ref in adapter.replacements.items():
         if target in adapter.base_layer_copies and ref.shape == base[target].shape:
             continue  # the frozen base layer, saved beside an embedding LoRA: the script skips it too

@@ -40,8 +40,8 @@ from alpaca_local.convert.architectures import (
 from alpaca_local.convert.atomic import atomic_write, check_target
 from alpaca_local.convert.experts import StackedTensor, stack_experts
 from alpaca_local.convert.imatrix_file import check_against_model, quantize_kv, read_imatrix
-from alpaca_local.convert.lora_merge import MergePlan, merge_rows, merged_name, one_blas_thread, plan_merge
-from alpaca_local.source.adapter import Adapter, LoraPair
+from alpaca_local.convert.lora_merge import MergeOp, MergePlan, merge_rows, merged_name, one_blas_thread, plan_merge
+from alpaca_local.source.adapter import Adapter
 from alpaca_local.source.config import ModelConfig, load_config
 from alpaca_local.errors import InputError, UnsupportedError, UsageError
 from alpaca_local.convert.ggml import quantize_rows, round_to_f16
@@ -99,7 +99,7 @@ class TensorJob:
     # Per-column importance (llama-quantize --imatrix), float32 of the row length.
     imatrix: np.ndarray | None = None
     # LoRAs merged into the source rows, in order, before anything else (lora_merge).
-    lora: tuple[LoraPair, ...] = ()
+    lora: tuple[MergeOp, ...] = ()
     # Stacked experts: one job per expert, whose data follow one another as this
     # tensor's (each with its expert's imatrix slice and LoRAs); written part by part.
     parts: tuple[TensorJob, ...] = ()
@@ -303,7 +303,7 @@ def plan_conversion(
                           tuple(jobs), notes, imatrix_kv, merge, base_name)
 
 
-def _with_parts(job: TensorJob, lora_of: dict[TensorRef, tuple[LoraPair, ...]]) -> TensorJob:
+def _with_parts(job: TensorJob, lora_of: dict[TensorRef, tuple[MergeOp, ...]]) -> TensorJob:
     """A stacked-experts job with one part per expert: expert e's rows follow expert e-1's in the
     tensor's data, with its slice of the importance matrix (llama-quantize reads n_expert x ne0
     values for a 3-D weight and gives expert e the e-th run: llama-quant.cpp:779-785)."""

@@ -5,8 +5,9 @@ In: a folder with `adapter_config.json` and `adapter_model.safetensors` (or
 torch.load). Out: an `Adapter`: every adapted module as a `LoraPair` (A, B,
 rank, PEFT's exact scale, the DoRA magnitude) plus the whole tensors the
 adapter replaces (`modules_to_save`, embeddings saved after a vocabulary
-resize), all located but not loaded; `check_against_base` then checks it
-against the base's tensors before anything is written.
+resize), and the embedding rows that `trainable_token_indices` retrains, all
+located but not loaded; `check_against_base` then checks it against the base's
+tensors before anything is written.
 
 PEFT's semantics, as `LoraModel._create_and_replace` and `LoraLayer.update_layer`
 (peft/tuners/lora/model.py, layer.py) apply them:
@@ -16,13 +17,16 @@ PEFT's semantics, as `LoraModel._create_and_replace` and `LoraLayer.update_layer
   fan_in_fan_out only applies to GPT-2's Conv1D; PEFT resets it to False for
   nn.Linear (lora/layer.py `dispatch_default`), and every module of the
   architectures we convert is an nn.Linear or nn.Embedding, so it changes nothing.
+  trainable_token_indices (peft/tuners/trainable_tokens/layer.py
+  TrainableTokensLayer.merge) replaces rows: W[indices] = trainable_tokens_delta,
+  an index_copy, not an addition.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +51,6 @@ _UNSUPPORTED_KEYS: dict[str, str] = {
     "layer_replication": "layers duplicated at load time",
     "target_parameters": "LoRA on raw parameters (MoE experts)",
     "alora_invocation_tokens": "activated LoRA (aLoRA), which applies only after its invocation tokens",
-    "trainable_token_indices": "trainable token rows (TrainableTokens)",
     "use_qalora": "QA-LoRA",
     "megatron_config": "Megatron tensor-parallel layers",
 }
@@ -58,11 +61,24 @@ _ROLES = (
     (".lora_embedding_A", "EA"),
     (".lora_embedding_B", "EB"),
     (".lora_magnitude_vector", "M"),
+    # trainable_token_indices: TrainableTokensWrapper's token_adapter (peft/utils/other.py)
+    (".token_adapter.trainable_tokens_delta", "T"),  # the retrained rows, in the order of the indices
+    (".token_adapter.base_layer.weight", "W"),  # its frozen embedding, saved whole after a resize
     (".base_layer.weight", "W"),  # an adapted embedding saved whole (save_embedding_layers)
 )
 # Saved whole by save_embedding_layers even when not listed in modules_to_save
 # (peft/utils/constants.py EMBEDDING_LAYER_NAMES).
 _EMBEDDING_LAYERS = ("embed_tokens", "lm_head")
+# The inner modules of PEFT's ModulesToSaveWrapper (peft/utils/other.py). A module in
+# modules_to_save is saved as `X.weight`, the trained copy (its adapter_state_dict). When
+# the vocabulary was resized, save_embedding_layers also saves every state_dict key under
+# the embedding's name (save_and_load.py get_peft_model_state_dict, "DEAL WITH
+# EMBEDDINGS"; PEFT 0.7 to 0.21 alike): `X.modules_to_save.weight`, the same trained
+# copy again, and `X.original_module.weight`, the frozen resized base. On load PEFT
+# puts `X.weight` into the trained copy (adapter_state_dict_load_map), ignores
+# `X.modules_to_save.weight` and loads `X.original_module.weight` into the frozen module
+# that merge_and_unload then drops: `X.weight` is what the merged model holds.
+_WRAPPER_PARTS = {"modules_to_save": "trained copy", "original_module": "frozen original"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,19 @@ class LoraPair:
     scale: float  # PEFT's scaling for this module, times the user's --lora-scale
     embedding: bool = False
     magnitude: TensorRef | None = None  # DoRA: (out,), the norm each merged row is rescaled to
+
+    @property
+    def target(self) -> str:
+        return f"{self.module}.weight"
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """trainable_token_indices on one embedding: W[indices[i]] = values[i] (TrainableTokensLayer.merge)."""
+
+    module: str  # e.g. "model.embed_tokens"
+    indices: tuple[int, ...]  # distinct token ids
+    values: TensorRef  # (len(indices), hidden): trainable_tokens_delta, the rows themselves
 
     @property
     def target(self) -> str:
@@ -97,6 +126,7 @@ class Adapter:
     use_rslora: bool
     use_dora: bool
     user_scale: float = 1.0
+    token_rows: dict[str, TokenRows] = field(default_factory=dict)  # base tensor name -> its retrained rows
 
     @property
     def base_name(self) -> str | None:
@@ -177,7 +207,67 @@ def parse_adapter_config(cfg: Any, where: Path) -> dict[str, Any]:
             raise InputError(f"{where}: {key} is {_short(cfg.get(key))}; it must be true or false")
     _pattern(cfg, "rank_pattern", where, int)
     _pattern(cfg, "alpha_pattern", where, float)
+    _token_spec(cfg, where)
     return cfg
+
+
+def _token_spec(cfg: dict, where: Path) -> list[int] | dict[str, list[int]] | None:
+    """trainable_token_indices: a list of token ids (the input embedding's) or module name -> ids."""
+    spec = cfg.get("trainable_token_indices")
+    if spec in (None, [], {}):
+        return None
+    lists = spec.values() if isinstance(spec, dict) else [spec]
+    if isinstance(spec, dict) and not all(isinstance(k, str) and k for k in spec):
+        raise InputError(f"{where}: trainable_token_indices must map module names to lists of token ids")
+    for ids in lists:
+        if not (isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+            raise InputError(f"{where}: trainable_token_indices holds {_short(ids)}; it must be a list of token ids")
+        if len(set(ids)) != len(ids):
+            # index_copy with a repeated index keeps an unspecified one of its rows
+            raise InputError(f"{where}: trainable_token_indices repeats a token id in {_short(ids)}; PEFT's merge of it is undefined")
+    return spec
+
+
+def _token_rows(cfg: dict, deltas: dict[str, TensorRef], where: Path) -> dict[str, TokenRows]:
+    """Each saved trainable_tokens_delta with its indices, matched as PEFT matches them
+    (utils/other.py set_additional_trainable_modules, _set_trainable: a list names the
+    input embedding; a dict key names every module whose name ends with it)."""
+    spec = _token_spec(cfg, where)
+    first = _short(_PREFIX + next(iter(deltas), "") + ".token_adapter.trainable_tokens_delta")
+    if spec is None:
+        if deltas:
+            raise InputError(f"{where}: tensor {first} holds trainable token rows but adapter_config.json sets no "
+                             "trainable_token_indices; the config and the weights disagree")
+        return {}
+    if isinstance(spec, list):
+        if len(deltas) != 1:
+            raise InputError(f"{where}: trainable_token_indices is one list of ids but the file holds {len(deltas)} "
+                             "trainable_tokens_delta tensors; the config and the weights disagree")
+        matched = {next(iter(deltas)): spec}
+    else:
+        matched = {}
+        for key, ids in spec.items():
+            hits = [m for m in deltas if m.endswith(key)]
+            if not hits:
+                raise InputError(f"{where}: trainable_token_indices names {_short(key)} but the file has no "
+                                 "trainable_tokens_delta for it; the config and the weights disagree")
+            for module in hits:
+                if module in matched:
+                    raise InputError(f"{where}: trainable_token_indices names {_short(module)} twice; the config is ambiguous")
+                matched[module] = ids
+        extra = sorted(set(deltas) - set(matched))
+        if extra:
+            raise InputError(f"{where}: the file holds trainable token rows for {_short(extra[0])}, which "
+                             "trainable_token_indices does not name; the config and the weights disagree")
+    out = {}
+    for module, ids in matched.items():
+        ref = deltas[module]
+        if len(ref.shape) != 2 or ref.shape[0] != len(ids):
+            raise InputError(f"{where}: the trainable token rows of {_short(module)} have shape {list(ref.shape)} "
+                             f"for {len(ids)} token ids; the adapter is corrupt")
+        rows = TokenRows(module, tuple(ids), ref)
+        out[rows.target] = rows
+    return out
 
 
 def _weights_file(folder: Path) -> Path:
@@ -207,7 +297,11 @@ def _split_key(key: str, where: Path) -> tuple[str, str]:
         raise UnsupportedError(f"{where}: tensor {_short(key)} is a trained bias on lora_B (lora_bias), which is not supported")
     for suffix in (".weight", ".bias"):
         if name.endswith(suffix):
-            return name[: -len(suffix)], "R" + suffix
+            module = name[: -len(suffix)]
+            outer, _, part = module.rpartition(".")
+            if outer and part in _WRAPPER_PARTS:
+                return outer, part + suffix
+            return module, "R" + suffix
     raise InputError(f"{where}: tensor {_short(key)} is neither a LoRA factor nor a saved module; not supported")
 
 
@@ -220,12 +314,55 @@ def check_finite(ref: TensorRef, what: str) -> None:
             raise InputError(f"{what}: tensor {_short(ref.name)} contains NaN or Inf; the adapter is broken, retrain or re-download it")
 
 
-def _saved_whole(module: str, cfg: dict) -> bool:
-    last = module.rsplit(".", 1)[-1]
+def _listed(module: str, cfg: dict) -> bool:
+    """Whether `module` is in modules_to_save (PEFT matches a name or the end of one)."""
     listed = cfg.get("modules_to_save") or []
     if not isinstance(listed, list):
         return False
-    return last in _EMBEDDING_LAYERS or any(isinstance(m, str) and (module == m or module.endswith("." + m)) for m in listed)
+    return any(isinstance(m, str) and (module == m or module.endswith("." + m)) for m in listed)
+
+
+def _saved_whole(module: str, cfg: dict) -> bool:
+    return module.rsplit(".", 1)[-1] in _EMBEDDING_LAYERS or _listed(module, cfg)
+
+
+def _same_bytes(a: TensorRef, b: TensorRef) -> bool:
+    rows_per = max(1, _FINITE_CHUNK // max(a.shape[-1] if a.shape else 1, 1))
+    for start in range(0, a.n_rows, rows_per):
+        stop = min(a.n_rows, start + rows_per)
+        if a.read_raw_rows(start, stop).tobytes() != b.read_raw_rows(start, stop).tobytes():
+            return False
+    return True
+
+
+def _check_wrapper_parts(parts: list[tuple[str, str, str, TensorRef]], replacements: dict[str, TensorRef],
+                         cfg: dict, wfile: Path) -> None:
+    """The `X.modules_to_save.*` / `X.original_module.*` tensors saved beside a resized
+    embedding (see _WRAPPER_PARTS): consistent with the trained `X.*`, which alone is merged.
+    Anything PEFT would not write, or could not load again, is refused."""
+    for key, module, part, ref in parts:
+        if not _listed(module, cfg):
+            raise InputError(
+                f"{wfile}: tensor {_short(key)} is a whole module that adapter_config.json does not list "
+                "in modules_to_save; the config and the weights disagree"
+            )
+        target = module + key[key.rindex("."):]
+        trained = replacements.get(target)
+        if trained is None:
+            raise InputError(
+                f"{wfile}: tensor {_short(key)} has no {_short(_PREFIX + target)} beside it, the trained copy "
+                "PEFT loads; the adapter file is incomplete"
+            )
+        if ref.shape != trained.shape or ref.dtype != trained.dtype:
+            raise InputError(
+                f"{wfile}: tensor {_short(key)} is {ref.dtype} {list(ref.shape)} but {_short(_PREFIX + target)} is "
+                f"{trained.dtype} {list(trained.shape)}; the adapter is corrupt"
+            )
+        if part == "modules_to_save" and not _same_bytes(ref, trained):
+            raise InputError(
+                f"{wfile}: tensors {_short(key)} and {_short(_PREFIX + target)} are two saves of the same trained "
+                "copy but hold different values; the file was altered after PEFT saved it"
+            )
 
 
 def _pair(module: str, parts: dict[str, TensorRef], cfg: dict, user_scale: float, where: Path) -> LoraPair:
@@ -279,8 +416,16 @@ def read_adapter(folder: Path, user_scale: float = 1.0, name: str | None = None)
     grouped: dict[str, dict[str, TensorRef]] = {}
     replacements: dict[str, TensorRef] = {}
     base_layers: set[str] = set()
+    wrapper_parts: list[tuple[str, str, str, TensorRef]] = []
+    deltas: dict[str, TensorRef] = {}
     for key, ref in _read_tensors(wfile).items():
         module, role = _split_key(key, wfile)
+        if role.split(".", 1)[0] in _WRAPPER_PARTS:
+            wrapper_parts.append((key, module, role.split(".", 1)[0], ref))
+            continue
+        if role == "T":
+            deltas[module] = ref
+            continue
         if role.startswith("R") or role == "W":
             if role.startswith("R") and not _saved_whole(module, cfg):
                 raise InputError(
@@ -288,6 +433,8 @@ def read_adapter(folder: Path, user_scale: float = 1.0, name: str | None = None)
                     "in modules_to_save; the config and the weights disagree"
                 )
             target = module + (".weight" if role == "W" else role[1:])
+            if target in replacements:
+                raise InputError(f"{wfile}: two tensors give the whole of {_short(target)}; the adapter file is corrupt")
             replacements[target] = ref
             if role == "W":
                 base_layers.add(target)
@@ -297,15 +444,20 @@ def read_adapter(folder: Path, user_scale: float = 1.0, name: str | None = None)
     for module, parts in grouped.items():
         pair = _pair(module, parts, cfg, user_scale, wfile)
         pairs[pair.target] = pair
-    if not pairs and not replacements:
+    token_rows = _token_rows(cfg, deltas, wfile)
+    for target in token_rows.keys() & pairs.keys():
+        raise UnsupportedError(f"{wfile}: {_short(target)} has both a LoRA and trainable token rows; this is not supported")
+    if not pairs and not replacements and not token_rows:
         raise InputError(f"{wfile} holds no LoRA tensors; the adapter is empty")
-    for ref in [*replacements.values(), *(t for p in pairs.values() for t in (p.a, p.b, p.magnitude) if t is not None)]:
+    for ref in [*replacements.values(), *(t for p in pairs.values() for t in (p.a, p.b, p.magnitude) if t is not None),
+                *(t.values for t in token_rows.values())]:
         check_finite(ref, str(wfile))
+    _check_wrapper_parts(wrapper_parts, replacements, cfg, wfile)
     return Adapter(
         folder, name or folder.resolve().name, cfg, pairs, replacements, frozenset(base_layers),
         lora_alpha=float(cfg.get("lora_alpha", 8)), rank=int(cfg["r"]),
         use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
-        user_scale=user_scale,
+        user_scale=user_scale, token_rows=token_rows,
     )
 
 
@@ -330,6 +482,18 @@ def check_against_base(adapter: Adapter, base: dict[str, TensorRef], hf_arch: st
             raise InputError(
                 f"adapter {adapter.name} gives {_short(target)} shape {list(ref.shape)} but the base has "
                 f"{list(have.shape)}; is this the right base?"
+            )
+    for target, rows in adapter.token_rows.items():
+        have = adapter.replacements.get(target) or base.get(target)
+        if have is None or len(have.shape) != 2:
+            raise InputError(
+                f"adapter {adapter.name} retrains token rows of {_short(rows.module)}, which the base model "
+                f"{'lacks' if have is None else 'has as no matrix'}; is this the right base?"
+            )
+        if rows.values.shape[1] != have.shape[1] or max(rows.indices) >= have.shape[0]:
+            raise InputError(
+                f"adapter {adapter.name} retrains token ids up to {max(rows.indices)} of {_short(rows.module)} in rows of "
+                f"{rows.values.shape[1]}, but the base's is {list(have.shape)}; is this the right base?"
             )
     for target, pair in adapter.pairs.items():
         have = adapter.replacements.get(target) or base.get(target)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alpaca_local.errors import InputError, RuntimeFailure
-from alpaca_local.source import remote
+from alpaca_local.source import hub_http, remote
 from alpaca_local.source.remote import Checksum, RemoteFile
 from alpaca_local.source.safetensors_io import parse_header, read_header_bytes
 from alpaca_local.source.tensors import TensorRef
@@ -100,13 +100,13 @@ class HubSource:
         if not self.stream:
             return read_weights(self.folder)
         from huggingface_hub import hf_hub_url
-        from huggingface_hub.utils import build_hf_headers, get_session
+        from huggingface_hub.utils import build_hf_headers
 
-        headers, session = build_hf_headers(token=self.token), get_session()
+        headers, client = build_hf_headers(token=self.token), hub_http.hub_client()
 
         def read_header(filename: str) -> dict[str, TensorRef]:
             url = hf_hub_url(self.hub_id.repo_id, filename, revision=self.commit, endpoint=self.endpoint)
-            f = RemoteFile(url, f"{self.hub_id}/{filename}", self.files[filename], headers, session)
+            f = RemoteFile(url, f"{self.hub_id}/{filename}", self.files[filename], headers, client)
             self._remote[filename] = f
             shown, size = Path(self.hub_id.repo_id) / filename, self.files[filename].size
             raw = read_header_bytes(shown, size, f.fetch)
@@ -340,18 +340,18 @@ def _hf_download(hub_id: HubId, filename: str, revision: str | None, endpoint: s
 def _retrying(call):
     """`call()`, again after a pause when the Hub answers 5xx or the connection fails
     (HfApi's calls, unlike downloads, are not retried by huggingface_hub)."""
-    import requests
     from huggingface_hub.errors import HfHubHTTPError
 
+    client = hub_http.hub_client()
     for attempt in range(remote.RETRIES + 1):
         try:
             return call()
-        except (HfHubHTTPError, requests.ConnectionError, requests.Timeout) as exc:
+        except (HfHubHTTPError, *client.network_errors) as exc:
             status = _status(exc)
             transient = status is None or status >= 500 or status == 429
             # No route or no name resolution rarely heals in seconds: say so after two
             # quick retries instead of making an offline user wait through the full backoff.
-            unreachable = status is None and not isinstance(exc, requests.Timeout)
+            unreachable = status is None and not isinstance(exc, client.timeout_errors)
             if not transient or attempt == (NO_NETWORK_RETRIES if unreachable else remote.RETRIES):
                 raise
             time.sleep(min(remote.MAX_BACKOFF_S, remote.BACKOFF_S * 2**attempt))
@@ -366,12 +366,12 @@ def _status(exc: BaseException) -> int | None:
 @contextmanager
 def hub_errors(hub_id: HubId, endpoint: str) -> Iterator[None]:
     """huggingface_hub's exceptions → one-line `InputError`s naming the fix."""
-    import requests
     from huggingface_hub.errors import (
         EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
         RepositoryNotFoundError, RevisionNotFoundError,
     )
 
+    network_errors = hub_http.hub_client().network_errors
     try:
         yield
     except GatedRepoError:
@@ -390,7 +390,7 @@ def hub_errors(hub_id: HubId, endpoint: str) -> Iterator[None]:
         raise _no_network(endpoint, exc.__cause__ or exc) from None
     except EntryNotFoundError as exc:
         raise InputError(f"{hub_id}: a file the repository lists is missing (HTTP 404): {_first_line(exc)}") from None
-    except (requests.ConnectionError, requests.Timeout) as exc:
+    except network_errors as exc:
         raise _no_network(endpoint, exc) from None
     except HfHubHTTPError as exc:
         status = _status(exc)
@@ -399,7 +399,8 @@ def hub_errors(hub_id: HubId, endpoint: str) -> Iterator[None]:
         raise RuntimeFailure(f"{hub_id}: the Hub answered HTTP {status} after retries; try again later") from None
 
 
-# requests' connection errors nest urllib3's in a long repr; these say which it was.
+# Connection errors (requests' nest urllib3's in a long repr, httpx's carry the OS error); these
+# say which it was.
 _NETWORK_REASONS = (
     ("NameResolution", "cannot resolve the host name"), ("Name or service not known", "cannot resolve the host name"),
     ("Connection refused", "connection refused"), ("unreachable", "network unreachable"),

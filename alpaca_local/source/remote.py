@@ -12,6 +12,9 @@ connection, a timeout or a 5xx answer reopens the stream with
 `Range: bytes=<where it stopped>-`, after a growing pause; `fetch` is the
 random-access form for the few bytes read before streaming (headers).
 
+Requests go through huggingface_hub's own session (`source.hub_http`: requests,
+httpx or httpx2, whichever the installed major uses), with the same loop on each.
+
 The checksum is the Hub's: the LFS sha256 for large files, or the git blob
 sha1 (sha1 of "blob <size>\\0" + content) for files kept in git itself.
 """
@@ -19,17 +22,14 @@ sha1 (sha1 of "blob <size>\\0" + content) for files kept in git itself.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import requests
-import urllib3
-
 from alpaca_local.errors import InputError, RuntimeFailure
+from alpaca_local.source.hub_http import HttpClient, Response
 
 # Pauses between attempts: 0.5, 1, 2, 4, 8 s (then 8 s); an attempt that made
 # progress resets the count, so a long download survives many short drops.
@@ -42,8 +42,6 @@ READ_TIMEOUT_S = 60.0
 SKIP_PIECE = 1 << 20  # unneeded bytes are read and hashed in pieces of this size
 
 Progress = Callable[[int], None]  # bytes just received
-# What a dropped or stalled connection raises while a response body is read.
-_NETWORK_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
 
 
 @dataclass(frozen=True)
@@ -79,19 +77,20 @@ class RemoteFile:
         name: str,
         checksum: Checksum,
         headers: dict[str, str],
-        session: requests.Session,
+        client: HttpClient,
         progress: Progress | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.url, self.name, self.checksum = url, name, checksum
         self.size = checksum.size
         self._headers = {**headers, "Accept-Encoding": "identity"}  # byte offsets must be the file's
-        self._session = session
+        self._client = client
+        self._errors = (_Transient, *client.body_errors)
         self.progress = progress
         self._sleep = sleep
         self._hash = checksum.hasher()
         self._pos = 0  # next byte the stream delivers; everything before it is hashed
-        self._resp: requests.Response | None = None
+        self._resp: Response | None = None
         self._lock = threading.Lock()
         self._closed = False  # set by close() from any thread: the reader stops at its next step
         self.bytes_fetched = 0  # all bytes received, retries and header fetches included
@@ -162,13 +161,11 @@ class RemoteFile:
                 if self._resp is None:
                     self._resp = self._open(self._pos)
                 # read1 returns what has arrived, so a stall or a drop loses nothing already
-                # received and the next request starts at the exact byte (urllib3 >= 2.1).
-                raw = self._resp.raw
-                piece = (raw.read1 if hasattr(raw, "read1") else raw.read)(nbytes - len(out))
+                # received and the next request starts at the exact byte.
+                piece = self._resp.read1(nbytes - len(out))
                 if not piece:
                     raise _Transient("connection closed early")
-            except (_Transient, *_NETWORK_ERRORS) as exc:
-                # urllib3's ProtocolError / ReadTimeoutError are OSError / requests errors here
+            except self._errors as exc:
                 self._close()
                 failures += 1
                 if failures > RETRIES:
@@ -184,7 +181,7 @@ class RemoteFile:
                 self.progress(len(piece))
         return bytes(out)
 
-    def _open(self, start: int) -> requests.Response:
+    def _open(self, start: int) -> Response:
         resp = self._request(start, self.size)
         if resp.status_code == 200 and start > 0:
             resp.close()
@@ -193,23 +190,23 @@ class RemoteFile:
 
     def _get_range(self, start: int, end: int) -> bytes:
         resp = self._request(start, end)
+        data = bytearray()
         try:
-            data = resp.raw.read(end - start)
+            while len(data) < end - start and (piece := resp.read1(end - start - len(data))):
+                data += piece
         finally:
             resp.close()
         self.bytes_fetched += len(data)
         if len(data) != end - start:
             raise _Transient("connection closed early")
-        return data
+        return bytes(data)
 
-    def _request(self, start: int, end: int) -> requests.Response:
+    def _request(self, start: int, end: int) -> Response:
         """GET bytes [start, end) following redirects; 2xx or an error, never a retryable answer."""
         headers = {**self._headers, "Range": f"bytes={start}-{end - 1}"}
         try:
-            resp = self._session.get(
-                self.url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
-            )
-        except (requests.ConnectionError, requests.Timeout) as exc:
+            resp = self._client.open(self.url, headers, CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+        except self._client.network_errors as exc:
             raise _Transient(str(exc)) from exc
         if resp.status_code >= 500 or resp.status_code == 429:
             resp.close()
@@ -228,7 +225,7 @@ class RemoteFile:
         for attempt in range(RETRIES + 1):
             try:
                 return call()
-            except (_Transient, *_NETWORK_ERRORS) as exc:
+            except self._errors as exc:
                 if attempt == RETRIES:
                     raise _gave_up(self.name, exc) from None
                 self._sleep(min(MAX_BACKOFF_S, BACKOFF_S * 2**attempt))
@@ -240,7 +237,7 @@ class RemoteFile:
             self._resp = None
 
 
-def _check_content_range(resp: requests.Response, start: int, f: RemoteFile) -> None:
+def _check_content_range(resp: Response, start: int, f: RemoteFile) -> None:
     """`Content-Range: bytes START-END/TOTAL` must start where we asked, in a file of the expected size."""
     value = resp.headers.get("Content-Range", "")
     span, _, total = value.removeprefix("bytes ").partition("/")
