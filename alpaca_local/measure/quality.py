@@ -436,6 +436,12 @@ def _evaluate(path: Path, quant: str, chunks: list[list[int]], base: _BaseLogits
     return LevelResult(quant, path, size, bpw, summarize(TokenScores.concat(parts)), prompt_tps, gen)
 
 
+def _check_ctx(n_ctx: int) -> None:
+    """Refuse a context too small to score anything, before any file is made."""
+    if n_ctx < MIN_CTX:
+        raise UsageError(f"--ctx {n_ctx} is too small; give at least {MIN_CTX} (default {DEFAULT_CTX})")
+
+
 def measure_quality(
     source: Path,
     quants: Sequence[str] = DEFAULT_QUANTS,
@@ -452,8 +458,7 @@ def measure_quality(
     `imatrix`, each level twice: plain, then quantized with the importance matrix ("q4_k_m+imatrix")."""
     if not source.exists():
         raise InputError(f"{source} does not exist; give a Hugging Face model folder or an f16 .gguf file")
-    if n_ctx < MIN_CTX:
-        raise UsageError(f"--ctx {n_ctx} is too small; give at least {MIN_CTX} (default {DEFAULT_CTX})")
+    _check_ctx(n_ctx)
     work = work or default_work_dir(source)
     needs = _imatrix_levels(source, quants, imatrix)
     baseline = prepare_baseline(source, work, status)
@@ -483,8 +488,7 @@ def measure_files(
     it: what `quality` measures, for files that exist (convert --card-quality's levels) or are made
     when their turn comes (a callable returning the path).
     `work` holds the f16 logits while it runs (default: beside the baseline)."""
-    if n_ctx < MIN_CTX:
-        raise UsageError(f"--ctx {n_ctx} is too small; give at least {MIN_CTX} (default {DEFAULT_CTX})")
+    _check_ctx(n_ctx)
     text = default_text() if text is None else text
     work = work or baseline.parent
     tokens, chunks = _tokenize_checked(baseline, text, n_ctx, threads, no_repack)

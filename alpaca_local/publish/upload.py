@@ -168,12 +168,9 @@ def _translate(exc: BaseException, repo_id: str, resume: str) -> Exception:
 
 
 def _is_network_error(exc: BaseException) -> bool:
-    """requests' and httpx's transport errors (huggingface_hub 0.x uses requests, 1.x httpx)."""
-    for module, name in (("requests", "RequestException"), ("httpx", "TransportError")):
-        try:
-            cls = getattr(__import__(module), name)
-        except (ImportError, AttributeError):
-            continue
-        if isinstance(exc, cls):
-            return True
-    return False
+    """The transport errors of the HTTP client huggingface_hub uses (requests on 0.x, httpx on 1.x,
+    httpx2 on 2.x): source.hub_http knows which, for downloads and uploads alike."""
+    from alpaca_local.source.hub_http import hub_client
+
+    client = hub_client()
+    return isinstance(exc, client.network_errors + client.body_errors)
