@@ -5,7 +5,7 @@ endpoint (HF_ENDPOINT) for the API and a file host for the LFS bytes.
 
 - POST /api/validate-yaml: README.md's front matter must be a YAML mapping (else 400).
 - GET /api/whoami-v2: the user "me" of org "my-org", and the token's role (write or read).
-- POST /api/repos/create {name, organization, private}: 200 {url}, 409 when it exists.
+- POST /api/repos/create {name, organization, private | visibility}: 200 {url}, 409 when it exists.
 - POST /api/models/{repo}/branch/{branch}: 200, 409 when it exists.
 - GET /api/models/{repo}[/revision/{rev}]: repo info ({sha, siblings}) for the client's no-op commits.
 - POST /api/models/{repo}/preupload/{rev}: "lfs" for *.gguf, "regular" otherwise, with each
@@ -265,7 +265,8 @@ def _handler(hub: UploadHub, files: bool) -> type[BaseHTTPRequestHandler]:
             if repo_id in hub.repos:  # the Hub's 409 carries the url, which exist_ok=True returns
                 return self._send(409, {"error": "You already created this model repo", "url": f"{hub.endpoint}/{repo_id}"},
                                   {"X-Error-Message": "You already created this model repo"})
-            hub.repos[repo_id] = HubRepo(private=bool(req.get("private")))
+            # huggingface_hub < 2 sends {"private": true}, 2.x {"visibility": "private"}; the Hub takes both
+            hub.repos[repo_id] = HubRepo(private=bool(req.get("private")) or req.get("visibility") == "private")
             self._send(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id})
 
         def _validate_yaml(self, req: dict) -> None:

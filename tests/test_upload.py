@@ -13,6 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 
 import tinymodels
@@ -37,11 +38,22 @@ def model(folder) -> Path:
     return folder.parent / "tiny"
 
 
+# How the client picks Xet for an upload (hf_xet installed): 0.34/0.35 ask the repo's info
+# (xetEnabled; this fake Hub says no), 0.36-1.x offer "xet" in the LFS batch request and the
+# Hub picks (this one answers "basic"), 2.x sends every LFS file by Xet to a CAS server with no
+# LFS fallback. This fake Hub speaks LFS only, so on 2.x its HF_HUB_DISABLE_XET path is driven.
+_HUB_VERSION = tuple(int(x) for x in huggingface_hub.__version__.split(".")[:2])
+XET_ONLY_CLIENT = _HUB_VERSION >= (2, 0)
+XET_OFFERED_IN_BATCH = (0, 36) <= _HUB_VERSION < (2, 0)
+
+
 def _hub(monkeypatch, token: str | None = WRITE_TOKEN, **kw) -> UploadHub:
     from huggingface_hub import constants
     from huggingface_hub.utils import _http
 
     hub = UploadHub(**kw)
+    if XET_ONLY_CLIENT:
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
     # huggingface_hub read HF_ENDPOINT at import and parses commit URLs against it (CommitInfo -> RepoUrl)
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
@@ -114,19 +126,21 @@ def test_large_files_go_multipart(monkeypatch, folder, capsys):
         hub.close()
 
 
-@pytest.mark.parametrize("disable_xet", [False, True])
+# Xet offered and refused is a 0.x/1.x conversation; a 2.x client does not ask (XET_ONLY_CLIENT).
+@pytest.mark.parametrize("disable_xet", [True] if XET_ONLY_CLIENT else [False, True])
 def test_with_and_without_xet(monkeypatch, folder, capsys, disable_xet):
     """hf_xet installed: huggingface_hub offers Xet and the Hub picks; this Hub answers "basic" (LFS) as a
     Hub does for a repository without Xet. HF_HUB_DISABLE_XET=1: Xet is not offered. Same files either way."""
     from huggingface_hub import constants
 
     pytest.importorskip("hf_xet")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", disable_xet)
     hub = _hub(monkeypatch)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", disable_xet)
     try:
         rc, _, err = _upload(capsys, str(folder), "me/tiny-GGUF", "--json")
         assert rc == 0, err
-        assert hub.batch_transfers and all(("xet" in t) != disable_xet for t in hub.batch_transfers)
+        offered = XET_OFFERED_IN_BATCH and not disable_xet
+        assert hub.batch_transfers and all(("xet" in t) == offered for t in hub.batch_transfers)
         assert hub.files("me/tiny-GGUF") == _local(folder)
     finally:
         hub.close()

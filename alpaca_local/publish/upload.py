@@ -6,17 +6,19 @@ Out: one commit on that branch (the repository created if needed), checked after
      every file is in the commit with its local size.
 
 How: `HfApi.create_repo(exist_ok=True)`, `create_branch(exist_ok=True)` for a branch, then
-`upload_folder`: huggingface_hub asks the Hub which files are LFS, sends their bytes (one
-PUT, or multipart parts for large files; with hf_xet installed it also offers the Xet
-protocol and the Hub chooses it for Xet-enabled repositories), skips every object the Hub
-already holds, and only then makes the commit. So an error or Ctrl-C before the commit
-leaves the repository as it was, and the same command run again resumes: what was already
-uploaded is not sent again. huggingface_hub retries a dropped or 5xx upload itself.
+one `create_commit` of the files: huggingface_hub asks the Hub which files are LFS, sends
+their bytes (0.x/1.x: the LFS batch API, one PUT or multipart parts for large files, Xet
+offered when hf_xet is installed and chosen by the Hub for Xet repositories; 2.x with hf_xet:
+the Xet protocol only), skips every object the Hub already holds, and only then makes the
+commit. Not `upload_folder`: from huggingface_hub 2.0 it commits a large folder in several
+batches (`_upload_pipeline`), and a failure between them would leave a repository with some
+levels and not the others. So an error or Ctrl-C before the commit leaves the repository as
+it was, and the same command run again resumes: what was already uploaded is not sent
+again. huggingface_hub retries a dropped or 5xx upload itself.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -113,15 +115,17 @@ def upload(folder: Path, repo_id: str, *, private: bool = False, revision: str |
 
 def _upload(folder: Path, repo_id: str, paths: list[Path], private: bool, revision: str | None,
             message: str | None, resume: str) -> UploadResult:
+    from huggingface_hub import CommitOperationAdd
+
     api = _api()
     branch = revision or "main"
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(
-            folder_path=str(folder), repo_id=repo_id, repo_type="model", revision=revision,
-            allow_patterns=[glob.escape(p.name) for p in paths],  # patterns (fnmatch): names taken literally
+        info = api.create_commit(
+            repo_id, repo_type="model", revision=revision,
+            operations=[CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in paths],
             commit_message=message or f"Upload {len(paths)} files with alpaca-local",
         )
         remote = {f.path: f.size for f in api.get_paths_info(repo_id, [p.name for p in paths], revision=info.oid)}
