@@ -327,3 +327,46 @@ def test_planned_buffers_match_llama_cpp(level_files, quant):
 def test_planned_buffers_match_llama_cpp_for_every_level(case, quant):
     c = case("llama")
     _assert_buffers_match_llama_cpp(c.ours(quant, quant in IMATRIX_ONLY))
+
+
+# --- the ladder's order: the rules written beside LADDER, checked against their sources ---
+
+from alpaca_local.convert.quant_levels import KLD_270M, LADDER, LADDER_SOURCE, PPL_8B  # noqa: E402
+
+_LADDER_JSON = Path(__file__).resolve().parents[1] / "benchmarks" / "ladder-gemma-270m.json"
+
+
+def _bit_class(name: str) -> str:
+    return name.lstrip("i")[1]
+
+
+def test_ladder_holds_every_dense_level_once_each_with_its_source():
+    dense = [n for n, lv in LEVELS.items() if not lv.experts_only]
+    assert sorted(LADDER) == sorted(dense) and len(set(LADDER)) == len(LADDER)
+    assert set(LADDER_SOURCE) == set(LADDER)
+
+
+def test_levels_with_a_llama_cpp_figure_follow_it():
+    figured = [n for n in LADDER if LADDER_SOURCE[n] == PPL_8B]
+    assert figured == sorted(figured, key=lambda n: LEVELS[n].ppl)
+    assert set(figured) == {n for n, lv in LEVELS.items() if lv.ppl is not None}
+
+
+def test_iq_levels_sit_where_the_270m_kld_puts_them_within_their_bit_class():
+    import json
+
+    kld = {r["level"].removesuffix("+imatrix"): r["mean_kld"] for r in json.loads(_LADDER_JSON.read_text())["rows"]}
+    placed = [n for n in LADDER if LADDER_SOURCE[n] == KLD_270M]
+    for name in placed:
+        figured = [n for n in LADDER if LADDER_SOURCE[n] == PPL_8B and _bit_class(n) == _bit_class(name)]
+        worse = [n for n in figured if kld[n] > kld[name]]
+        if worse:  # just above the first figured level of its class that measured worse
+            above = [n for n in figured if LADDER.index(n) < LADDER.index(worse[0])]
+            assert all(LADDER.index(n) < LADDER.index(name) < LADDER.index(worse[0]) for n in above), name
+        else:  # below every figured level of its class
+            assert LADDER.index(name) > max(LADDER.index(n) for n in figured)
+    # within a run of placed levels: more bits per weight first (QUANT_OPTIONS' description)
+    bpw = {n: float(LEVELS[n].llama_cpp.split()[0]) for n in placed}
+    for a, b in zip(LADDER, LADDER[1:]):
+        if a in bpw and b in bpw:
+            assert bpw[a] > bpw[b], (a, b)
