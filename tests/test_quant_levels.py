@@ -17,6 +17,7 @@ imatrix) is the integration test at the end.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from test_imatrix_convert import synthetic_imatrix
 
 from alpaca_local.convert.imatrix_file import write_imatrix
 from alpaca_local.convert.pipeline import convert
-from alpaca_local.convert.quant_levels import LEVELS
+from alpaca_local.convert.quant_levels import KLD_270M, LADDER, LADDER_SOURCE, LEVELS, PPL_8B
 from alpaca_local.convert.quant_rules import QUANTS
 
 # The levels a dense model can have; mxfp4_moe only changes expert tensors (refused below).
@@ -340,7 +341,6 @@ def test_planned_buffers_match_llama_cpp_for_every_level(case, quant):
 
 # --- the ladder's order: the rules written beside LADDER, checked against their sources ---
 
-from alpaca_local.convert.quant_levels import KLD_270M, LADDER, LADDER_SOURCE, PPL_8B  # noqa: E402
 
 _LADDER_JSON = Path(__file__).resolve().parents[1] / "benchmarks" / "ladder-gemma-270m.json"
 
@@ -362,8 +362,6 @@ def test_levels_with_a_llama_cpp_figure_follow_it():
 
 
 def test_iq_levels_sit_where_the_270m_kld_puts_them_within_their_bit_class():
-    import json
-
     kld = {r["level"].removesuffix("+imatrix"): r["mean_kld"] for r in json.loads(_LADDER_JSON.read_text())["rows"]}
     placed = [n for n in LADDER if LADDER_SOURCE[n] == KLD_270M]
     for name in placed:
