@@ -82,7 +82,8 @@ def run(size: str, levels: list[str], work_root: Path, separate: bool) -> dict:
     steps = [("convert_hf_to_gguf f16", *measure([py, str(vendor_dir() / "convert_hf_to_gguf.py"), str(src),
                                                   "--outtype", "f16", "--outfile", str(f16)]))]
     for q in levels:
-        steps.append((f"llama-quantize {q}", *measure([py, "-c", QUANTIZE, str(f16), str(ref_dir / f"ref.{q}.gguf"), q])))
+        steps.append((f"llama-quantize {q}", *measure([py, "-c", QUANTIZE, str(f16), str(ref_dir / f"ref.{q}.gguf"), q,
+                                                         "", str(HERE.parent / "tests")])))
     result["reference_files"] = {p.name: p.stat().st_size for p in sorted(ref_dir.iterdir())}
     result["reference"] = {"s": sum(x[1] for x in steps), "peak": max(x[2] for x in steps), "disk": _size(ref_dir),
                            "steps": [{"step": n, "s": t, "peak": p} for n, t, p in steps], "load_after": _load()}
