@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from alpaca_local.cli import levels, lora_flags
+from alpaca_local.cli import levels, lora_flags, target_flags
 from alpaca_local.convert import quant_levels
 
 DESCRIPTION = """Turn a Hugging Face model folder (config.json, safetensors or pytorch .bin
@@ -36,6 +36,8 @@ EXAMPLES = """examples:
 `alpaca-local plan ./alpaca-7b --levels all` shows each level's exact size for your model.
 
 """ + lora_flags.HELP_EXAMPLES + """
+
+""" + target_flags.HELP_EXAMPLES + """
 
 exit codes: 0 done, 1 bad input or failed write, 2 usage error, 130 interrupted."""
 
@@ -75,6 +77,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
                      help="Hub id: download the weights into the HF cache (resumable, reused) instead of streaming")
     hub.add_argument("--offline", action="store_true", help="Hub id: use only the HF cache, no network")
     lora_flags.add_arguments(p)
+    target_flags.add_arguments(p)
 
 
 def open_source(arg: str, quant: str, download: bool = False, offline: bool = False, imatrix: Path | None = None,
@@ -102,7 +105,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and not 1 <= args.threads <= 1024:
         raise UsageError(f"--threads {args.threads} is out of range; give 1 to 1024")
     err = Console(stderr=True)
+    args.target = target_flags.wanted(args)
     if lora_flags.is_adapter_source(args):
+        if args.target:
+            raise UsageError("a size target is for models, not for an adapter GGUF")
         return lora_flags.run_adapter(args)
     if args.calibrate is None:
         return _convert_and_report(args, err, args.imatrix)
@@ -122,11 +128,12 @@ def run(args: argparse.Namespace) -> int:
     if quant_levels.LEVELS[args.quant].converter_outtype:
         raise UsageError(f"--calibrate only applies to quantized levels, not {args.quant}")
     args.source = Path(args.source)
-    plain = plan_conversion(args.source, args.quant, None, expect_imatrix=True)
-    if args.output is None:
+    plain = plan_conversion(args.source, _planned_quant(args), None, expect_imatrix=True)
+    if args.output is None and not args.target:  # a target's file is named after its budget, known later
         args.output = default_output(plain, Path("models"))
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-    check_target(args.output, args.force, need_bytes=plain.tensor_bytes)
+    (args.output.parent if args.output else Path("models")).mkdir(parents=True, exist_ok=True)
+    if args.output is not None:
+        check_target(args.output, args.force, need_bytes=plain.tensor_bytes)
     return _calibrate_and_convert(args, err)
 
 
@@ -162,27 +169,52 @@ def _calibrate_and_convert(args: argparse.Namespace, err) -> int:
             hooks = CalibrationHooks(stage=lambda line: None, convert_progress=convert_progress,
                                      chunk_progress=chunk_progress)
             imatrix = temporaries.enter_context(calibration(
-                args.source, args.output.parent, text, str(text_path) if text_path else None,
+                args.source, args.output.parent if args.output else Path("models"), text, str(text_path) if text_path else None,
                 threads=args.threads, hooks=hooks,
             ))
-        plan = plan_conversion(args.source, args.quant, imatrix)
+        plan = plan_conversion(args.source, _planned_quant(args), imatrix)
         # The imatrix file is a temporary: name what it was computed on instead.
         kv = {**dict(plan.imatrix_kv), "quantize.imatrix.file": f"calibrate:{text_path or 'built-in text'}"}
-        return _report(dataclasses.replace(plan, imatrix_kv=tuple(kv.items())), None, args, err)
+        plan = dataclasses.replace(plan, imatrix_kv=tuple(kv.items()))
+        target = None
+        if args.target:
+            result, target = target_flags.choose(plan, args, err)
+            if result is None:
+                return 0
+            plan = result.plan
+        return _report(plan, None, args, err, target)
+
+
+def _planned_quant(args: argparse.Namespace) -> str:
+    """The level planned first: the asked one, or with a size target the search's base level."""
+    from alpaca_local.convert.search import BASE_LEVEL
+
+    return BASE_LEVEL if args.target else args.quant
 
 
 def _convert_and_report(args: argparse.Namespace, err, imatrix: Path | None) -> int:
     """A folder or a Hub id → plan → convert; the Hub source is closed whatever happens."""
     adapters = lora_flags.read_adapters(args)
-    plan, hub = open_source(args.source, args.quant, args.download, args.offline, imatrix, adapters)
+    plan, hub = open_source(args.source, _planned_quant(args), args.download, args.offline, imatrix, adapters)
     try:
-        return _report(plan, hub, args, err)
+        target = None
+        if args.target:
+            if hub and hub.stream:
+                from alpaca_local.errors import UsageError
+
+                raise UsageError("a size target reads sampled rows of every tensor before converting, which a "
+                                 f"stream cannot; add --download (keeps {args.source} in the HF cache)")
+            result, target = target_flags.choose(plan, args, err)
+            if result is None:
+                return 0
+            plan = result.plan
+        return _report(plan, hub, args, err, target)
     finally:
         if hub:
             hub.close()
 
 
-def _report(plan, hub, args: argparse.Namespace, err) -> int:
+def _report(plan, hub, args: argparse.Namespace, err, target: dict | None = None) -> int:
     from rich.console import Console
 
     from alpaca_local.convert.pipeline import convert
@@ -210,6 +242,8 @@ def _report(plan, hub, args: argparse.Namespace, err) -> int:
                           "fetched_bytes": hub.bytes_fetched}
     if plan.merge:
         summary["merged_adapters"] = [str(a.folder) for a in plan.merge.adapters]
+    if target:
+        summary["target"] = target
     if args.json:
         import json
 
@@ -259,7 +293,13 @@ def _print_summary(summary: dict, plan, console) -> None:
         table.add_row("source", f"{hub['repo']} @ {hub['commit'][:12]} ({how})")
     if plan.merge:
         table.add_row("merged", ", ".join(f"{a.name} (x{a.user_scale:g})" for a in plan.merge.adapters))
-    table.add_row("quant", summary["quant"].upper())
+    if "target" in summary:
+        t = summary["target"]
+        table.add_row("quant", f"per-tensor mix for {t['target']}, labelled {summary['quant'].upper()}: "
+                               + ", ".join(f"{m['type']} x{m['tensors']}" for m in t["mix"]))
+        table.add_row("predicted loss", f"{t['predicted_loss']:.4g} ({t['objective']})")
+    else:
+        table.add_row("quant", summary["quant"].upper())
     if summary["imatrix"]:
         imat = summary["imatrix"]
         chunks = f", {imat['quantize.imatrix.chunks_count']} chunks" if "quantize.imatrix.chunks_count" in imat else ""

@@ -228,11 +228,12 @@ def _fill(costs: Sequence[Sequence[tuple[int, float]]], choice: list[int], left:
         choice[i] = k
 
 
-def size_range(plan: ConversionPlan, options: Sequence[TensorOptions]) -> tuple[int, int]:
-    """(smallest, largest) whole-file bytes the options allow, header included."""
-    header = header_nbytes(_with_recipe(plan, {}, BASE_LEVEL, 0, 0.0, True))
-    return (header + sum(min(o.nbytes for o in t.options) for t in options),
-            header + sum(max(o.nbytes for o in t.options) for t in options))
+def size_range(plan: ConversionPlan) -> tuple[int, int, int]:
+    """(smallest, largest, header) whole-file bytes the candidates allow, before measuring anything."""
+    header = header_nbytes(_with_recipe(plan, {}, BASE_LEVEL, 0, 0.0, bool(plan.imatrix_kv)))
+    sizes = [[_padded(quant_rules.tensor_nbytes(job.shape, ty)) for ty in candidate_types(job, plan.arch.arch_name)]
+             for job in plan.jobs]
+    return header + sum(map(min, sizes)), header + sum(map(max, sizes)), header
 
 
 def _with_recipe(plan: ConversionPlan, types: dict[str, GGMLQuantizationType], quant: str, budget: int,
