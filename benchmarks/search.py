@@ -85,6 +85,9 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--levels", default="q4_k_m,q3_k_m")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None,
+                    help="KLD against size: the ladder (benchmarks/ladder-gemma-270m.json), llama.cpp's levels "
+                         "with the imatrix, and the --target-size points")
     args = ap.parse_args()
 
     from imatrix import gemma_release, make_f16
@@ -160,7 +163,36 @@ def main() -> int:
         print("    mix: " + ", ".join(f"{m['type']} x{m['tensors']} ({m['bytes'] / 1e6:.1f} MB)" for m in r["mix"]))
     if args.json:
         args.json.write_text(json.dumps({"model": "gemma-3-270m", "n_ctx": args.ctx, "rows": rows}, indent=2))
+    if args.plot:
+        plot(rows, args.plot)
     return 0
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ladder = json.loads((ROOT / "benchmarks" / "ladder-gemma-270m.json").read_text())["rows"]
+    ladder = [r for r in ladder if 0 < r["mean_kld"] and r["size_bytes"] < 300e6 and r["mean_kld"] < 1]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.scatter([r["size_bytes"] / 1e6 for r in ladder], [r["mean_kld"] for r in ladder], s=12, c="0.6",
+               label="llama.cpp levels (ladder; imatrix only where required)")
+    for r in ladder:
+        ax.annotate(r["level"].replace("+imatrix", "*"), (r["size_bytes"] / 1e6, r["mean_kld"]), fontsize=6, color="0.4")
+    rows = sorted(rows, key=lambda r: r["llama_bytes"])
+    ax.plot([r["llama_bytes"] / 1e6 for r in rows], [r["llama_kld"]["mean_kld"] for r in rows], "s-", c="tab:blue",
+            label="llama.cpp level + the imatrix")
+    ax.plot([r["target_bytes"] / 1e6 for r in rows], [r["target_kld"]["mean_kld"] for r in rows], "o-", c="tab:red",
+            label="convert --target-size (same imatrix)")
+    ax.set_yscale("log")
+    ax.set_xlabel("file size, MB")
+    ax.set_ylabel("mean KL divergence from f16")
+    ax.set_title("Gemma 3 270M: KLD against size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ CANDIDATES: tuple[GGMLQuantizationType, ...] = (
 # The standard mixes a chosen mix may be labelled as (general.file_type): the nearest in size.
 NEAREST_LEVELS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "q8_0")
 BASE_LEVEL = "q8_0"  # the plan measured from: every tensor llama.cpp may quantize is quantized in it
-SAMPLE_ROWS = 512
+SAMPLE_ROWS = 256  # per tensor; the relative error of 256 evenly spread rows is stable to a few percent
 RECIPE_KEYS = ("alpaca_local.target.bytes", "alpaca_local.target.objective", "alpaca_local.target.predicted_loss",
                "alpaca_local.target.types")
 
@@ -121,8 +121,11 @@ def sample_rows(n_rows: int, k: int) -> np.ndarray:
 def weighted_error(rows: np.ndarray, ggml_type: GGMLQuantizationType, imatrix: np.ndarray | None) -> float:
     """sum_rows sum_j imatrix_j (w_ij - deq(q(w))_ij)^2, quantized with ggml (given `imatrix` as
     quant weights, as llama-quantize passes it) and dequantized with gguf-py."""
-    q = quantize_rows(rows, ggml_type, imatrix)
-    deq = gguf.quants.dequantize(q, ggml_type).reshape(rows.shape).astype(np.float64)
+    if ggml_type == T.F16:  # ggml's F16 is numpy's round to nearest even (ggml.round_to_f16), 10x faster here
+        deq = rows.astype(np.float16).astype(np.float64)
+    else:
+        q = quantize_rows(rows, ggml_type, imatrix)
+        deq = gguf.quants.dequantize(q, ggml_type).reshape(rows.shape).astype(np.float64)
     diff2 = (rows.astype(np.float64) - deq) ** 2
     return float(diff2.sum() if imatrix is None else (diff2 @ imatrix.astype(np.float64)).sum())
 
