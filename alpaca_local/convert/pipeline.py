@@ -155,6 +155,9 @@ def _padded(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
 
+padded = _padded  # the public name: convert/search.py counts bytes as the writer lays them out
+
+
 def llama_cpp_order(name: str) -> tuple[int, str]:
     """llama.cpp's weight_name_comparer: layer number (-1 outside blocks), then name.
 
@@ -346,10 +349,15 @@ def _choose_types(
 def levels_needing_imatrix(plan: ConversionPlan, quants: Sequence[str]) -> set[str]:
     """Which of `quants` llama-quantize refuses without an importance matrix for `plan`'s model
     (any level's plan will do: only names and shapes count), without reading anything again."""
+    facts, specs = rule_inputs(plan)
+    return {q for q in quants if quant_rules.imatrix_required(specs, quant_rules.choose_types(specs, q, facts), q)}
+
+
+def rule_inputs(plan: ConversionPlan) -> tuple[quant_rules.ModelFacts, list[quant_rules.TensorSpec]]:
+    """What llama-quantize's rules read of `plan`'s model: its facts and every tensor's name and shape."""
     facts = quant_rules.ModelFacts(arch=plan.arch.arch_name, n_layer=plan.config.n_layer, n_head=plan.config.n_head,
                                    n_head_kv=plan.config.n_kv_head, n_expert=plan.config.n_expert)
-    specs = [quant_rules.TensorSpec(job.name, job.shape) for job in plan.jobs]
-    return {q for q in quants if quant_rules.imatrix_required(specs, quant_rules.choose_types(specs, q, facts), q)}
+    return facts, [quant_rules.TensorSpec(job.name, job.shape) for job in plan.jobs]
 
 
 def _check_all_used(merge: MergePlan, used: set[TensorRef], arch: Architecture) -> None:

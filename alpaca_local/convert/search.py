@@ -47,7 +47,10 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from alpaca_local.convert import llama_quant, quant_rules
 from alpaca_local.convert.ggml import quantize_rows
-from alpaca_local.convert.pipeline import ALIGNMENT, ConversionPlan, TensorJob, header_nbytes, quantizer_input, retyped
+from alpaca_local.convert.pipeline import padded as _padded
+from alpaca_local.convert.pipeline import (
+    ConversionPlan, TensorJob, header_nbytes, quantizer_input, retyped, rule_inputs,
+)
 
 T = GGMLQuantizationType
 
@@ -94,10 +97,6 @@ class SearchResult:
     level_bytes: dict[str, int]  # their exact tensor bytes + the header of the chosen mix
     choice: tuple[tuple[str, GGMLQuantizationType, int, float], ...]  # name, type, bytes, loss
     weighted: bool  # measured with an importance matrix
-
-
-def _padded(n: int) -> int:
-    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
 
 def candidate_types(job: TensorJob, arch: str) -> tuple[GGMLQuantizationType, ...]:
@@ -155,10 +154,7 @@ def measure(plan: ConversionPlan, progress: MeasureProgress | None = None, n_sam
     """Every tensor's options, in plan order. `only`: each tensor may take its type at that
     level and nothing else (the search turned off: `allocate` then returns the level)."""
     if only is not None:
-        facts = quant_rules.ModelFacts(arch=plan.arch.arch_name, n_layer=plan.config.n_layer,
-                                       n_head=plan.config.n_head, n_head_kv=plan.config.n_kv_head,
-                                       n_expert=plan.config.n_expert)
-        specs = [quant_rules.TensorSpec(job.name, job.shape) for job in plan.jobs]
+        facts, specs = rule_inputs(plan)
         fixed = quant_rules.choose_types(specs, only, facts, has_imatrix=bool(plan.imatrix_kv))
         types = [(ty,) for ty in fixed]
     else:
@@ -278,9 +274,7 @@ def search(plan: ConversionPlan, budget: int, options: Sequence[TensorOptions]) 
 def _levels(plan: ConversionPlan, options: Sequence[TensorOptions], header: int) -> tuple[dict[str, int], dict[str, float]]:
     """The standard levels' sizes (with this header), and their predicted loss where every one of
     their types was measured."""
-    facts = quant_rules.ModelFacts(arch=plan.arch.arch_name, n_layer=plan.config.n_layer, n_head=plan.config.n_head,
-                                   n_head_kv=plan.config.n_kv_head, n_expert=plan.config.n_expert)
-    specs = [quant_rules.TensorSpec(job.name, job.shape) for job in plan.jobs]
+    facts, specs = rule_inputs(plan)
     sizes: dict[str, int] = {}
     losses: dict[str, float] = {}
     for q in NEAREST_LEVELS:
