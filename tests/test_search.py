@@ -267,3 +267,25 @@ def test_fit_uses_the_planner(tiny_model, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["target"].startswith("--fit 1 GiB at ctx 128")
     assert info["predicted_bytes"] <= info["budget_bytes"]
+
+
+def test_with_lora_the_error_is_measured_on_the_merged_weights(tmp_path):
+    """The rows measured are the merged rows the writer quantizes: those of the merged f16 file."""
+    import peft_adapters
+    from alpaca_local.source.adapter import read_adapter
+
+    base = tinymodels.build_llama(tmp_path / "base", hidden=64, intermediate=128).path
+    adapter = peft_adapters.make_adapter(base, tmp_path / "adapter", r=4, target_modules=["down_proj"])
+    merged_f16 = convert(base, tmp_path / "merged.f16.gguf", "f16", adapters=[read_adapter(adapter)]).output
+    plan = plan_conversion(base, search.BASE_LEVEL, adapters=[read_adapter(adapter)])
+    name = "blk.0.ffn_down.weight"
+    job = next(j for j in plan.jobs if j.name == name)
+    assert job.lora
+    opts = search._measure_one(job, search.candidate_types(job, plan.arch.arch_name), 10**6)
+    t = next(t for t in gguf.GGUFReader(merged_f16).tensors if t.name == name)
+    w = np.asarray(t.data).view(np.float16).astype(np.float32).reshape(job.shape)
+    plain = tinymodels.read_safetensors_f32(base)["model.layers.0.mlp.down_proj.weight"]
+    assert not np.allclose(w, plain)  # the adapter changed the rows
+    for opt in opts.options:
+        deq = gguf.quants.dequantize(quantize_rows(w, opt.ggml_type), opt.ggml_type).reshape(w.shape)
+        assert opt.error == pytest.approx(float(((w.astype(np.float64) - deq) ** 2).sum()), rel=1e-9), opt.ggml_type
