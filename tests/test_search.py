@@ -289,3 +289,10 @@ def test_with_lora_the_error_is_measured_on_the_merged_weights(tmp_path):
     for opt in opts.options:
         deq = gguf.quants.dequantize(quantize_rows(w, opt.ggml_type), opt.ggml_type).reshape(w.shape)
         assert opt.error == pytest.approx(float(((w.astype(np.float64) - deq) ** 2).sum()), rel=1e-9), opt.ggml_type
+
+
+@pytest.mark.parametrize("budget, tag", [(900_000, "TARGET-900K"), (253_113_024, "TARGET-253M"),
+                                         (4_299_999_999, "TARGET-4.2G"), (10**10, "TARGET-10G")])
+def test_default_name_says_the_budget(model, budget, tag):
+    _, _, _, base, _ = model
+    assert search._with_recipe(base, {}, "q4_k_m", budget, 0.0, True).tag == tag

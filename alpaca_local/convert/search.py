@@ -248,7 +248,14 @@ def _with_recipe(plan: ConversionPlan, types: dict[str, GGMLQuantizationType], q
         (RECIPE_KEYS[2], f"{loss:.6e}"),
         (RECIPE_KEYS[3], tuple(int(job.ggml_type) for job in out.jobs)),
     )
-    return retyped(plan, types, quant, kv, tag=f"TARGET-{budget // 1_000_000}M")
+    return retyped(plan, types, quant, kv, tag=f"TARGET-{_short_size(budget)}")
+
+
+def _short_size(n: int) -> str:
+    """900K, 253M, 4.2G: the budget in a file name (decimal units, rounded down)."""
+    if n >= 10**9:
+        return f"{n // 10**8 / 10:g}G"
+    return f"{n // 10**6}M" if n >= 10**6 else f"{n // 10**3}K"
 
 
 def search(plan: ConversionPlan, budget: int, options: Sequence[TensorOptions]) -> SearchResult:
