@@ -38,7 +38,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gguf
 import gguf.quants
@@ -67,6 +67,10 @@ SAMPLE_ROWS = 256  # per tensor; the relative error of 256 evenly spread rows is
 RECIPE_KEYS = ("alpaca_local.target.bytes", "alpaca_local.target.objective", "alpaca_local.target.predicted_loss",
                "alpaca_local.target.types")
 
+# A tied embedding (no output.weight) is read twice by llama.cpp: as the input embedding (get_rows)
+# and as the output projection (the last matmul), so its error counts twice.
+TIED_EMBEDDING_WEIGHT = 2.0
+
 MeasureProgress = Callable[[str, int, int], None]  # (tensor name, tensors done, tensors in all)
 
 
@@ -82,9 +86,10 @@ class TensorOptions:
     name: str
     options: tuple[Option, ...]  # one per candidate type, CANDIDATES order; one only: fixed
     energy: float  # the same weighted sum over the weights themselves
+    weight: float = 1.0  # how many times the tensor's error counts (ROLE_WEIGHT)
 
     def loss(self, k: int) -> float:
-        return self.options[k].error / self.energy if self.energy > 0 else 0.0
+        return self.weight * self.options[k].error / self.energy if self.energy > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -166,7 +171,9 @@ def measure(plan: ConversionPlan, progress: MeasureProgress | None = None, n_sam
             out[i] = fut.result()
             if progress:
                 progress(plan.jobs[i].name, i + 1, len(futures))
-    return [o for o in out if o is not None]
+    tied = not any(job.name == "output.weight" for job in plan.jobs)
+    return [replace(o, weight=TIED_EMBEDDING_WEIGHT) if tied and o.name == "token_embd.weight" else o
+            for o in out if o is not None]
 
 
 def allocate(costs: Sequence[Sequence[tuple[int, float]]], budget: int) -> list[int]:
