@@ -12,6 +12,8 @@ without an imatrix plain, the ones llama-quantize refuses without one with it.
 Prints a markdown table (best first) and writes the JSON and the plot.
 
     python benchmarks/ladder.py [--work DIR] [--ctx 512] [--json OUT] [--plot OUT.png] [--levels LIST]
+    python benchmarks/ladder.py --replot benchmarks/ladder-gemma-270m.json --plot benchmarks/ladder-gemma-270m.png
+(--replot draws the KLD-against-size chart from a saved JSON, measuring nothing.)
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ def main() -> int:
     ap.add_argument("--levels", default="all")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--replot", type=Path, default=None, help="a JSON this script wrote: only draw --plot from it")
     args = ap.parse_args()
+    if args.replot:
+        replot(json.loads(args.replot.read_text()), args.plot or args.replot.with_suffix(".png"))
+        return 0
 
     import real_gemma
     from imatrix import gemma_release, make_f16
@@ -91,6 +97,42 @@ def main() -> int:
             lv for r in reports[1:] for lv in r.levels if lv.quant != "f16"))
         write_plot(merged, args.plot)
     return 0
+
+
+# Off the chart: the float levels (f32, bf16: two to four times q8_0's size, KLD ~0) and the
+# levels only for models trained for them (KLD ~17 on ordinary weights), which would squash
+# the axes the ladder is read on.
+_OFF_CHART = {"f32", "bf16", "q1_0", "tq1_0", "tq2_0"}
+
+
+def replot(saved: dict, path: Path) -> None:
+    """Mean KLD (log) against file size for each saved row; imatrix-made levels marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    rows = sorted((r for r in saved["rows"] if r["mean_kld"] > 0 and r["level"] not in _OFF_CHART),
+                  key=lambda r: r["size_bytes"])
+    fig, ax = plt.subplots(figsize=(11, 6), constrained_layout=True)
+    for label, pick, style in (("plain", lambda r: "+imatrix" not in r["level"], "o"),
+                               ("made with the imatrix", lambda r: "+imatrix" in r["level"], "^")):
+        chosen = [r for r in rows if pick(r)]
+        ax.errorbar([r["size_bytes"] / 1e6 for r in chosen], [r["mean_kld"] for r in chosen],
+                    yerr=[r["mean_kld_err"] for r in chosen], fmt=style, capsize=2, label=label)
+    for i, r in enumerate(rows):  # labels alternate sides: the low levels crowd together
+        ax.annotate(r["level"].removesuffix("+imatrix"), (r["size_bytes"] / 1e6, r["mean_kld"]),
+                    textcoords="offset points", xytext=(5, -3) if i % 2 else (-5, 3), ha="left" if i % 2 else "right",
+                    fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("mean KL divergence from f16 (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{saved['model']} (release weights + cell noise), ctx {saved['n_ctx']}: every quant level "
+                 f"(f32, bf16 and the trained-for levels off the chart)", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

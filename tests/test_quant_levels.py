@@ -17,6 +17,7 @@ imatrix) is the integration test at the end.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from test_imatrix_convert import synthetic_imatrix
 
 from alpaca_local.convert.imatrix_file import write_imatrix
 from alpaca_local.convert.pipeline import convert
-from alpaca_local.convert.quant_levels import LEVELS
+from alpaca_local.convert.quant_levels import KLD_270M, LADDER, LADDER_SOURCE, LEVELS, PPL_8B
 from alpaca_local.convert.quant_rules import QUANTS
 
 # The levels a dense model can have; mxfp4_moe only changes expert tensors (refused below).
@@ -43,10 +44,17 @@ def _llama_rows_320(d: Path) -> tinymodels.TinyLlama:
     return tinymodels.build_llama(d, hidden=320, n_head=5, n_kv_head=1, intermediate=640)
 
 
+def _llama_rows_320_ffn_512(d: Path) -> tinymodels.TinyLlama:
+    # Gemma 3 270M's pattern: rows of the hidden size (320 here, 640 there) fall back from
+    # 256-block types, ffn_down's rows (512 here, 2048 there) do not
+    return tinymodels.build_llama(d, hidden=320, n_head=5, n_kv_head=1, intermediate=512)
+
+
 # kind -> (builder, the converter outtype llama-quantize starts from)
 BUILDERS = {
     "llama": (tinymodels.build_llama, "f16"),  # GQA (4 heads, 2 KV heads), [PAD], f16
     "llama-rows-320": (_llama_rows_320, "f16"),
+    "llama-rows-320-ffn-512": (_llama_rows_320_ffn_512, "f16"),
     "llama3": (tinyarch.build_llama3, "f16"),  # byte-level BPE, rope_freqs, untied output
     "qwen3": (tinyarch.build_qwen3, "f32"),  # bf16, q/k norms, head_dim 96, tied embeddings
     "gemma3": (tinyarch.build_gemma3, "f32"),  # bf16, 6 layers, attn_output rows of 384 need fallbacks
@@ -222,7 +230,9 @@ def test_ternary_levels_say_what_they_are_for(tiny_model, tmp_path, capsys):
 # --------------------------------------------------------------------------- integration
 
 
-MATRIX = [(k, q, i) for k in BUILDERS for q in DENSE for i in (False, True)
+# llama-rows-320-ffn-512 is only for the iq3_s/iq3_xs test: its fallbacks are llama-rows-320's
+# and the plain llama's, each already in the matrix.
+MATRIX = [(k, q, i) for k in BUILDERS if k != "llama-rows-320-ffn-512" for q in DENSE for i in (False, True)
           if not (i and q in reference.CONVERTER_OUTTYPES)]
 
 
@@ -327,3 +337,59 @@ def test_planned_buffers_match_llama_cpp(level_files, quant):
 def test_planned_buffers_match_llama_cpp_for_every_level(case, quant):
     c = case("llama")
     _assert_buffers_match_llama_cpp(c.ours(quant, quant in IMATRIX_ONLY))
+
+
+# --- the ladder's order: the rules written beside LADDER, checked against their sources ---
+
+
+_LADDER_JSON = Path(__file__).resolve().parents[1] / "benchmarks" / "ladder-gemma-270m.json"
+
+
+def _bit_class(name: str) -> str:
+    return name.lstrip("i")[1]
+
+
+def test_ladder_holds_every_dense_level_once_each_with_its_source():
+    dense = [n for n, lv in LEVELS.items() if not lv.experts_only]
+    assert sorted(LADDER) == sorted(dense) and len(set(LADDER)) == len(LADDER)
+    assert set(LADDER_SOURCE) == set(LADDER)
+
+
+def test_levels_with_a_llama_cpp_figure_follow_it():
+    figured = [n for n in LADDER if LADDER_SOURCE[n] == PPL_8B]
+    assert figured == sorted(figured, key=lambda n: LEVELS[n].ppl)
+    assert set(figured) == {n for n, lv in LEVELS.items() if lv.ppl is not None}
+
+
+def test_iq_levels_sit_where_the_270m_kld_puts_them_within_their_bit_class():
+    kld = {r["level"].removesuffix("+imatrix"): r["mean_kld"] for r in json.loads(_LADDER_JSON.read_text())["rows"]}
+    placed = [n for n in LADDER if LADDER_SOURCE[n] == KLD_270M]
+    for name in placed:
+        figured = [n for n in LADDER if LADDER_SOURCE[n] == PPL_8B and _bit_class(n) == _bit_class(name)]
+        worse = [n for n in figured if kld[n] > kld[name]]
+        if worse:  # just above the first figured level of its class that measured worse
+            above = [n for n in figured if LADDER.index(n) < LADDER.index(worse[0])]
+            assert all(LADDER.index(n) < LADDER.index(name) < LADDER.index(worse[0]) for n in above), name
+        else:  # below every figured level of its class
+            assert LADDER.index(name) > max(LADDER.index(n) for n in figured)
+    # within a run of placed levels: more bits per weight first (QUANT_OPTIONS' description)
+    bpw = {n: float(LEVELS[n].llama_cpp.split()[0]) for n in placed}
+    for a, b in zip(LADDER, LADDER[1:]):
+        if a in bpw and b in bpw:
+            assert bpw[a] > bpw[b], (a, b)
+
+
+@pytest.mark.reference
+def test_iq3_s_and_iq3_xs_are_the_same_file_where_hidden_rows_fall_back(case):
+    """IQ3_XS differs from IQ3_S only in attn_q, attn_k and the middle ffn_gate/ffn_up
+    (IQ3_XXS instead of IQ3_S, llama-quant.cpp), all rows of the hidden size. Where that
+    is not a multiple of 256 (Gemma 3 270M: 640) both fall back to IQ4_NL, so llama-quantize
+    writes the same tensors at both levels (RESULTS.md "Ladder": same size, same KLD), while
+    ffn_down (rows of the FFN size) stays IQ3_S at both, and ours matches it at both."""
+    c = case("llama-rows-320-ffn-512")
+    refs = {q: reference.tensor_table(c.reference(q, False)) for q in ("iq3_s", "iq3_xs")}
+    assert refs["iq3_s"] == refs["iq3_xs"]
+    assert refs["iq3_s"]["blk.0.ffn_down.weight"][0] == "IQ3_S"
+    assert refs["iq3_s"]["blk.0.attn_q.weight"][0] == "IQ4_NL"
+    for q in refs:
+        reference.assert_same_tensors(c.ours(q, False), c.reference(q, False))

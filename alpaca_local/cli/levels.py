@@ -33,10 +33,12 @@ def _group(name: str) -> str:
 
 
 def help_table() -> str:
-    """The levels by nominal bits, best first within a group, for --help (fits 80 columns)."""
+    """The levels by nominal bits, best first within a group (the ladder's order), for --help
+    (fits 80 columns)."""
     special = {n for n, lv in quant_levels.LEVELS.items() if lv.trained_for or lv.experts_only or lv.unavailable}
     groups: dict[str, list[str]] = {}
-    for name, lv in reversed(quant_levels.LEVELS.items()):  # llama.cpp lists them low to high
+    for name in quant_levels.LADDER:
+        lv = quant_levels.LEVELS[name]
         if name not in special:
             groups.setdefault(_group(name), []).append(name + ("*" if lv.imatrix else ""))
     lines = ["quant levels (any case; q3_k, q4_k and q5_k mean the _m mixes):"]

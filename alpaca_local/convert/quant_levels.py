@@ -114,16 +114,42 @@ _TABLE: tuple[Level, ...] = (
 LEVELS: dict[str, Level] = {lv.name: lv for lv in _TABLE}
 
 # Every level a dense model can have, best quality first: what `plan` recommends from (the
-# first that fits) and the order of `--levels all`. The order is measured, not bits per
-# weight: mean KL divergence from f16 on Gemma 3 270M (`alpaca-local quality`, README
-# "Quality"; benchmarks/RESULTS.md), which agrees with llama.cpp's "+ppl @ Llama-3-8B" column
-# (QUANT_OPTIONS) wherever that column has both levels. The levels only meaningful for
+# first that fits) and the order of `--levels all`. Bits per weight alone do not give it;
+# three sources do, in this order of trust (each level's source is in LADDER_SOURCE):
+#  1. llama.cpp's "+ppl @ Llama-3-8B" column (QUANT_OPTIONS, `Level.ppl`): every level that
+#     has a figure is ranked by it, lower first (so q5_k_s +0.1049 above q5_1 +0.1062, and
+#     q2_k_s +3.1836 above q2_k +3.5199). An 8B model is what people quantize; its figures win.
+#  2. Levels without a figure (the IQ-quants) are placed among the figured levels of their own
+#     bit class (the digit in the name: iq4_* among q4_*, iq3_* among q3_*, iq2_* among q2_*)
+#     by our mean KL divergence from f16 on Gemma 3 270M (benchmarks/RESULTS.md, "Ladder"):
+#     just above the first figured level of that class that measured a higher KLD (below the
+#     last if none did). Only the own class is compared because that model is mostly its
+#     262k-row embedding (kept at q6_k/q8_0 by most levels), so across classes its order is
+#     not an 8B's (it measures iq2_m+imatrix better than q3_k_s, q3_k_l better than q4_1).
+#  3. Within such a run of IQ levels: more bits per weight first (QUANT_OPTIONS' bpw; same
+#     grid family, more bits), since the 270M's order there is its row fallbacks' (on it
+#     iq3_s and iq3_xs are the same file, and iq3_xxs beats iq3_m).
+# iq1_* (no 1-bit figured level) follow the 2-bit levels; f32 > bf16 > f16 lead (no rounding;
+# llama.cpp's Mistral-7B figures: bf16 -0.0050, f16 +0.0020); the levels only meaningful for
 # models trained for them (q1_0, tq1_0, tq2_0) come last.
 LADDER: tuple[str, ...] = (
-    "f32", "bf16", "f16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "iq4_xs",
-    "iq4_nl", "q4_1", "q4_0", "q3_k_l", "q3_k_m", "iq3_m", "iq3_s", "q3_k_s", "iq3_xs", "iq3_xxs", "q2_k",
-    "q2_k_s", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s", "tq2_0", "tq1_0", "q1_0", "q2_0",
+    "f32", "bf16", "f16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s",
+    "iq4_nl", "iq4_xs", "q4_1", "q4_0", "q3_k_l", "q3_k_m", "iq3_m", "iq3_s", "iq3_xs", "iq3_xxs",
+    "q3_k_s", "iq2_m", "iq2_s", "q2_k_s", "q2_k", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s",
+    "tq2_0", "tq1_0", "q1_0", "q2_0",
 )
+
+PPL_8B = "llama.cpp +ppl @ Llama-3-8B"
+KLD_270M = "Gemma 3 270M KLD within its bit class, then bpw"
+# Which source placed each level in LADDER (rules 1-3 above); tests check the order obeys them.
+LADDER_SOURCE: dict[str, str] = {
+    **{n: "unquantized (f32 exact; bf16 vs f16: llama.cpp @ Mistral-7B)" for n in ("f32", "bf16", "f16")},
+    **{n: PPL_8B for n in LADDER if LEVELS[n].ppl is not None},
+    **{n: KLD_270M for n in ("iq4_nl", "iq4_xs", "iq3_m", "iq3_s", "iq3_xs", "iq3_xxs", "iq2_m", "iq2_s",
+                             "iq2_xs", "iq2_xxs")},
+    **{n: "below every 2-bit level (no 1-bit figure); bpw" for n in ("iq1_m", "iq1_s")},
+    **{n: "last: only for models trained for it" for n in ("tq2_0", "tq1_0", "q1_0", "q2_0")},
+}
 
 # quantize.cpp's aliases: the plain K names are the _M mixes.
 ALIASES: dict[str, str] = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}
