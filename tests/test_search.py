@@ -296,3 +296,13 @@ def test_with_lora_the_error_is_measured_on_the_merged_weights(tmp_path):
 def test_default_name_says_the_budget(model, budget, tag):
     _, _, _, base, _ = model
     assert search._with_recipe(base, {}, "q4_k_m", budget, 0.0, True).tag == tag
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_tied_embedding_counts_twice(tmp_path, tie):
+    tiny = tinymodels.build_llama(tmp_path / "m", tie_embeddings=tie)
+    base = plan_conversion(tiny.path, search.BASE_LEVEL)
+    weights = {o.name: o.weight for o in search.measure(base, n_sample=8)}
+    assert ("output.weight" in weights) != tie
+    assert weights.pop("token_embd.weight") == (search.TIED_EMBEDDING_WEIGHT if tie else 1.0)
+    assert set(weights.values()) == {1.0}

@@ -21,7 +21,8 @@ Three steps:
    scaled to the whole tensor. Loss of a type = error / the tensor's energy (the same sum over
    w_ij^2): a noise-to-signal ratio, so that tensors of every size and scale are comparable,
    and the embedding (which has no imatrix entry: llama.cpp reads it with get_rows) counts on
-   the same footing as the matrices the imatrix weights. Every tensor counts once.
+   the same footing as the matrices the imatrix weights. Every tensor counts once, a tied
+   embedding twice (TIED_EMBEDDING_WEIGHT).
 3. Allocation (`allocate`): minimise the sum of losses with exact bytes (each tensor padded
    as the writer pads it, the header as `pipeline.header_nbytes` writes it) within the budget:
    Lagrangian bisection over lambda (each tensor takes argmin loss + lambda * bytes, which
