@@ -54,7 +54,7 @@ peft-versions: $(STAMP)
 
 # Issue 22: our package installed into a venv with the newest transformers, PEFT and
 # huggingface_hub (nothing downgraded, `import transformers, peft` works) and into one with
-# the oldest huggingface_hub we support; tests/test_hub.py in each (tests/compat.py, ~3 min).
+# the oldest huggingface_hub we support; tests/test_hub.py and tests/test_upload.py in each (tests/compat.py, ~3 min).
 compat: $(STAMP)
 	$(PY) tests/compat.py
 

@@ -2,7 +2,8 @@
 
     python benchmarks/run_all.py [--size 1b|7b|tiny] [--quants q4_k_m,q8_0,q4_0]
                                  [--chat-model M.gguf] [--chat-n 256] [--chat-repeats 10]
-                                 [--load-clients 8] [--lora-repeats 3] [--skip convert,chat,plan,hub,imatrix,load,lora]
+                                 [--load-clients 8] [--lora-repeats 3]
+                                 [--skip convert,chat,plan,hub,imatrix,load,lora,cpu_buffers,publish,ladder,moe]
                                  [--out benchmarks/RESULTS.md]
 
 Each benchmark runs as its own process (so peak-memory numbers are its own):
@@ -14,6 +15,7 @@ Each benchmark runs as its own process (so peak-memory numbers are its own):
   load.py [MODEL] --clients C --json        serve under load vs llama-cpp-python's server (its table, verbatim)
   lora.py --size S --repeats R --json F     convert --lora vs plain convert vs PEFT merge + convert + quantize
   cpu_buffers.py --size S --repeats R       tokens/s: AMX-safe load vs llama.cpp's placement vs --no-repack
+  publish.py --size S --separate --json F   convert --quant L1,...,L5 vs f16 + llama-quantize per level
   ladder.py                                 KLD from f16 against size, every quant level, real Gemma 3 270M
   moe.py                                    convert time / peak RSS on a wide Qwen3-MoE vs the two-step route
 The defaults are the issue's sizes (1B model, 256 tokens, 10 repeats); `--size tiny
@@ -192,6 +194,19 @@ def run_lora(args: argparse.Namespace) -> list[str]:
         return markdown(json.loads(out.read_text()))
 
 
+def run_publish(args: argparse.Namespace) -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "publish.json"
+        argv = [str(HERE / "publish.py"), "--size", args.size, "--separate", "--json", str(out)]
+        if args.work:
+            argv += ["--work", str(args.work)]
+        _run(argv)
+        sys.path.insert(0, str(HERE))
+        from publish import markdown
+
+        return markdown(json.loads(out.read_text()))
+
+
 # --------------------------------------------------------------------------
 # Markdown
 # --------------------------------------------------------------------------
@@ -261,6 +276,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
         "load": "Load: `alpaca-local serve` with many clients against llama-cpp-python's server",
         "lora": "LoRA: `convert --lora` against a plain convert and PEFT merge + convert + quantize",
         "cpu_buffers": "CPU buffers: the AMX-safe load against llama.cpp's placement and --no-repack",
+        "publish": "Publish: `convert --quant L1,...,L5` (one read) against f16 + one llama-quantize per level",
         "ladder": "Ladder: KL divergence from f16 against file size for every quant level (real weights)",
         "moe": "MoE: `convert` of a wide mixture-of-experts model against the two-step route",
     }
@@ -277,7 +293,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
             lines += chat_section(result)
         elif name in ("hub", "cpu_buffers", "ladder", "moe"):
             lines += str(result).rstrip().splitlines()
-        elif name == "lora":
+        elif name in ("lora", "publish"):
             lines += list(result)
         else:
             lines += ["```text", str(result).rstrip(), "```"]
@@ -288,7 +304,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
 # Every benchmark, in the order RESULTS.md shows them; --skip takes these names.
 BENCHMARKS = {"convert": run_convert, "chat": run_chat, "plan": run_plan, "hub": run_hub,
               "imatrix": run_imatrix, "load": run_load, "lora": run_lora, "cpu_buffers": run_cpu_buffers,
-              "ladder": run_ladder, "moe": run_moe}
+              "publish": run_publish, "ladder": run_ladder, "moe": run_moe}
 
 
 def main(argv: list[str] | None = None) -> int:

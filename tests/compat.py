@@ -10,8 +10,9 @@ Two fresh venvs, built side by side (the time is mostly pip and the fake Hub wai
 In each: `pip freeze`, then `pip install -e .` (`.[serve]` in the new one, as the issue
 did), then `pip freeze` again; a package that installing ours downgraded or removed is a
 failure (an upgrade is reported), and so is a `pip check` complaint. In the new
-one `import transformers, peft` must still work. Then tests/test_hub.py against the fake
-Hub with that client (its reference test is left out: it drives PEFT and llama.cpp's
+one `import transformers, peft` must still work. Then tests/test_hub.py (downloads) and
+tests/test_upload.py (HfApi's upload, issue 26) against the fake Hubs with that client (the
+reference test is left out: it drives PEFT and llama.cpp's
 converter, whose pins live in the test extra, not here).
 
 llama-cpp-python is compiled from its sdist once (`make install`); its wheel is kept in
@@ -124,7 +125,7 @@ def check(name: str, wheel: Path) -> Log:
         if name in IMPORTS:
             log.say(log.run(py, "-c", IMPORTS[name]).strip())
         out = log.run(py, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={venv}/pytest-tmp",
-                      "tests/test_hub.py", "-m", "not reference", env=env)
+                      "tests/test_hub.py", "tests/test_upload.py", "-m", "not reference", env=env)
         log.say(out.strip().splitlines()[-1])
         log.ok = True
     except Failed as exc:

@@ -12,6 +12,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import ci_skips  # noqa: E402
 import tinymodels  # noqa: E402
 
+# huggingface_hub's library logger gets a StreamHandler bound to sys.stderr as it is at first
+# import. Imported first inside a test, that is the test's capsys stream, closed after it, and
+# every later retry warning becomes a "--- Logging error ---" traceback on the next test's stderr.
+import huggingface_hub.utils.logging  # noqa: E402,F401  (huggingface_hub itself imports lazily)
+
 
 def pytest_configure(config: pytest.Config) -> None:
     ci_skips.register(config)  # CI=true: a skip not on tests/ci_allowed_skips.txt fails the session

@@ -1,4 +1,5 @@
-"""Build llama.cpp's own tools (llama-imatrix, llama-server, llama-quantize, llama-perplexity)
+"""Build llama.cpp's own tools (llama-imatrix, llama-server, llama-quantize, llama-perplexity,
+llama-gguf-split)
 from the sources vendored in the pinned llama-cpp-python sdist: the runtime reference.
 
 One shared CMake build, cached outside the clone and keyed by the pinned version
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from reference import LLAMA_CPP_VERSION, vendor_dir
 
-TOOLS = ("llama-imatrix", "llama-server", "llama-quantize", "llama-perplexity")
+TOOLS = ("llama-imatrix", "llama-server", "llama-quantize", "llama-perplexity", "llama-gguf-split")
 
 
 # Built without AMX (issue 21): with GGML_NATIVE, an AMX CPU would compile ggml's AMX buffer type,

@@ -2,7 +2,8 @@
 
 Layers, lowest first: the shared leaves (`errors`, `template`), `source` (read a
 Hugging Face folder), `convert` (the GGUF side), then `plan` and `run` side by side
-(neither imports the other), `measure`, and the CLI on top. A module may import its
+(neither imports the other), `measure`, `publish` (the model card and the upload), and the
+CLI on top. A module may import its
 own package and the layers below; nothing imports upwards, and no two modules
 import each other, directly or around a longer loop.
 """
@@ -15,8 +16,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "alpaca_local"
-RANK = {"errors": 0, "template": 0, "source": 1, "convert": 2, "plan": 3, "run": 3, "measure": 4, "cli": 5,
-        "__init__": 0, "__main__": 6}
+RANK = {"errors": 0, "template": 0, "source": 1, "convert": 2, "plan": 3, "run": 3, "measure": 4, "publish": 5,
+        "cli": 6, "__init__": 0, "__main__": 7}
 
 
 def _module_name(path: Path) -> str:
@@ -51,7 +52,7 @@ def _layer(module: str) -> str:
 
 def test_tree_shows_the_pipeline() -> None:
     packages = sorted(p.name for p in PKG.iterdir() if (p / "__init__.py").exists())
-    assert packages == ["cli", "convert", "measure", "plan", "run", "source"]
+    assert packages == ["cli", "convert", "measure", "plan", "publish", "run", "source"]
     flat = sorted(p.stem for p in PKG.glob("*.py"))
     assert flat == ["__init__", "__main__", "errors", "template"]
     for pkg in packages:

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from alpaca_local.cli import levels, lora_flags, target_flags
+from alpaca_local.cli import calibrate_flags, levels, lora_flags, publish_flags, target_flags
 from alpaca_local.convert import quant_levels
 
 DESCRIPTION = """Turn a Hugging Face model folder (config.json, safetensors or pytorch .bin
@@ -37,6 +37,8 @@ EXAMPLES = """examples:
 
 """ + lora_flags.HELP_EXAMPLES + """
 
+""" + publish_flags.HELP_EXAMPLES + """
+
 """ + target_flags.HELP_EXAMPLES + """
 
 exit codes: 0 done, 1 bad input or failed write, 2 usage error, 130 interrupted."""
@@ -53,8 +55,10 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
         help="output file (default: models/<folder or repo name>.<QUANT>.gguf)",
     )
     p.add_argument(
-        "-q", "--quant", default="q4_k_m", type=levels.level_arg, metavar="QUANT",
-        help="quant level, any of llama-quantize's (listed below; default: q4_k_m)",
+        "-q", "--quant", default=["q4_k_m"], type=levels.levels_arg, metavar="QUANT[,QUANT...]",
+        help="quant level, any of llama-quantize's (listed below; default: q4_k_m); several separated by "
+             f"commas, or the set `publish` ({','.join(quant_levels.SETS['publish'])}) or `all`: one file per "
+             "level from one read of the source",
     )
     p.add_argument("-f", "--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument(
@@ -77,6 +81,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
                      help="Hub id: download the weights into the HF cache (resumable, reused) instead of streaming")
     hub.add_argument("--offline", action="store_true", help="Hub id: use only the HF cache, no network")
     lora_flags.add_arguments(p)
+    publish_flags.add_arguments(p)
     target_flags.add_arguments(p)
 
 
@@ -110,72 +115,31 @@ def run(args: argparse.Namespace) -> int:
         if args.target:
             raise UsageError("a size target is for models, not for an adapter GGUF")
         return lora_flags.run_adapter(args)
+    quants = tuple(args.quant)
+    if (args.private or args.push_revision) and args.push is None:
+        raise UsageError("--private and --push-revision are for --push ORG/NAME")
+    if publish_flags.wants_levels_route(args, quants):
+        if args.target:
+            raise UsageError("a size target makes one file; convert it, then publish that file's folder")
+        return publish_flags.run_levels(args, err, quants)
+    args.quant = quants[0]
     if args.calibrate is None:
         return _convert_and_report(args, err, args.imatrix)
-    if args.lora:
-        raise UsageError("--calibrate with --lora is not supported yet; merge first (convert BASE --lora ADAPTER "
-                         "--quant f16), then calibrate that file's folder")
-    if args.imatrix is not None:
-        raise UsageError("give either --imatrix FILE or --calibrate [TEXT], not both")
-    if not Path(args.source).exists():
-        # The calibration run needs the model on disk twice over (a temporary f16/q8_0 of it).
-        raise UsageError("--calibrate needs a local model folder; fetch the Hub model first "
-                         f"(alpaca-local convert {args.source} --download keeps it in the HF cache)")
+    calibrate_flags.check_calibrate(args, quants)
     from alpaca_local.convert.atomic import check_target
     from alpaca_local.convert.pipeline import default_output
 
     # Everything that can be refused is refused before the (long) calibration run.
-    if quant_levels.LEVELS[args.quant].converter_outtype:
-        raise UsageError(f"--calibrate only applies to quantized levels, not {args.quant}")
     args.source = Path(args.source)
     plain = plan_conversion(args.source, _planned_quant(args), None, expect_imatrix=True)
     if args.output is None and not args.target:  # a target's file is named after its budget, known later
         args.output = default_output(plain, Path("models"))
-    (args.output.parent if args.output else Path("models")).mkdir(parents=True, exist_ok=True)
+    workdir = args.output.parent if args.output else Path("models")
+    workdir.mkdir(parents=True, exist_ok=True)
     if args.output is not None:
         check_target(args.output, args.force, need_bytes=plain.tensor_bytes)
-    return _calibrate_and_convert(args, err)
-
-
-def _calibrate_and_convert(args: argparse.Namespace, err) -> int:
-    """Temporary f16/q8_0 -> imatrix -> final level; the temporaries go whatever happens."""
-    import dataclasses
-    from contextlib import ExitStack
-
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from alpaca_local.cli.quality_cmd import _read_text
-    from alpaca_local.convert.pipeline import plan_conversion
-    from alpaca_local.measure.calibrate import CalibrationHooks, calibration
-
-    text_path = Path(args.calibrate) if args.calibrate else None
-    text = _read_text(text_path) if text_path else None
-    columns = (TextColumn("[bold]{task.description:<28}"), BarColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with ExitStack() as temporaries:
-        # One live display for both calibration steps; closed before the final convert's bar.
-        with Progress(*columns, console=err, disable=args.json or not err.is_terminal) as bar:
-
-            def convert_progress(total: int):
-                task = bar.add_task("temporary model", total=total, info="")
-                return lambda name, nbytes: bar.update(
-                    task, advance=nbytes, info=f"{bar.tasks[task].completed / 1e6:,.0f}/{total / 1e6:,.0f} MB")
-
-            def chunk_progress(n: int):
-                task = bar.add_task("imatrix chunks", total=n, info="")
-                return lambda done: bar.update(task, completed=done.index, info=(
-                    f"{done.index}/{n} chunks, {done.tokens / max(done.seconds, 1e-9):,.0f} tok/s"))
-
-            hooks = CalibrationHooks(stage=lambda line: None, convert_progress=convert_progress,
-                                     chunk_progress=chunk_progress)
-            imatrix = temporaries.enter_context(calibration(
-                args.source, args.output.parent if args.output else Path("models"), text, str(text_path) if text_path else None,
-                threads=args.threads, hooks=hooks,
-            ))
-        plan = plan_conversion(args.source, _planned_quant(args), imatrix)
-        # The imatrix file is a temporary: name what it was computed on instead.
-        kv = {**dict(plan.imatrix_kv), "quantize.imatrix.file": f"calibrate:{text_path or 'built-in text'}"}
-        plan = dataclasses.replace(plan, imatrix_kv=tuple(kv.items()))
+    with calibrate_flags.calibrated_imatrix(args, err, workdir) as imatrix:
+        plan = calibrate_flags.calibrated_plan(plan_conversion(args.source, _planned_quant(args), imatrix), args)
         target = None
         if args.target:
             result, target = target_flags.choose(plan, args, err)

@@ -106,7 +106,7 @@ def run_adapter(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.source} is a LoRA adapter; give the base model folder with --base BASE (or merge: convert BASE --lora {args.source})")
     if args.lora:
         raise UsageError("--lora merges adapters into a model; SRC is already an adapter, use --base")
-    if args.quant != "q4_k_m":
+    if args.quant != ["q4_k_m"]:
         raise UsageError("--quant is for models; an adapter GGUF takes --outtype f32|f16|q8_0")
     from alpaca_local.source.hub import resolve_source
 

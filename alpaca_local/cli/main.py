@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quality": ("alpaca_local.cli.quality_cmd", "measure what each quant level costs and loses against f16"),
     "serve": ("alpaca_local.cli.serve_cmd", "serve a model on an OpenAI-compatible HTTP API, in the Alpaca format"),
     "modelfile": ("alpaca_local.cli.modelfile_cmd", "write an Ollama Modelfile for a converted model"),
+    "upload": ("alpaca_local.cli.upload_cmd", "push a folder of GGUF files and its model card to the Hugging Face Hub"),
 }
 
 EPILOG = """examples:

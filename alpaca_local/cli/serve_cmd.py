@@ -79,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
     llm = load_server_model(path, args.ctx, split.n_gpu_layers, args.threads,
                             on_prompt=print_prompt if args.show_prompt else None, no_repack=args.no_repack,
                             n_cpu_moe=split.n_cpu_moe, **lora)
-    alias = args.alias or path.name.removesuffix(".gguf")
+    from alpaca_local.convert.split import model_name
+
+    alias = args.alias or model_name(path)
     app = build_app(llm, alias, args.api_key, max_queue=args.max_queue, send_timeout=args.send_timeout,
                     cors_origins=tuple(args.cors_origin))
     host, port = sock.getsockname()[:2]

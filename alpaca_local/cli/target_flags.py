@@ -62,7 +62,7 @@ def wanted(args: argparse.Namespace) -> bool:
         if args.ctx is not None:
             raise UsageError("--ctx goes with --fit")
         return False
-    if args.quant != "q4_k_m":
+    if list(args.quant) != ["q4_k_m"]:
         raise UsageError("--quant and a size target both choose the types; give one of them")
     if args.ctx is not None and args.fit is None:
         raise UsageError("--ctx goes with --fit")

@@ -12,7 +12,9 @@ exact byte budget), `atomic` (temp file + rename, --force, disk-space checks),
 (PEFT adapters merged into the weights chunk by chunk while streaming), `lora_gguf`
 (a PEFT adapter → llama.cpp LoRA adapter GGUF, and its checked header for chat/serve/plan),
 `cpu_repack` (which weights ggml-cpu's CPU_REPACK takes and how alpaca-local's loads place
-them on the CPU: one truth for `plan` and `run`).
+them on the CPU: one truth for `plan` and `run`), `levels` (several quant levels written
+from one read of the source), `split` (llama.cpp's split GGUF format: part names, the
+partition rule, reading a split model whole).
 
 May import: `alpaca_local.source`, `alpaca_local.errors`, `alpaca_local.template`.
 """

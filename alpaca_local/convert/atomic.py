@@ -16,7 +16,7 @@ import signal
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from alpaca_local.errors import InputError, RuntimeFailure, UsageError
 
@@ -42,6 +42,20 @@ def check_target(target: Path, force: bool, need_bytes: int = 0) -> None:
         raise RuntimeFailure(
             f"not enough disk space in {parent}: the output needs {need_bytes / 1e9:.2f} GB, "
             f"{free / 1e9:.2f} GB free; free some space or choose another output with -o"
+        )
+
+
+def check_targets(targets: Sequence[Path], force: bool, need_bytes: int) -> None:
+    """check_target for every file of one run (levels, split parts), and room for all of them together."""
+    for target in targets:
+        check_target(target, force)
+    if targets and len(set(targets)) != len(targets):
+        raise UsageError(f"two outputs would both be named {targets[0].parent}/...; give distinct names")
+    free = shutil.disk_usage(targets[0].parent).free if targets else 0
+    if targets and need_bytes and free < need_bytes:
+        raise RuntimeFailure(
+            f"not enough disk space in {targets[0].parent}: the {len(targets)} outputs need "
+            f"{need_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free; free some space or choose another output with -o"
         )
 
 
@@ -92,33 +106,53 @@ def _final_mode(target: Path) -> int:
 @contextlib.contextmanager
 def atomic_write(target: Path) -> Iterator[Path]:
     """Yield a temp path beside `target`; it becomes `target` only if the block finishes."""
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    except OSError as exc:
-        raise InputError(f"cannot create a file in {target.parent}: {exc.strerror}; choose another output with -o") from exc
-    tmp = Path(tmp_name)
+    with atomic_write_all([target]) as (tmp,):
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_write_all(targets: Sequence[Path]) -> Iterator[list[Path]]:
+    """Yield a temp path beside each target; all become their targets only if the block finishes.
+
+    Every file is fsynced before the first rename, so after an error, Ctrl-C or SIGTERM
+    inside the block no target changed, and after success every target is complete
+    (`convert --quant a,b,...` writes all its levels and parts this way).
+    """
+    temps: list[Path] = []
     done = False
     try:
+        for target in targets:
+            try:
+                fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+            except OSError as exc:
+                raise InputError(
+                    f"cannot create a file in {target.parent}: {exc.strerror}; choose another output with -o") from exc
+            os.close(fd)
+            temps.append(Path(tmp_name))
         with _sigterm_as_interrupt():
             try:
-                os.close(fd)
-                yield tmp
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)  # the data is on disk before the name points to it
-                finally:
-                    os.close(fd)
+                yield list(temps)
+                for tmp in temps:
+                    fd = os.open(tmp, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)  # the data is on disk before the name points to it
+                    finally:
+                        os.close(fd)
             except OSError as exc:
                 if exc.errno not in _WRITE_ERRNOS:
                     raise
+                what = targets[0] if len(targets) == 1 else f"{len(targets)} files in {targets[0].parent}"
                 raise RuntimeFailure(
-                    f"{_WRITE_ERRNOS[exc.errno]} while writing {target}; nothing was written"
+                    f"{_WRITE_ERRNOS[exc.errno]} while writing {what}; nothing was written"
                     " (free some space or choose another output with -o)"
                 ) from exc
-            os.chmod(tmp, _final_mode(target))
-            os.replace(tmp, target)
+            for tmp, target in zip(temps, targets):
+                os.chmod(tmp, _final_mode(target))
+            for tmp, target in zip(temps, targets):
+                os.replace(tmp, target)
             done = True
     finally:
         if not done:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            for tmp in temps:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()

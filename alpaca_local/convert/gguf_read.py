@@ -69,6 +69,7 @@ class TensorInfo:
     ggml_type: GGMLQuantizationType
     offset: int  # from the start of the tensor data section
     nbytes: int  # ggml_nbytes: bytes of data, without alignment padding
+    part: int = 0  # which file of a split model holds it (convert/split.py), 0 for a single file
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,9 @@ class GGUFHeader:
     tensors: tuple[TensorInfo, ...]
     alignment: int
     data_offset: int  # absolute file offset where tensor data starts
-    file_size: int
+    file_size: int  # of a split model (convert/split.py): all parts together
+    # A split model's files: (path, data_offset, size) of each part, first part first; () for one file.
+    parts: tuple[tuple[Path, int, int], ...] = ()
 
     @property
     def arch(self) -> str:
@@ -103,6 +106,11 @@ class GGUFHeader:
     @property
     def tensor_data_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def header_bytes(self) -> int:
+        """Bytes before the tensor data, of every part of a split model."""
+        return sum(p[1] for p in self.parts) if self.parts else self.data_offset
 
 
 class _Cursor:

@@ -155,6 +155,16 @@ LADDER_SOURCE: dict[str, str] = {
 ALIASES: dict[str, str] = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}
 
 
+# Named sets a level list may name (`convert --quant publish`, `--quant publish,f16`). "all": every
+# level this build can write, in LADDER order. "publish": what GGUF publishers commonly ship
+# (the set issue 26 names: 8-bit for near-lossless, the 6/5/4-bit K mixes, IQ4_XS as the
+# smallest good 4-bit one that needs no importance matrix).
+SETS: dict[str, tuple[str, ...]] = {
+    "all": tuple(n for n in LADDER if not LEVELS[n].unavailable),
+    "publish": ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs"),
+}
+
+
 def canonical(name: str) -> str:
     """The level's canonical name for `name` (any case, aliases resolved); UsageError if unknown."""
     key = name.strip().lower()
@@ -179,16 +189,21 @@ def usable(name: str) -> Level:
 
 
 def parse_list(text: str) -> list[str]:
-    """"q6_k,Q4_K_M, iq4_xs" -> canonical names, in order, without repeats; "all" -> every usable level."""
-    if text.strip().lower() == "all":
-        return [n for n in LADDER if not LEVELS[n].unavailable]
+    """"q6_k,Q4_K_M, iq4_xs" -> canonical names, in order, without repeats; a set's name (`SETS`:
+    "all", "publish") stands for its levels, alone or among others ("publish,f16")."""
     names: list[str] = []
     for part in text.split(","):
-        if not part.strip():
+        key = part.strip().lower()
+        if not key:
             continue
-        key = usable(part).name
-        if key not in names:
-            names.append(key)
+        if key not in SETS and ALIASES.get(key, key) not in LEVELS:
+            sets = "; ".join(f"{n} ({','.join(levels)})" if n != "all" else "all" for n, levels in SETS.items())
+            raise UsageError(f"unknown quant level {part.strip()!r}; choose from: {', '.join(LEVELS)} "
+                             f"(any case; {', '.join(ALIASES)} mean the _m mixes), several separated by "
+                             f"commas, or a set: {sets}")
+        for name in SETS.get(key) or (usable(key).name,):
+            if name not in names:
+                names.append(name)
     if not names:
         raise UsageError(f"no quant level in {text!r}; give a comma-separated list such as q6_k,q4_k_m,iq4_xs")
     return names

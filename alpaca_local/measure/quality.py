@@ -219,9 +219,9 @@ def check_f16_gguf(path: Path) -> None:
     from gguf.constants import GGMLQuantizationType as T
     from gguf.constants import LlamaFileType
 
-    from alpaca_local.convert.gguf_read import read_gguf_header
+    from alpaca_local.convert.split import read_gguf_model
 
-    header = read_gguf_header(path)
+    header = read_gguf_model(path)
     ftype = header.kv.get("general.file_type")
     types = {t.ggml_type for t in header.tensors}
     if ftype != int(LlamaFileType.MOSTLY_F16) or not types <= {T.F16, T.F32}:
@@ -287,12 +287,12 @@ def quantize_gguf(src: Path, out: Path, quant: str, threads: int | None = None, 
     params.ftype = int(QUANTS[quant])
     params.nthread = threads or 0  # 0: every core
     if imatrix is not None:
-        from alpaca_local.convert.gguf_read import read_gguf_header
         from alpaca_local.convert.imatrix_file import check_against_model, read_imatrix
+        from alpaca_local.convert.split import read_gguf_model
 
         imat = read_imatrix(imatrix)
         # llama.cpp skips unknown names silently: refuse an imatrix made for another model first.
-        check_against_model(imat, imatrix, {t.name: t.shape[-1] for t in read_gguf_header(src).tensors if len(t.shape) == 2})
+        check_against_model(imat, imatrix, {t.name: t.shape[-1] for t in read_gguf_model(src).tensors if len(t.shape) == 2})
         data = {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in imat.importance().items()}
         entries = (llama_cpp.llama_model_imatrix_data * (len(data) + 1))()  # zeroed: the last one ends the list
         for entry, (name, values) in zip(entries, data.items()):
@@ -306,10 +306,11 @@ def quantize_gguf(src: Path, out: Path, quant: str, threads: int | None = None, 
 
 
 def file_facts(path: Path) -> tuple[int, float]:
-    """File size and bits per weight = 8 * tensor bytes / parameters (llama-model-loader.cpp:1807)."""
-    from alpaca_local.convert.gguf_read import read_gguf_header
+    """File size and bits per weight = 8 * tensor bytes / parameters (llama-model-loader.cpp:1807);
+    a split model's: every part's."""
+    from alpaca_local.convert.split import read_gguf_model
 
-    header = read_gguf_header(path)
+    header = read_gguf_model(path)
     n_params = sum(math.prod(t.shape) for t in header.tensors)
     return header.file_size, 8 * header.tensor_data_bytes / max(n_params, 1)
 
@@ -435,6 +436,12 @@ def _evaluate(path: Path, quant: str, chunks: list[list[int]], base: _BaseLogits
     return LevelResult(quant, path, size, bpw, summarize(TokenScores.concat(parts)), prompt_tps, gen)
 
 
+def _check_ctx(n_ctx: int) -> None:
+    """Refuse a context too small to score anything, before any file is made."""
+    if n_ctx < MIN_CTX:
+        raise UsageError(f"--ctx {n_ctx} is too small; give at least {MIN_CTX} (default {DEFAULT_CTX})")
+
+
 def measure_quality(
     source: Path,
     quants: Sequence[str] = DEFAULT_QUANTS,
@@ -451,27 +458,51 @@ def measure_quality(
     `imatrix`, each level twice: plain, then quantized with the importance matrix ("q4_k_m+imatrix")."""
     if not source.exists():
         raise InputError(f"{source} does not exist; give a Hugging Face model folder or an f16 .gguf file")
-    if n_ctx < MIN_CTX:
-        raise UsageError(f"--ctx {n_ctx} is too small; give at least {MIN_CTX} (default {DEFAULT_CTX})")
-    text = default_text() if text is None else text
+    _check_ctx(n_ctx)
     work = work or default_work_dir(source)
     needs = _imatrix_levels(source, quants, imatrix)
     baseline = prepare_baseline(source, work, status)
+    # Each level is made only when its turn comes, after the text has been checked against the f16.
+    # A level that needs an importance matrix is measured with it only.
+    files = [(f"{quant}{IMATRIX_TAG}" if imat is not None else quant,
+              lambda quant=quant, imat=imat: prepare_level(source, baseline, work, quant, threads, status, imat))
+             for quant in quants
+             for imat in ((imatrix,) if quant in needs else (None, imatrix) if imatrix is not None else (None,))]
+    name = source.resolve().name if source.is_dir() else source.stem
+    return measure_files(baseline, files, text, n_ctx, work, threads, gen_tokens, status, name, no_repack)
+
+
+def measure_files(
+    baseline: Path,
+    files: Sequence[tuple[str, Path | Callable[[], Path]]],
+    text: str | None = None,
+    n_ctx: int = DEFAULT_CTX,
+    work: Path | None = None,
+    threads: int | None = None,
+    gen_tokens: int = DEFAULT_GEN_TOKENS,
+    status: Status = lambda line: None,
+    name: str | None = None,
+    no_repack: bool = False,
+) -> QualityReport:
+    """The f16 `baseline` first (its logits become the reference), then each (label, file) against
+    it: what `quality` measures, for files that exist (convert --card-quality's levels) or are made
+    when their turn comes (a callable returning the path).
+    `work` holds the f16 logits while it runs (default: beside the baseline)."""
+    _check_ctx(n_ctx)
+    text = default_text() if text is None else text
+    work = work or baseline.parent
     tokens, chunks = _tokenize_checked(baseline, text, n_ctx, threads, no_repack)
     work.mkdir(parents=True, exist_ok=True)
     rows = n_ctx - 1 - n_ctx // 2
     base = _BaseLogits(work, len(chunks), rows, _n_vocab(baseline))
     try:
         results = [_evaluate(baseline, BASELINE, chunks, base, n_ctx, threads, gen_tokens, status, no_repack)]
-        for quant in quants:
-            for imat in (imatrix,) if quant in needs else (None, imatrix) if imatrix is not None else (None,):
-                path = prepare_level(source, baseline, work, quant, threads, status, imat)
-                label = f"{quant}{IMATRIX_TAG}" if imat is not None else quant
-                results.append(_evaluate(path, label, chunks, base, n_ctx, threads, gen_tokens, status, no_repack))
+        for label, path in files:
+            path = path if isinstance(path, Path) else path()
+            results.append(_evaluate(path, label, chunks, base, n_ctx, threads, gen_tokens, status, no_repack))
     finally:
         base.close()
-    name = source.resolve().name if source.is_dir() else source.stem
-    return QualityReport(name, n_ctx, len(tokens), len(chunks), len(chunks) * rows, tuple(results))
+    return QualityReport(name or baseline.stem, n_ctx, len(tokens), len(chunks), len(chunks) * rows, tuple(results))
 
 
 def _imatrix_levels(source: Path, quants: Sequence[str], imatrix: Path | None) -> set[str]:

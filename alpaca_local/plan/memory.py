@@ -199,7 +199,7 @@ def shape_from_gguf(header: GGUFHeader) -> ModelShape:
     names = {t.name for t in header.tensors}
     tok = header.kv.get("tokenizer.ggml.tokens")
     vocab = positive("vocab_size", len(tok) if isinstance(tok, list) else None, most=MAX_VOCAB)
-    tensors = tuple(PlannedTensor(t.name, t.shape, t.ggml_type, t.nbytes) for t in sorted(header.tensors, key=lambda t: t.offset))
+    tensors = tuple(PlannedTensor(t.name, t.shape, t.ggml_type, t.nbytes) for t in sorted(header.tensors, key=lambda t: (t.part, t.offset)))
     level = _file_level(header)
     pattern = SWA_PATTERN.get(a, 0)
     if pattern:  # LLM_KV_ATTENTION_SLIDING_WINDOW(_PATTERN), read by load_arch_hparams
@@ -220,7 +220,7 @@ def shape_from_gguf(header: GGUFHeader) -> ModelShape:
         intermediate=positive("feed_forward_length", most=16 * MAX_DIM), vocab_size=vocab,
         n_ctx=positive("context_length", 2048, most=MAX_CTX), tie_embeddings="output.weight" not in names,
         source="gguf", file_quant=level, file_tensors=tensors, file_bytes=header.file_size,
-        header_bytes=((level, header.data_offset),) if level else (),
+        header_bytes=((level, header.header_bytes),) if level else (),
         rope_freqs="rope_freqs.weight" in names, n_swa=n_swa, swa_pattern=pattern,
         n_expert=n_expert, n_expert_used=n_expert_used,
         n_ff_exp=positive("expert_feed_forward_length", 0, most=16 * MAX_DIM, least=0),
@@ -643,7 +643,7 @@ def load_shape(model: str | None) -> ModelShape:
     from pathlib import Path
 
     from alpaca_local.plan import catalog
-    from alpaca_local.convert.gguf_read import read_gguf_header
+    from alpaca_local.convert.split import read_gguf_model
 
     from alpaca_local.source.hub import HubSource, resolve_source
 
@@ -655,5 +655,5 @@ def load_shape(model: str | None) -> ModelShape:
     if path.is_dir():
         return shape_from_hf(path)
     if path.exists() or name.endswith(".gguf"):
-        return shape_from_gguf(read_gguf_header(path))
+        return shape_from_gguf(read_gguf_model(path))  # a split model: its first part
     return shape_from_config(catalog.load(name), name, "catalog")

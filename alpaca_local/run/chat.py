@@ -64,7 +64,12 @@ def resolve_model(spec: str | None, models_dir: Path = DEFAULT_MODELS_DIR) -> Pa
 
 
 def _ggufs(models_dir: Path) -> list[Path]:
-    return [p for p in models_dir.glob("*.gguf") if p.is_file()] if models_dir.is_dir() else []
+    """The models in models_dir: *.gguf files, a split model by its first part only."""
+    from alpaca_local.convert.split import is_later_part
+
+    if not models_dir.is_dir():
+        return []
+    return [p for p in models_dir.glob("*.gguf") if p.is_file() and not is_later_part(p)]
 
 
 def _by_name(name: str, models_dir: Path) -> Path:
@@ -82,9 +87,10 @@ def read_model_info(path: Path) -> ModelInfo:
     """Check the file is a whole GGUF (magic, version 2/3, every tensor inside the file) and
     read its architecture and trained context, before llama.cpp sees it: llama.cpp's own
     failure on a bad file is a log line we silence and a bare ValueError."""
-    from alpaca_local.convert.gguf_read import printable, read_gguf_header
+    from alpaca_local.convert.gguf_read import printable
+    from alpaca_local.convert.split import read_gguf_model
 
-    header = read_gguf_header(path)
+    header = read_gguf_model(path)  # a split model: every part, as llama.cpp will read them
     arch = header.arch
     ctx = header.kv.get(f"{arch}.context_length")
     if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx <= 0):
@@ -239,11 +245,11 @@ def lora_kwargs(lora: Path | None, scale: float, model: Path) -> dict:
         return {}
     if not math.isfinite(scale):
         raise UsageError(f"--lora-scale {scale} is not a finite number")
-    from alpaca_local.convert.gguf_read import read_gguf_header
     from alpaca_local.convert.lora_gguf import check_adapter_fits, read_adapter_header
+    from alpaca_local.convert.split import read_gguf_model
 
     adapter = read_adapter_header(lora)
-    header = read_gguf_header(model)
+    header = read_gguf_model(model)
     check_adapter_fits(adapter, header.arch, {t.name: t.shape for t in header.tensors}, model)
     return {"lora_path": str(lora), "lora_scale": scale}
 

@@ -135,14 +135,28 @@ class _HttpxResponse:
         self._resp.close()
 
 
+def _core_errors(family: str) -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(network, timeout) errors of the transport under httpx / httpx2 (httpcore / httpcore2).
+    httpx maps them into its own classes on the usual paths, but not on all: a connection
+    dropped while huggingface_hub 2.x sends an upload's body surfaces as
+    httpcore2.RemoteProtocolError."""
+    try:
+        core = importlib.import_module(family.replace("httpx", "httpcore"))
+    except ImportError:
+        return (), ()
+    return (core.TimeoutException, core.NetworkError, core.ProtocolError, core.ProxyError), (core.TimeoutException,)
+
+
 class _HttpxClient:
     def __init__(self, session: Any, httpx: Any) -> None:
         self._session, self._httpx = session, httpx
-        self.network_errors = (httpx.TimeoutException, httpx.NetworkError, httpx.ProtocolError, httpx.ProxyError)
-        self.timeout_errors = (httpx.TimeoutException,)
+        core_network, core_timeout = _core_errors(httpx.__name__)
+        self.network_errors = (httpx.TimeoutException, httpx.NetworkError, httpx.ProtocolError, httpx.ProxyError,
+                               *core_network)
+        self.timeout_errors = (httpx.TimeoutException, *core_timeout)
         # RemoteProtocolError ("peer closed connection without sending complete message
         # body") for a drop, ReadTimeout for a stall; both TransportErrors
-        self.body_errors = (httpx.TransportError, OSError)
+        self.body_errors = (httpx.TransportError, OSError, *core_network)
 
     def open(self, url: str, headers: Mapping[str, str], connect_timeout: float, read_timeout: float) -> Response:
         timeout = self._httpx.Timeout(read_timeout, connect=connect_timeout)
