@@ -306,3 +306,16 @@ def test_a_tied_embedding_counts_twice(tmp_path, tie):
     assert ("output.weight" in weights) != tie
     assert weights.pop("token_embd.weight") == (search.TIED_EMBEDDING_WEIGHT if tie else 1.0)
     assert set(weights.values()) == {1.0}
+
+
+def test_calibrate_then_search_in_one_command(tiny_model, tmp_path, capsys, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", str(tiny_model.path), "--target-size", "900K", "--calibrate", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    out = tmp_path / "models" / f"{tiny_model.path.name}.TARGET-900K.gguf"
+    assert Path(summary["output"]).resolve() == out.resolve() and out.stat().st_size <= 900_000
+    assert summary["target"]["objective"].startswith("imatrix-weighted")
+    assert summary["imatrix"]["quantize.imatrix.file"] == "calibrate:built-in text"
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [out.name]  # the temporaries are gone
