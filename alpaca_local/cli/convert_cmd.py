@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from alpaca_local.cli import calibrate_flags, levels, lora_flags, publish_flags
+from alpaca_local.cli import calibrate_flags, levels, lora_flags, publish_flags, target_flags
 from alpaca_local.convert import quant_levels
 
 DESCRIPTION = """Turn a Hugging Face model folder (config.json, safetensors or pytorch .bin
@@ -38,6 +38,8 @@ EXAMPLES = """examples:
 """ + lora_flags.HELP_EXAMPLES + """
 
 """ + publish_flags.HELP_EXAMPLES + """
+
+""" + target_flags.HELP_EXAMPLES + """
 
 exit codes: 0 done, 1 bad input or failed write, 2 usage error, 130 interrupted."""
 
@@ -80,6 +82,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     hub.add_argument("--offline", action="store_true", help="Hub id: use only the HF cache, no network")
     lora_flags.add_arguments(p)
     publish_flags.add_arguments(p)
+    target_flags.add_arguments(p)
 
 
 def open_source(arg: str, quant: str, download: bool = False, offline: bool = False, imatrix: Path | None = None,
@@ -107,12 +110,17 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and not 1 <= args.threads <= 1024:
         raise UsageError(f"--threads {args.threads} is out of range; give 1 to 1024")
     err = Console(stderr=True)
+    args.target = target_flags.wanted(args)
     if lora_flags.is_adapter_source(args):
+        if args.target:
+            raise UsageError("a size target is for models, not for an adapter GGUF")
         return lora_flags.run_adapter(args)
     quants = tuple(args.quant)
     if (args.private or args.push_revision) and args.push is None:
         raise UsageError("--private and --push-revision are for --push ORG/NAME")
     if publish_flags.wants_levels_route(args, quants):
+        if args.target:
+            raise UsageError("a size target makes one file; convert it, then publish that file's folder")
         return publish_flags.run_levels(args, err, quants)
     args.quant = quants[0]
     if args.calibrate is None:
@@ -123,28 +131,54 @@ def run(args: argparse.Namespace) -> int:
 
     # Everything that can be refused is refused before the (long) calibration run.
     args.source = Path(args.source)
-    plain = plan_conversion(args.source, args.quant, None, expect_imatrix=True)
-    if args.output is None:
+    plain = plan_conversion(args.source, _planned_quant(args), None, expect_imatrix=True)
+    if args.output is None and not args.target:  # a target's file is named after its budget, known later
         args.output = default_output(plain, Path("models"))
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-    check_target(args.output, args.force, need_bytes=plain.tensor_bytes)
-    with calibrate_flags.calibrated_imatrix(args, err, args.output.parent) as imatrix:
-        plan = calibrate_flags.calibrated_plan(plan_conversion(args.source, args.quant, imatrix), args)
-        return _report(plan, None, args, err)
+    workdir = args.output.parent if args.output else Path("models")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.output is not None:
+        check_target(args.output, args.force, need_bytes=plain.tensor_bytes)
+    with calibrate_flags.calibrated_imatrix(args, err, workdir) as imatrix:
+        plan = calibrate_flags.calibrated_plan(plan_conversion(args.source, _planned_quant(args), imatrix), args)
+        target = None
+        if args.target:
+            result, target = target_flags.choose(plan, args, err)
+            if result is None:
+                return 0
+            plan = result.plan
+        return _report(plan, None, args, err, target)
+
+
+def _planned_quant(args: argparse.Namespace) -> str:
+    """The level planned first: the asked one, or with a size target the search's base level."""
+    from alpaca_local.convert.search import BASE_LEVEL
+
+    return BASE_LEVEL if args.target else args.quant
 
 
 def _convert_and_report(args: argparse.Namespace, err, imatrix: Path | None) -> int:
     """A folder or a Hub id → plan → convert; the Hub source is closed whatever happens."""
     adapters = lora_flags.read_adapters(args)
-    plan, hub = open_source(args.source, args.quant, args.download, args.offline, imatrix, adapters)
+    plan, hub = open_source(args.source, _planned_quant(args), args.download, args.offline, imatrix, adapters)
     try:
-        return _report(plan, hub, args, err)
+        target = None
+        if args.target:
+            if hub and hub.stream:
+                from alpaca_local.errors import UsageError
+
+                raise UsageError("a size target reads sampled rows of every tensor before converting, which a "
+                                 f"stream cannot; add --download (keeps {args.source} in the HF cache)")
+            result, target = target_flags.choose(plan, args, err)
+            if result is None:
+                return 0
+            plan = result.plan
+        return _report(plan, hub, args, err, target)
     finally:
         if hub:
             hub.close()
 
 
-def _report(plan, hub, args: argparse.Namespace, err) -> int:
+def _report(plan, hub, args: argparse.Namespace, err, target: dict | None = None) -> int:
     from rich.console import Console
 
     from alpaca_local.convert.pipeline import convert
@@ -172,6 +206,8 @@ def _report(plan, hub, args: argparse.Namespace, err) -> int:
                           "fetched_bytes": hub.bytes_fetched}
     if plan.merge:
         summary["merged_adapters"] = [str(a.folder) for a in plan.merge.adapters]
+    if target:
+        summary["target"] = target
     if args.json:
         import json
 
@@ -221,7 +257,13 @@ def _print_summary(summary: dict, plan, console) -> None:
         table.add_row("source", f"{hub['repo']} @ {hub['commit'][:12]} ({how})")
     if plan.merge:
         table.add_row("merged", ", ".join(f"{a.name} (x{a.user_scale:g})" for a in plan.merge.adapters))
-    table.add_row("quant", summary["quant"].upper())
+    if "target" in summary:
+        t = summary["target"]
+        table.add_row("quant", f"per-tensor mix for {t['target']}, labelled {summary['quant'].upper()}: "
+                               + ", ".join(f"{m['type']} x{m['tensors']}" for m in t["mix"]))
+        table.add_row("predicted loss", f"{t['predicted_loss']:.4g} ({t['objective']})")
+    else:
+        table.add_row("quant", summary["quant"].upper())
     if summary["imatrix"]:
         imat = summary["imatrix"]
         chunks = f", {imat['quantize.imatrix.chunks_count']} chunks" if "quantize.imatrix.chunks_count" in imat else ""

@@ -5,7 +5,8 @@ Holds: `architectures` (one table entry per architecture: names, shapes, metadat
 `quant_rules` (per-tensor type choice and byte sizes, shared with `plan`: the converter's step
 and `llama_quant`, the port of llama-quant.cpp's rules for every file type),
 `ggml` (ggml's quantizers through ctypes), `pipeline` (plan a conversion, stream
-chunks, write the file), `atomic` (temp file + rename, --force, disk-space checks),
+chunks, write the file), `search` (a size target: per-tensor types by measured error under an
+exact byte budget), `atomic` (temp file + rename, --force, disk-space checks),
 `gguf_read` (bounds-checked GGUF header reader for files we did not write),
 `imatrix_file` (llama.cpp's importance-matrix files: GGUF and legacy .dat), `lora_merge`
 (PEFT adapters merged into the weights chunk by chunk while streaming), `lora_gguf`

@@ -127,6 +127,10 @@ class ConversionPlan:
     imatrix_kv: tuple[tuple[str, str | int], ...] = ()
     merge: MergePlan | None = None  # the adapters merged while converting
     base_name: str = ""  # the base model's name (folder or Hub repo), for the provenance keys
+    # A chosen per-tensor mix (`retyped`, convert/search.py): its metadata keys (key, value), written
+    # after the imatrix keys, and the tag its default file name has instead of the level's.
+    recipe_kv: tuple[tuple[str, int | str | tuple[int, ...]], ...] = ()
+    tag: str = ""
 
     @property
     def tensor_bytes(self) -> int:
@@ -149,6 +153,9 @@ class ConvertResult:
 
 def _padded(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+padded = _padded  # the public name: convert/search.py counts bytes as the writer lays them out
 
 
 def llama_cpp_order(name: str) -> tuple[int, str]:
@@ -342,10 +349,15 @@ def _choose_types(
 def levels_needing_imatrix(plan: ConversionPlan, quants: Sequence[str]) -> set[str]:
     """Which of `quants` llama-quantize refuses without an importance matrix for `plan`'s model
     (any level's plan will do: only names and shapes count), without reading anything again."""
+    facts, specs = rule_inputs(plan)
+    return {q for q in quants if quant_rules.imatrix_required(specs, quant_rules.choose_types(specs, q, facts), q)}
+
+
+def rule_inputs(plan: ConversionPlan) -> tuple[quant_rules.ModelFacts, list[quant_rules.TensorSpec]]:
+    """What llama-quantize's rules read of `plan`'s model: its facts and every tensor's name and shape."""
     facts = quant_rules.ModelFacts(arch=plan.arch.arch_name, n_layer=plan.config.n_layer, n_head=plan.config.n_head,
                                    n_head_kv=plan.config.n_kv_head, n_expert=plan.config.n_expert)
-    specs = [quant_rules.TensorSpec(job.name, job.shape) for job in plan.jobs]
-    return {q for q in quants if quant_rules.imatrix_required(specs, quant_rules.choose_types(specs, q, facts), q)}
+    return facts, [quant_rules.TensorSpec(job.name, job.shape) for job in plan.jobs]
 
 
 def _check_all_used(merge: MergePlan, used: set[TensorRef], arch: Architecture) -> None:
@@ -366,7 +378,32 @@ def source_is_quantized(cfg: ModelConfig) -> bool:
 
 def default_output(plan: ConversionPlan, models_dir: Path) -> Path:
     """models/<name>.<QUANT>.gguf, e.g. models/alpaca-7b.Q4_K_M.gguf."""
-    return models_dir / f"{plan.name}.{quant_rules.QUANT_FILE_SUFFIX[plan.quant]}.gguf"
+    return models_dir / f"{plan.name}.{plan.tag or quant_rules.QUANT_FILE_SUFFIX[plan.quant]}.gguf"
+
+
+def retyped(plan: ConversionPlan, types: dict[str, gguf.GGMLQuantizationType], quant: str,
+            recipe_kv: tuple[tuple[str, int | str | tuple[int, ...]], ...] = (), tag: str = "") -> ConversionPlan:
+    """`plan` with the named tensors' types replaced (every other tensor keeps its own), written as
+    level `quant` (general.file_type, quantization version, shapes), with `recipe_kv` in its header.
+
+    The one truth for a chosen mix: the writer, `header_nbytes` and `tensor_bytes` all read these
+    jobs. Tensors keep llama-quantize's order, and their importance vectors: `plan` must be a
+    quantized level's plan, so that every tensor that may be quantized has one (when there is an
+    imatrix at all)."""
+    if quant_levels.LEVELS[plan.quant].converter_outtype or quant_levels.LEVELS[quant].converter_outtype:
+        raise ValueError("retyped works from and to quantized levels only")
+    unknown = set(types) - {job.name for job in plan.jobs}
+    if unknown:
+        raise ValueError(f"no tensor named {sorted(unknown)[0]!r} in the plan")
+
+    def one(job: TensorJob) -> TensorJob:
+        ty = types.get(job.name, job.ggml_type)
+        if ty == job.ggml_type:
+            return job
+        quant_rules.row_nbytes(ty, job.shape[-1])  # ValueError for a row length the type cannot hold
+        return replace(job, ggml_type=ty, parts=tuple(replace(p, ggml_type=ty) for p in job.parts))
+
+    return replace(plan, quant=quant, jobs=tuple(one(job) for job in plan.jobs), recipe_kv=recipe_kv, tag=tag)
 
 
 def _header_writer(plan: ConversionPlan, path: Path) -> gguf.GGUFWriter:
@@ -384,6 +421,13 @@ def _header_writer(plan: ConversionPlan, path: Path) -> gguf.GGUFWriter:
             w.add_string(key, value)
         else:
             w.add_uint32(key, value)
+    for key, value in plan.recipe_kv:
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, tuple):
+            w.add_array(key, list(value))
+        else:
+            w.add_uint64(key, value)
     plan.vocab.add_to(w)
     if plan.merge:
         _provenance(w, plan)
@@ -493,6 +537,20 @@ def _encode(job: TensorJob, start: int, stop: int, raw: np.ndarray) -> bytes:
         return raw.tobytes()  # identical bytes: copy, do not round-trip through float32
     if plain and (src.dtype, job.ggml_type.name) == ("BF16", "BF16"):
         return _quiet_bf16_nans(raw).tobytes()  # the converter's f32 round trip, minus the work
+    return quantize_rows(_float_rows(job, start, stop, raw), job.ggml_type, job.imatrix).tobytes()
+
+
+def quantizer_input(job: TensorJob, start: int, stop: int, permute: bool = True) -> np.ndarray:
+    """Rows [start, stop) of `job` as float32, exactly as the quantizer gets them when the file
+    is written (LoRAs merged, offset added, rope rows permuted); `permute=False` leaves the rope
+    permutation out, which moves whole rows only (for samples of rows that are not head groups).
+    Reads the source again: `convert/search.py` measures candidate types on sampled rows."""
+    raw = _read(job, start, stop)
+    return _float_rows(job if permute else replace(job, rope_head_dim=None), start, stop, raw)
+
+
+def _float_rows(job: TensorJob, start: int, stop: int, raw: np.ndarray) -> np.ndarray:
+    src = job.source
     rows = widen(raw, src.dtype)
     if job.lora:
         rows = merge_rows(rows, job.lora, start, stop)
@@ -504,7 +562,7 @@ def _encode(job: TensorJob, start: int, stop: int, raw: np.ndarray) -> bytes:
         rows = _add_offset(rows, job.offset, src.dtype)
     if job.rope_head_dim:
         rows = rope_permute(rows, job.rope_head_dim)
-    return quantize_rows(rows, job.ggml_type, job.imatrix).tobytes()
+    return rows
 
 
 def _quiet_bf16_nans(bits: np.ndarray) -> np.ndarray:
