@@ -3,7 +3,7 @@
     python benchmarks/run_all.py [--size 1b|7b|tiny] [--quants q4_k_m,q8_0,q4_0]
                                  [--chat-model M.gguf] [--chat-n 256] [--chat-repeats 10]
                                  [--load-clients 8] [--lora-repeats 3]
-                                 [--skip convert,chat,plan,hub,imatrix,load,lora,cpu_buffers,publish,ladder,moe]
+                                 [--skip convert,chat,plan,hub,imatrix,load,lora,cpu_buffers,publish,search,ladder,moe]
                                  [--out benchmarks/RESULTS.md]
 
 Each benchmark runs as its own process (so peak-memory numbers are its own):
@@ -16,6 +16,7 @@ Each benchmark runs as its own process (so peak-memory numbers are its own):
   lora.py --size S --repeats R --json F     convert --lora vs plain convert vs PEFT merge + convert + quantize
   cpu_buffers.py --size S --repeats R       tokens/s: AMX-safe load vs llama.cpp's placement vs --no-repack
   publish.py --size S --separate --json F   convert --quant L1,...,L5 vs f16 + llama-quantize per level
+  search.py                                 convert --target-size vs llama.cpp's mixes at their size (KLD)
   ladder.py                                 KLD from f16 against size, every quant level, real Gemma 3 270M
   moe.py                                    convert time / peak RSS on a wide Qwen3-MoE vs the two-step route
 The defaults are the issue's sizes (1B model, 256 tokens, 10 repeats); `--size tiny
@@ -177,6 +178,10 @@ def run_ladder(args: argparse.Namespace) -> str:
     return _run([str(HERE / "ladder.py")])
 
 
+def run_search(args: argparse.Namespace) -> str:
+    return _run([str(HERE / "search.py")])
+
+
 def run_moe(args: argparse.Namespace) -> str:
     return _run([str(HERE / "moe.py"), *(["--work", str(args.work)] if args.work else [])])
 
@@ -277,6 +282,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
         "lora": "LoRA: `convert --lora` against a plain convert and PEFT merge + convert + quantize",
         "cpu_buffers": "CPU buffers: the AMX-safe load against llama.cpp's placement and --no-repack",
         "publish": "Publish: `convert --quant L1,...,L5` (one read) against f16 + one llama-quantize per level",
+        "search": "Search: `convert --target-size` against llama.cpp's fixed mixes at their size (real weights)",
         "ladder": "Ladder: KL divergence from f16 against file size for every quant level (real weights)",
         "moe": "MoE: `convert` of a wide mixture-of-experts model against the two-step route",
     }
@@ -291,7 +297,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
             lines += convert_section(result)
         elif name == "chat":
             lines += chat_section(result)
-        elif name in ("hub", "cpu_buffers", "ladder", "moe"):
+        elif name in ("hub", "cpu_buffers", "ladder", "moe", "search"):
             lines += str(result).rstrip().splitlines()
         elif name in ("lora", "publish"):
             lines += list(result)
@@ -304,7 +310,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
 # Every benchmark, in the order RESULTS.md shows them; --skip takes these names.
 BENCHMARKS = {"convert": run_convert, "chat": run_chat, "plan": run_plan, "hub": run_hub,
               "imatrix": run_imatrix, "load": run_load, "lora": run_lora, "cpu_buffers": run_cpu_buffers,
-              "publish": run_publish, "ladder": run_ladder, "moe": run_moe}
+              "publish": run_publish, "search": run_search, "ladder": run_ladder, "moe": run_moe}
 
 
 def main(argv: list[str] | None = None) -> int:
