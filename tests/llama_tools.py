@@ -2,8 +2,9 @@
 llama-gguf-split)
 from the sources vendored in the pinned llama-cpp-python sdist: the runtime reference.
 
-One shared CMake build, cached outside the clone and keyed by the pinned version
-(`$ALPACA_LOCAL_TOOLS_CACHE`, default `~/.cache/alpaca-local/llama.cpp-<version>`), so a
+One shared CMake build of a copy of those sources, both cached outside the clone and keyed by
+the pinned version (`$ALPACA_LOCAL_TOOLS_CACHE`, default
+`~/.cache/alpaca-local/llama.cpp-<version>-noamx`: src/ and build/), so any clone and a
 fresh CI machine builds it once (a few minutes on 2 cores) and later runs reuse it. A file
 lock makes parallel test processes wait for one build instead of starting their own.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -49,9 +51,34 @@ def _configure_args(src: Path, build: Path) -> list[str]:
     ]
 
 
+def _cached_source(src: Path, root: Path) -> Path:
+    """The vendored sources, copied into the cache once. CMake ties a build folder to the source
+    path it was configured from, and every clone (CI's included) has its own; building from a
+    copy beside the build lets one cached build serve them all, and a tool added to TOOLS later
+    builds incrementally instead of failing with "does not match the source ... used to
+    generate cache"."""
+    cached = root / "src"
+    if not (cached / "CMakeLists.txt").exists():
+        partial = root / "src.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(src, partial, symlinks=True)
+        partial.rename(cached)
+    return cached
+
+
+def _configured_from(build: Path) -> Path | None:
+    """The source folder an existing CMake build folder was configured from, or None."""
+    cache = build / "CMakeCache.txt"
+    if not cache.exists():
+        return None
+    for line in cache.read_text(errors="replace").splitlines():
+        if line.startswith("CMAKE_HOME_DIRECTORY:INTERNAL="):
+            return Path(line.split("=", 1)[1])
+    return None
+
+
 def build_tools(vendor: Path | None = None) -> Path:
     """Build every tool in TOOLS once; return the folder that holds the executables."""
-    src = Path(vendor) if vendor else vendor_dir()
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     build, done = root / "build", root / "built.ok"
@@ -60,6 +87,10 @@ def build_tools(vendor: Path | None = None) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; the others wait, then reuse it
         if done.exists() and all((bin_dir / t).exists() for t in TOOLS):
             return bin_dir
+        src = _cached_source(Path(vendor) if vendor else vendor_dir(), root)
+        configured = _configured_from(build)
+        if configured is not None and configured.resolve() != src.resolve():
+            shutil.rmtree(build)  # configured from a clone's own tree (before the cached copy)
         log = root / "build.log"
         with open(log, "w") as out:
             jobs = str(os.cpu_count() or 2)
