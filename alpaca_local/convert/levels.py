@@ -44,10 +44,10 @@ from alpaca_local.convert.pipeline import (
     TensorJob,
     _encode,
     _header_writer,
-    _padded,
     _read_ahead,
     _write_header,
     levels_needing_imatrix,
+    padded,
     plan_conversion,
 )
 from alpaca_local.convert.split import KEY_COUNT, KEY_NO, KEY_TENSORS, SplitRule, part_of_each, part_paths
@@ -104,7 +104,7 @@ class LevelOutput:
 def layout(plan: ConversionPlan, target: Path, rule: SplitRule = SplitRule()) -> LevelOutput:
     """`target` as one file, or split by `rule` into llama.cpp's parts named after it."""
     names = [job.name for job in plan.jobs]
-    parts = part_of_each([_padded(job.nbytes) for job in plan.jobs], names, rule) if rule else [0] * len(names)
+    parts = part_of_each([padded(job.nbytes) for job in plan.jobs], names, rule) if rule else [0] * len(names)
     count = (parts[-1] + 1) if parts else 1
     return LevelOutput(plan, tuple(part_paths(target, count)), tuple(parts))
 
@@ -149,7 +149,7 @@ def _write_part_header(out: LevelOutput, no: int, path: Path) -> int:
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         w.close()
-    return _padded(path.stat().st_size)
+    return padded(path.stat().st_size)
 
 
 Unit = tuple[str, int]  # (tensor name, expert): what one read fills; a stacked-experts tensor has one per expert
@@ -171,7 +171,7 @@ def _placements(out: LevelOutput, paths: Sequence[Path]) -> dict[Unit, tuple[int
             for e, part in enumerate(job.parts or (job,)):
                 placed[(job.name, e)] = (no, at)
                 at += part.nbytes
-            offset += _padded(job.nbytes)
+            offset += padded(job.nbytes)
         os.truncate(path, offset)  # padding and alignment gaps read as zeros
     return placed
 

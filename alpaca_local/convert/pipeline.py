@@ -134,7 +134,7 @@ class ConversionPlan:
 
     @property
     def tensor_bytes(self) -> int:
-        return sum(_padded(j.nbytes) for j in self.jobs)
+        return sum(padded(j.nbytes) for j in self.jobs)
 
     @property
     def source_bytes(self) -> int:
@@ -151,11 +151,10 @@ class ConvertResult:
     peak_rss_bytes: int
 
 
-def _padded(n: int) -> int:
+def padded(n: int) -> int:
+    """`n` bytes as the writer lays them out: rounded up to the GGUF alignment (levels.py,
+    split parts and convert/search.py count bytes with it too)."""
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
-
-
-padded = _padded  # the public name: convert/search.py counts bytes as the writer lays them out
 
 
 def llama_cpp_order(name: str) -> tuple[int, str]:
@@ -483,7 +482,7 @@ def header_nbytes(plan: ConversionPlan) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "header.gguf"
         _write_header(plan, path)
-        return _padded(path.stat().st_size)
+        return padded(path.stat().st_size)
 
 
 def _write_header(plan: ConversionPlan, path: Path) -> None:
@@ -584,7 +583,7 @@ def _read_order(plan: ConversionPlan, data_start: int) -> list[tuple[TensorJob, 
         for part in job.parts or (job,):  # stacked experts: each expert's data after the last one's
             placed.append((part, at))
             at += part.nbytes
-        offset += _padded(job.nbytes)
+        offset += padded(job.nbytes)
 
     def key(item: tuple[TensorJob, int]) -> tuple[str, int]:
         src = item[0].source
@@ -639,7 +638,7 @@ def _read_ahead(plan: ConversionPlan, data_start: int, depth: int) -> Iterator[C
 def _write_tensor_data(plan: ConversionPlan, path: Path, progress: Progress | None, workers: int) -> None:
     """Write every tensor at its place in plan order, each padded to the GGUF alignment."""
     with open(path, "r+b") as f:
-        data_start = _padded(f.seek(0, os.SEEK_END))
+        data_start = padded(f.seek(0, os.SEEK_END))
         f.truncate(data_start + plan.tensor_bytes)  # padding and alignment gaps read as zeros
         with ThreadPoolExecutor(max_workers=workers) as pool:
             pending: deque[tuple[TensorJob, int, int, int, Future[bytes]]] = deque()

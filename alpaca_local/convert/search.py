@@ -48,9 +48,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from alpaca_local.convert import llama_quant, quant_rules
 from alpaca_local.convert.ggml import quantize_rows
-from alpaca_local.convert.pipeline import padded as _padded
 from alpaca_local.convert.pipeline import (
-    ConversionPlan, TensorJob, header_nbytes, quantizer_input, retyped, rule_inputs,
+    ConversionPlan, TensorJob, header_nbytes, padded, quantizer_input, retyped, rule_inputs,
 )
 
 T = GGMLQuantizationType
@@ -137,7 +136,7 @@ def weighted_error(rows: np.ndarray, ggml_type: GGMLQuantizationType, imatrix: n
 
 def _measure_one(job: TensorJob, types: tuple[GGMLQuantizationType, ...], n_sample: int) -> TensorOptions:
     if len(types) == 1:
-        return TensorOptions(job.name, (Option(types[0], _padded(quant_rules.tensor_nbytes(job.shape, types[0])), 0.0),), 0.0)
+        return TensorOptions(job.name, (Option(types[0], padded(quant_rules.tensor_nbytes(job.shape, types[0])), 0.0),), 0.0)
     units = job.parts or (job,)  # stacked experts: each expert's rows with its own imatrix slice
     errors = np.zeros(len(types))
     energy = 0.0
@@ -151,7 +150,7 @@ def _measure_one(job: TensorJob, types: tuple[GGMLQuantizationType, ...], n_samp
         for k, ty in enumerate(types):
             errors[k] += scale * weighted_error(rows, ty, im)
     return TensorOptions(job.name, tuple(
-        Option(ty, _padded(quant_rules.tensor_nbytes(job.shape, ty)), float(e)) for ty, e in zip(types, errors)
+        Option(ty, padded(quant_rules.tensor_nbytes(job.shape, ty)), float(e)) for ty, e in zip(types, errors)
     ), energy)
 
 
@@ -238,7 +237,7 @@ def _fill(costs: Sequence[Sequence[tuple[int, float]]], choice: list[int], left:
 def size_range(plan: ConversionPlan) -> tuple[int, int, int]:
     """(smallest, largest, header) whole-file bytes the candidates allow, before measuring anything."""
     header = header_nbytes(_with_recipe(plan, {}, BASE_LEVEL, 0, 0.0, bool(plan.imatrix_kv)))
-    sizes = [[_padded(quant_rules.tensor_nbytes(job.shape, ty)) for ty in candidate_types(job, plan.arch.arch_name)]
+    sizes = [[padded(quant_rules.tensor_nbytes(job.shape, ty)) for ty in candidate_types(job, plan.arch.arch_name)]
              for job in plan.jobs]
     return header + sum(map(min, sizes)), header + sum(map(max, sizes)), header
 
@@ -299,7 +298,7 @@ def _levels(plan: ConversionPlan, options: Sequence[TensorOptions], header: int)
             continue
         if quant_rules.imatrix_required(specs, types, q) and not plan.imatrix_kv:
             continue
-        sizes[q] = header + sum(_padded(quant_rules.tensor_nbytes(s.shape, ty)) for s, ty in zip(specs, types))
+        sizes[q] = header + sum(padded(quant_rules.tensor_nbytes(s.shape, ty)) for s, ty in zip(specs, types))
         total = 0.0
         for t, ty in zip(options, types):
             k = next((k for k, o in enumerate(t.options) if o.ggml_type == ty), None)
