@@ -23,6 +23,7 @@ from fake_hub import TOKEN, FakeHub
 from helpers import cli, leftovers, one_line
 
 from alpaca_local.cli.main import main
+from alpaca_local.convert import search
 from alpaca_local.convert.pipeline import convert
 from alpaca_local.convert.quant_levels import LEVELS
 from alpaca_local.convert.quant_rules import QUANTS
@@ -102,6 +103,30 @@ def test_streamed_convert_is_byte_identical_at_every_level(hub, models, tmp_path
         # 8-byte length, the JSON header, then one forward stream to the end of the file
         assert [g[2] for g in gets][-1].endswith(f"-{size - 1}"), gets
         assert len(gets) == 3, gets
+
+
+def test_a_size_target_streams_and_makes_the_local_file(hub, models, tmp_path, capsys):
+    """--target-size from a Hub id: sampled runs of rows by range requests of their own, then the
+    usual one forward stream per shard; the file is the one the local folder gives, to the byte."""
+    local = tmp_path / "local.gguf"
+    rc, err = cli(capsys, "convert", str(models["sharded"].path), "--target-size", "900K", "-o", str(local), "--json")
+    assert rc == 0, err
+    out = tmp_path / "hub.gguf"
+    hub.log.clear()
+    rc, err = cli(capsys, "convert", "me/tiny", "--target-size", "900K", "-o", str(out), "--json")
+    assert rc == 0, err
+    assert "measures sampled rows" in err
+    assert out.read_bytes() == local.read_bytes()
+    assert _cached_weights(tmp_path) == []  # streamed: nothing in the HF cache
+    for shard in (SHARD1, "model-00002-of-00002.safetensors"):
+        data = hub.repos["me/tiny"].files[shard]
+        n_header = int.from_bytes(data[:8], "little")
+        n_tensors = len([k for k in json.loads(data[8:8 + n_header]) if k != "__metadata__"])
+        gets = [r[2] for r in hub.log if r[0] == "GET" and r[1].startswith("/lfs/") and hub.blob(r[1][5:])[0] == shard]
+        assert gets[:2] == ["bytes=0-7", f"bytes=8-{8 + n_header - 1}"]  # the header, as for any streamed convert
+        assert gets[-1] == f"bytes={8 + n_header}-{len(data) - 1}"  # then the data once, in order (hashed)
+        sampled = gets[2:-1]
+        assert 0 < len(sampled) <= search.SAMPLE_GROUPS * n_tensors, gets  # a range request per run of rows
 
 
 def test_bf16_streams_too_and_default_name_is_the_repo_name(hub, models, tmp_path, capsys, monkeypatch):

@@ -93,7 +93,7 @@ def test_moe_levels_equal_their_single_level_converts(tmp_path, capsys):
 
 
 def test_levels_that_need_an_imatrix_are_refused_together_before_reading(model, tmp_path, capsys, monkeypatch):
-    def no_reads(self, start, stop):
+    def no_reads(self, start, stop, anywhere=False):
         raise AssertionError("read before the refusal")
 
     monkeypatch.setattr(TensorRef, "read_raw_rows", no_reads)
@@ -151,9 +151,9 @@ def test_each_source_chunk_is_read_once(model, tmp_path, monkeypatch):
     reads: list[tuple[str, int]] = []
     real = TensorRef.read_raw_rows
 
-    def counted(self, start, stop):
+    def counted(self, start, stop, anywhere=False):
         reads.append((self.name, start))
-        return real(self, start, stop)
+        return real(self, start, stop, anywhere)
 
     monkeypatch.setattr(TensorRef, "read_raw_rows", counted)
     plans = lv.plan_levels(model, ALL)

@@ -178,9 +178,9 @@ def test_experts_stream_in_file_order_a_chunk_at_a_time(tmp_path, monkeypatch):
     reads: list[tuple[str, int, int]] = []
     real = TensorRef.read_raw_rows
 
-    def spy(self, start, stop):
+    def spy(self, start, stop, anywhere=False):
         reads.append((str(self.path), self.offset + start * self.shape[-1] * 2, (stop - start) * self.shape[-1]))
-        return real(self, start, stop)
+        return real(self, start, stop, anywhere)
 
     monkeypatch.setattr(TensorRef, "read_raw_rows", spy)
     monkeypatch.setattr(pipeline, "CHUNK_ELEMENTS", 256 * 64)  # several chunks per expert matrix

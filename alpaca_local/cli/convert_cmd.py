@@ -163,11 +163,9 @@ def _convert_and_report(args: argparse.Namespace, err, imatrix: Path | None) -> 
     try:
         target = None
         if args.target:
-            if hub and hub.stream:
-                from alpaca_local.errors import UsageError
-
-                raise UsageError("a size target reads sampled rows of every tensor before converting, which a "
-                                 f"stream cannot; add --download (keeps {args.source} in the HF cache)")
+            if hub and hub.stream:  # measured first by range requests of their own, then streamed as always
+                err.print("note: the size target measures sampled rows of every tensor first (a range request "
+                          "for each run of rows), then streams the model", highlight=False, soft_wrap=True)
             result, target = target_flags.choose(plan, args, err)
             if result is None:
                 return 0

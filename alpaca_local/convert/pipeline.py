@@ -520,13 +520,13 @@ def _chunks(job: TensorJob) -> Iterator[tuple[int, int]]:
         yield start, min(n_rows, start + step)
 
 
-def _read(job: TensorJob, start: int, stop: int) -> np.ndarray:
+def _read(job: TensorJob, start: int, stop: int, anywhere: bool = False) -> np.ndarray:
     """Rows [start, stop) as stored; called in file order, by one thread (a streamed
-    source is one forward-only HTTP stream per file)."""
+    source is one forward-only HTTP stream per file), or `anywhere` (range requests of their own)."""
     src = job.source
     if isinstance(src, GeneratedTensor):
         return src.read_rows(start, stop)
-    return src.read_raw_rows(start, stop)
+    return src.read_raw_rows(start, stop, anywhere=anywhere)
 
 
 def _encode(job: TensorJob, start: int, stop: int, raw: np.ndarray) -> bytes:
@@ -543,8 +543,9 @@ def quantizer_input(job: TensorJob, start: int, stop: int, permute: bool = True)
     """Rows [start, stop) of `job` as float32, exactly as the quantizer gets them when the file
     is written (LoRAs merged, offset added, rope rows permuted); `permute=False` leaves the rope
     permutation out, which moves whole rows only (for samples of rows that are not head groups).
-    Reads the source again: `convert/search.py` measures candidate types on sampled rows."""
-    raw = _read(job, start, stop)
+    Reads the source again, from any thread and in any order (a streamed source by range
+    requests of its own): `convert/search.py` measures candidate types on sampled rows."""
+    raw = _read(job, start, stop, anywhere=True)
     return _float_rows(job if permute else replace(job, rope_head_dim=None), start, stop, raw)
 
 

@@ -25,9 +25,12 @@ _NUMPY_DTYPE = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype
 
 
 class RangeReader(Protocol):
-    """Bytes of a file that is not on this disk."""
+    """Bytes of a file that is not on this disk: `read_at` in increasing offsets (the stream the
+    converter reads once), `fetch` anywhere (one range request: the rows a size target samples)."""
 
     def read_at(self, offset: int, nbytes: int) -> bytes: ...
+
+    def fetch(self, offset: int, nbytes: int) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -63,18 +66,20 @@ class TensorRef:
         """Rows in ggml's sense: everything but the last (contiguous) dimension."""
         return math.prod(self.shape[:-1]) if self.shape else 1
 
-    def read_raw_rows(self, start: int, stop: int) -> np.ndarray:
+    def read_raw_rows(self, start: int, stop: int, anywhere: bool = False) -> np.ndarray:
         """Rows [start, stop) as stored (BF16 as uint16 bits), shape (stop - start, row length).
 
         A plain read, not a memory map: mapped pages would count towards our
-        resident memory for as long as the map lives.
+        resident memory for as long as the map lives. `anywhere`: a remote file is
+        read by its own range request, outside the in-order stream (`RangeReader.fetch`).
         """
         row_len = self.shape[-1] if self.shape else 1
         dtype = _NUMPY_DTYPE[self.dtype]
         count = (stop - start) * row_len
         offset = self.offset + start * row_len * dtype.itemsize
         if self.file is not None:
-            data = np.frombuffer(self.file.read_at(offset, count * dtype.itemsize), dtype=dtype)
+            read = self.file.fetch if anywhere else self.file.read_at
+            data = np.frombuffer(read(offset, count * dtype.itemsize), dtype=dtype)
         else:
             data = np.fromfile(self.path, dtype=dtype, count=count, offset=offset)
         if data.size != count:
