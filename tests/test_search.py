@@ -103,18 +103,63 @@ def test_measured_error_equals_numpy(model):
 
 
 def test_sampled_error_is_scaled_to_the_whole_tensor(model):
+    """A sample of (row, run of columns) pieces: the error of exactly those pieces, each quantized with
+    its columns' importance weights, times the tensor's elements over the elements measured."""
     tiny, _, _, base, options = model
     job = next(j for j in base.jobs if j.name == "token_embd.weight")
     opts = next(o for o in options if o.name == "token_embd.weight")
     w = tinymodels.read_safetensors_f32(tiny.path)["model.embed_tokens.weight"].astype(np.float32)
-    idx = search.sample_rows(len(w), 64)
+    types = [o.ggml_type for o in opts.options]
+    idx, seg, pairs = search.samples(len(w), w.shape[1], types, 64)
     assert len(idx) == 64 < len(w) and idx[0] == 0 and idx[-1] == len(w) - 1
-    rows = w[idx]
+    assert len(np.unique(pairs[:, 1])) == w.shape[1] // seg  # every run of columns is sampled
+    im = np.ones(w.shape[1], dtype=np.float32) if job.imatrix is None else job.imatrix
+    scale = w.size / (len(pairs) * seg)
     for opt in opts.options:
-        direct = ((rows.astype(np.float64) - gguf.quants.dequantize(quantize_rows(rows, opt.ggml_type, job.imatrix),
-                                                                     opt.ggml_type).reshape(rows.shape)) ** 2)
-        im = np.ones(w.shape[1]) if job.imatrix is None else job.imatrix.astype(np.float64)
-        assert opt.error == pytest.approx(float((direct * im).sum()) * len(w) / len(idx), rel=1e-9)
+        direct = 0.0
+        for r, c in pairs:
+            piece = np.ascontiguousarray(w[idx[r]:idx[r] + 1, c:c + seg])
+            deq = gguf.quants.dequantize(quantize_rows(piece, opt.ggml_type, None if job.imatrix is None else
+                                                       np.ascontiguousarray(im[c:c + seg])), opt.ggml_type)
+            direct += float((((piece.astype(np.float64) - deq.reshape(piece.shape)) ** 2) @ im[c:c + seg]).sum())
+        assert opt.error == pytest.approx(direct * scale, rel=1e-9), opt.ggml_type
+
+
+def test_samples_cover_rows_and_columns():
+    idx, seg, pairs = search.samples(10_000, 4096, [T.F16, T.Q8_0, T.Q4_K], 512)
+    assert len(idx) == 512 and seg == 256 and len(pairs) == 512
+    assert sorted(set(pairs[:, 1])) == list(range(0, 4096, 256))  # every run of columns, 32 rows each
+    idx, seg, pairs = search.samples(200, 640, [T.F16, T.Q8_0, T.Q4_0], 512)  # few rows: several runs of each
+    assert len(idx) == 200 and seg == 160 and len(pairs) == 600
+    assert len({tuple(p) for p in pairs}) == 600  # no piece twice
+    idx, seg, pairs = search.samples(64, 640, [T.Q8_0], 512)  # the sample holds the whole tensor: whole rows
+    assert len(idx) == 64 and seg == 640 and (pairs[:, 1] == 0).all()
+    assert search.segment_length(352, [T.Q8_0]) == 32 and search.segment_length(2048, [T.F16]) == 256
+
+
+BLOCKWISE = [t for t in search.CANDIDATES if t not in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)]
+
+
+@pytest.mark.parametrize("ne0", [2048, 640])
+def test_a_piece_is_quantized_as_in_its_row(ne0):
+    """ggml quantizes each block on its own (given the imatrix): pieces of whole blocks quantized apart
+    are the row's bytes. The legacy types weight their search by the row's mean square too: close."""
+    rng = np.random.default_rng(1)
+    rows = rng.standard_t(3, (16, ne0)).astype(np.float32)
+    im = (rng.random(ne0) ** 4 * 10 + 1e-3).astype(np.float32)
+    for ty in search.CANDIDATES:
+        if ne0 % gguf.GGML_QUANT_SIZES[ty][0]:
+            continue
+        seg = search.segment_length(ne0, [ty, T.Q8_0] if ne0 % 256 else [ty, T.Q4_K])
+        parts = [np.ascontiguousarray(rows[:, c:c + seg]) for c in range(0, ne0, seg)]
+        if ty in BLOCKWISE:
+            whole = quantize_rows(rows, ty, im)
+            apart = np.concatenate([quantize_rows(p, ty, im[c:c + seg]) for p, c in zip(parts, range(0, ne0, seg))], axis=1)
+            assert np.array_equal(whole, apart), ty
+        else:
+            whole = search.weighted_error(rows, ty, im)
+            apart = sum(search.weighted_error(p, ty, im[c:c + seg]) for p, c in zip(parts, range(0, ne0, seg)))
+            assert apart == pytest.approx(whole, rel=0.02), ty
 
 
 def test_more_bytes_never_predict_more_loss(model):
@@ -261,12 +306,40 @@ def test_cli_writes_within_target_and_says_plain_error(tiny_model, tmp_path, cap
 
 
 def test_fit_uses_the_planner(tiny_model, tmp_path, capsys):
+    """--fit's budget is the VRAM less what `plan` counts besides the weights (KV cache, compute,
+    overhead) at that context; the file made for it is one `plan` says fits that GPU."""
     import json
 
-    assert main(["convert", str(tiny_model.path), "--fit", "1", "--ctx", "128", "--dry-run", "--json"]) == 0
+    from alpaca_local.plan.memory import RunSettings, plan_level, shape_from_config, usable
+
+    base = plan_conversion(tiny_model.path, search.BASE_LEVEL)
+    smallest, largest, _ = search.size_range(base)
+    shape = shape_from_config(base.config, base.name, str(base.source))
+    ctx = 128
+    rest = sum(getattr(plan_level(shape, search.BASE_LEVEL, RunSettings(n_ctx=ctx)), k) for k in ("kv", "compute", "overhead"))
+    left = lambda vram: usable(int(vram * (1 << 30))) - rest  # noqa: E731
+    lo, hi = 0, 100_000  # VRAM in 1/10,000 GiB whose bytes left fall between the smallest and the largest file
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if left(mid / 1e4) < (smallest + largest) // 2 else (lo, mid)
+    vram = lo / 1e4
+    assert smallest < left(vram) < largest
+    out = tmp_path / "fit.gguf"
+    assert main(["convert", str(tiny_model.path), "--fit", str(vram), "--ctx", str(ctx), "-o", str(out), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(tiny_model.path), "--fit", str(vram), "--ctx", str(ctx), "--dry-run", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["target"].startswith("--fit 1 GiB at ctx 128")
-    assert info["predicted_bytes"] <= info["budget_bytes"]
+    assert info["target"].startswith(f"--fit {vram:g} GiB at ctx {ctx}")
+    assert info["budget_bytes"] == left(vram)
+    assert out.stat().st_size == info["predicted_bytes"] <= info["budget_bytes"]
+    # `plan` of the source at the base level counts the same KV, compute and overhead ...
+    assert main(["plan", str(tiny_model.path), "--vram", str(vram), "--ctx", str(ctx), "--levels", search.BASE_LEVEL,
+                 "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["levels"][0]
+    assert usable(int(vram * (1 << 30))) - row["kv_bytes"] - row["compute_bytes"] - row["overhead_bytes"] == left(vram)
+    # ... and says the file made for it fits
+    assert main(["plan", str(out), "--vram", str(vram), "--ctx", str(ctx), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["recommendation"]["full_offload"]
 
 
 def test_with_lora_the_error_is_measured_on_the_merged_weights(tmp_path):
