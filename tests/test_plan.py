@@ -281,7 +281,7 @@ def test_json_is_stable(capsys) -> None:
     assert set(out["levels"][0]) == {
         "level", "file_bytes", "file_bytes_exact", "weights_gpu_bytes", "weights_cpu_bytes", "repack_bytes", "kv_bytes",
         "compute_bytes", "output_bytes", "overhead_bytes", "total_bytes", "fits", "max_ctx", "max_gpu_layers",
-        "n_cpu_moe", "ram_bytes", "needs_imatrix"}
+        "n_cpu_moe", "ram_bytes", "needs_imatrix", "mix", "target_bytes"}
     assert out["levels"][0]["n_cpu_moe"] == out["recommendation"]["n_cpu_moe"] == 0  # a dense model
     assert out["settings"]["flash_attn"] and out["model"]["vocab"] == 32000
     assert out["recommendation"]["level"] == "f16"
@@ -303,6 +303,33 @@ def test_gguf_input_uses_its_own_tensor_table(capsys, tiny_gguf: Path) -> None:
     out = _json(capsys, str(tiny_gguf), "--vram", "1")
     rows = {r["level"]: r for r in out["levels"]}
     assert rows["q8_0"]["file_bytes"] == tiny_gguf.stat().st_size and rows["q8_0"]["file_bytes_exact"]
+
+
+def test_a_target_file_is_planned_as_a_mix_from_its_own_tensors(tiny_model, tmp_path: Path, capsys) -> None:
+    """A `convert --target-size` file: `plan` names it a mix, not the level its file type says, and
+    sizes it from its own tensors: the file's bytes, and llama.cpp's model buffers, exactly."""
+    import gguf
+
+    out = tmp_path / "mix.gguf"
+    assert main(["convert", str(tiny_model.path), "--target-size", "900K", "-o", str(out), "--json"]) == 0
+    capsys.readouterr()
+    reader = gguf.GGUFReader(out)
+    level = plan.quant_rules.level_of_file_type(int(reader.fields["general.file_type"].contents()))
+    report = _json(capsys, str(out), "--vram", "1", "--levels", "q8_0")
+    rows = {r["level"]: r for r in report["levels"]}
+    assert set(rows) == {"q8_0", level}
+    mix = rows[level]
+    assert mix["mix"] and mix["target_bytes"] == 900_000 and not rows["q8_0"]["mix"]
+    assert mix["file_bytes"] == out.stat().st_size and mix["file_bytes_exact"]
+    data = sum(plan._pad(int(t.n_bytes), plan.GGUF_ALIGNMENT) for t in reader.tensors)
+    assert mix["file_bytes"] - data == reader.tensors[0].data_offset  # the header, then the file's own tensors
+    r = bench.compare(out, 1000)
+    assert r["tensor_bytes"] == sum(int(t.n_bytes) for t in reader.tensors)
+    _assert_model_buffers_exact(r)  # llama.cpp's CPU buffers for this file, to the byte it prints
+    assert main(["plan", str(out), "--vram", "1", "--levels", "q8_0"]) == 0
+    text = capsys.readouterr().out
+    assert "target 900K" in text and "per-tensor mix" in text
+    assert not [line for line in text.splitlines() if line.lstrip("│ ").startswith(f"{level} ")]
 
 
 @pytest.mark.parametrize("argv, code, message", [

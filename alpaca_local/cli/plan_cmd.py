@@ -13,12 +13,17 @@
       "levels": [{"level", "file_bytes", "file_bytes_exact", "weights_gpu_bytes", "weights_cpu_bytes",
                   "repack_bytes", "kv_bytes", "compute_bytes", "output_bytes", "overhead_bytes", "total_bytes",
                   "fits": bool, "max_ctx": int|null (only with --ctx max), "max_gpu_layers",
-                  "n_cpu_moe": int|null, "ram_bytes", "needs_imatrix": bool}],  best quality first (see --levels)
+                  "n_cpu_moe": int|null, "ram_bytes", "needs_imatrix": bool,
+                  "mix": bool, "target_bytes": int|null}],  best quality first (see --levels)
       "recommendation": {"level": str|null, "full_offload": bool, "n_gpu_layers", "n_cpu_moe",
-                         "gpu_bytes", "cpu_bytes", "reason"},
+                         "gpu_bytes", "cpu_bytes", "reason", "mix": bool},
       "ram": {"budget_bytes", "usable_bytes", "from": "--ram"|"detected"|"unknown"}
       "lora": {"file", "tensors", "bytes"}   (only with --lora: the adapter counted in the weights)
     }
+A GGUF file made by `convert --target-size` (a per-tensor mix, its recipe in alpaca_local.target.*)
+is planned from its own tensors, exactly as any file: its row has "mix": true, "target_bytes" (the
+budget it was made for) and "level" the standard level its general.file_type names (the nearest in
+size); the table labels it "target 253M".
 With `--ctx max`, each level's row is planned at its own largest context.
 A mixture-of-experts model on a GPU (not with --ctx max) is planned with its experts split:
 each level's row is at the smallest "n_cpu_moe" (llama.cpp's --n-cpu-moe: the experts of the
@@ -57,6 +62,7 @@ EXAMPLES = """examples:
   alpaca-local plan qwen3-30b-a3b --vram 8 --ram 32   # MoE: which experts stay in RAM, per level
   alpaca-local plan ./alpaca-7b --levels all      # the whole ladder, q8_0 down to iq1_s
   alpaca-local plan ./alpaca-7b --levels q6_k,iq4_xs,IQ3_M --vram 6
+  alpaca-local plan models/alpaca-7b.TARGET-4.2G.gguf --vram 6   # a convert --target-size mix
 
 Levels are listed best quality first (measured: KL divergence from f16, see README);
 a * level needs an importance matrix (convert --imatrix FILE or --calibrate).
@@ -193,6 +199,9 @@ def build_report(args: argparse.Namespace) -> dict:
         ngl = shape.n_layer + 1 if fits else plan.max_gpu_layers(shape, level, ls, budget)
         rows.append({**_row(p, fits, best_ctx, ngl, 0, p.weights_cpu + p.output + plan.OVERHEAD["cpu"]),
                      "needs_imatrix": plan.needs_imatrix(shape, level)})
+    for row in rows:  # the file's own row, when the file is a per-tensor mix
+        mix = shape.file_target is not None and row["level"] == shape.file_quant
+        row.update(mix=mix, target_bytes=shape.file_target if mix else None)
     if split_experts:
         rec = moe_fit.recommend(shape, splits, budget)
     else:
@@ -211,7 +220,8 @@ def build_report(args: argparse.Namespace) -> dict:
         "levels": rows,
         "recommendation": {"level": rec.level, "full_offload": rec.full, "n_gpu_layers": rec.n_gpu_layers,
                            "n_cpu_moe": rec.n_cpu_moe, "gpu_bytes": rec.gpu_bytes, "cpu_bytes": rec.cpu_bytes,
-                           "reason": rec.reason},
+                           "reason": rec.reason,
+                           "mix": shape.file_target is not None and rec.level == shape.file_quant},
         "ram": {"budget_bytes": ram, "usable_bytes": plan.usable(ram) if ram else None, "from": ram_from},
     }
     if args.lora:
@@ -227,6 +237,13 @@ def _row(p, fits: bool, max_ctx: int | None, max_ngl: int, n_cpu_moe: int | None
         "total_bytes": p.total_gpu, "fits": fits, "max_ctx": max_ctx, "max_gpu_layers": max_ngl,
         "n_cpu_moe": n_cpu_moe, "ram_bytes": ram,
     }
+
+
+def _label(row: dict) -> str:
+    """A row's name in the table: the level, or "target 253M" for a per-tensor mix."""
+    from alpaca_local.convert.search import target_label
+
+    return target_label(row["target_bytes"]) if row["mix"] else row["level"]
 
 
 def _ctx_max_recommendation(shape, plans: dict, rows: list[dict], budget: int):
@@ -272,11 +289,12 @@ def _print(report: dict) -> None:
         t.add_column(col, justify="left" if col == "level" else "right")
     if s["n_ctx"] == "max":
         t.add_column("max ctx", justify="right")
+    label = {r["level"]: _label(r) for r in report["levels"]}
     for r in report["levels"]:
         fit = "[green]yes[/]" if r["fits"] else f"[red]no[/] ({r['max_gpu_layers']} layers)"
         if moe:  # the smallest --n-cpu-moe that fits GPU and RAM
             fit = f"[green]{r['n_cpu_moe']}[/]" if r["fits"] else "[red]no[/]"
-        cells = [r["level"] + ("*" if r["needs_imatrix"] else ""), gib(r["file_bytes"]) + ("" if r["file_bytes_exact"] else "~"), gib(r["weights_gpu_bytes"]),
+        cells = [label[r["level"]] + ("*" if r["needs_imatrix"] else ""), gib(r["file_bytes"]) + ("" if r["file_bytes_exact"] else "~"), gib(r["weights_gpu_bytes"]),
                  *((gib(r["repack_bytes"]),) if repack else ()), gib(r["kv_bytes"]), gib(r["compute_bytes"]),
                  *(() if moe else (gib(r["overhead_bytes"]),)), gib(r["total_bytes"]),
                  *((gib(r["ram_bytes"]),) if moe else ()), fit]
@@ -286,6 +304,11 @@ def _print(report: dict) -> None:
     console = Console()
     console.print(t)
     console.print(f"sizes in GiB; ~ = header size estimated; usable {gib(d['usable_bytes'])} GiB after the safety margin. {d['note']}")
+    for r in report["levels"]:
+        if r["mix"]:
+            console.print(f"{label[r['level']]}: this file, a per-tensor mix made by convert --target-size "
+                          f"{r['target_bytes']:,} (labelled {r['level'].upper()}, the nearest level in size); "
+                          "sized from its own tensors.", highlight=False)
     if any(r["needs_imatrix"] for r in report["levels"]):
         console.print("* needs an importance matrix: convert --imatrix FILE or --calibrate (sized as made with one).")
     if report.get("lora"):
@@ -298,7 +321,9 @@ def _print(report: dict) -> None:
         if c["buffers"] == "explicit":
             console.print("This llama.cpp build has AMX, whose buffer crashes at the first decode (llama.cpp "
                           "#20824): alpaca-local hands CPU_REPACK its weights itself, as counted here.")
-    rec = report["recommendation"]
+    rec = dict(report["recommendation"])
+    if rec["level"]:
+        rec["level"] = label.get(rec["level"], rec["level"])
     if moe:
         ram = report["ram"]
         console.print(f"RAM {gib(ram['budget_bytes']) + ' GiB (' + ram['from'] + ')' if ram['budget_bytes'] else 'unknown'}; "

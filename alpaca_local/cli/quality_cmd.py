@@ -4,8 +4,11 @@ JSON (`--json`), one object:
     model, n_ctx, text_tokens, chunks, scored_tokens,
     levels: [{quant, path, size_bytes, bits_per_weight, perplexity, perplexity_err,
               ppl_ratio, mean_kld, mean_kld_err, kld_p99, same_top, same_top_err,
-              prompt_tokens_per_s, gen_tokens_per_s}, ...]   (f16 first)
+              prompt_tokens_per_s, gen_tokens_per_s, kind}, ...]   (f16 first)
 `same_top` is a fraction (0..1); `*_err` are the "±" llama-perplexity prints.
+`kind` is "level", "target" (a --target-size mix made here) or "file" (an --also file). A per-tensor
+mix (quant "target-253M") adds target_bytes (its budget) and nearest_level (its general.file_type);
+a --target-size given as a level adds target_of (that level).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ EXAMPLES = """examples:
   alpaca-local quality ./alpaca-7b --json > quality.json
   alpaca-local quality ./alpaca-7b --plot quality.png       # needs: pip install 'alpaca-local[plot]'
   alpaca-local quality ./alpaca-7b --quants q4_k_m --imatrix alpaca.imatrix.gguf   # plain vs imatrix
+  alpaca-local quality ./alpaca-7b --imatrix i.gguf --target-size q4_k_m,3.5G   # mixes beside the levels
+  alpaca-local quality ./alpaca-7b --also models/alpaca-7b.TARGET-4.2G.gguf,other.Q4_K_M.gguf
 
 The default text (alpaca_local/data/eval.txt) is short: for numbers you can compare
 with published ones, give a long text such as wikitext-2's test set with --text.
@@ -64,6 +69,13 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
                    help=f"tokens generated to time generation (default: {DEFAULT_GEN_TOKENS})")
     p.add_argument("--imatrix", type=Path, metavar="FILE",
                    help="also measure each level quantized with this importance matrix, side by side")
+    p.add_argument("--target-size", metavar="LIST",
+                   help="also make and measure the per-tensor mix `convert --target-size` writes for each size "
+                        "(253M, 4.2G, as convert takes it) or level (q4_k_m: the size of its file), comma-separated; "
+                        "with --imatrix, weighted by it; needs the Hugging Face folder")
+    p.add_argument("--also", metavar="FILE[,FILE]",
+                   help="also measure these GGUF files of the same model as they are (e.g. a convert --target-size "
+                        "file, or someone else's quant)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="also draw quality against size (needs matplotlib)")
     cpu_flags.add_no_repack(p)
@@ -76,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     from alpaca_local.measure.quality import measure_quality, parse_quants
 
     quants = parse_quants(args.quants)
+    targets = parse_targets(args.target_size) if args.target_size is not None else []
+    also = [Path(p.strip()) for p in args.also.split(",") if p.strip()] if args.also is not None else []
     if args.threads is not None and not 1 <= args.threads <= 1024:
         raise UsageError(f"--threads {args.threads} is out of range; give 1 to 1024")
     if args.gen_tokens < 0:
@@ -88,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         report = measure_quality(
             args.source, quants, text, args.ctx, args.work, args.threads, args.gen_tokens,
             status=lambda line: status.update(line), imatrix=args.imatrix, no_repack=args.no_repack,
+            targets=targets, also=also,
         )
     if args.plot is not None:
         write_plot(report, args.plot)
@@ -100,6 +115,31 @@ def run(args: argparse.Namespace) -> int:
         if args.plot is not None:
             Console().print(f"plot written to {args.plot}")
     return 0
+
+
+def parse_targets(spec: str) -> list:
+    """"253M,q4_k_m" -> SizeTargets: a size as `convert --target-size` takes it, or a level name."""
+    from alpaca_local.cli.target_flags import parse_size
+    from alpaca_local.convert.quant_levels import canonical, usable
+    from alpaca_local.errors import UsageError
+    from alpaca_local.measure.quality import SizeTarget
+
+    targets = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        if item[0].isdigit() or item[0] in ".-":
+            targets.append(SizeTarget(item, nbytes=parse_size(item)))
+            continue
+        try:
+            canonical(item)
+        except UsageError:
+            raise UsageError(f"--target-size {item!r} is neither a size (bytes, or 253M, 4.2G, 512MiB) nor a quant "
+                             "level (q4_k_m: the size of that level's file)") from None
+        targets.append(SizeTarget(item, level=usable(item).name))
+    if not targets:
+        raise UsageError(f"--target-size {spec!r} names no size; e.g. --target-size 253M,q4_k_m")
+    return targets
 
 
 def _read_text(path: Path) -> str:
@@ -144,8 +184,11 @@ def write_plot(report: QualityReport, path: Path) -> None:
     wide = len(levels) > 8
     fig, (ax_kld, ax_ppl) = plt.subplots(1, 2, figsize=(14, 6) if wide else (10, 4), constrained_layout=True)
     quants = [lv for lv in levels if lv.quant != BASELINE and lv.stats.mean_kld > 0]  # log axis: no zero
-    for label, pick, style in (("plain", lambda lv: not lv.quant.endswith(IMATRIX_TAG), "o-"),
-                               ("with imatrix", lambda lv: lv.quant.endswith(IMATRIX_TAG), "^-")):
+    standard = lambda lv: lv.kind == "level"  # noqa: E731
+    for label, pick, style in (("plain", lambda lv: standard(lv) and not lv.quant.endswith(IMATRIX_TAG), "o-"),
+                               ("with imatrix", lambda lv: standard(lv) and lv.quant.endswith(IMATRIX_TAG), "^-"),
+                               ("size targets", lambda lv: lv.target_bytes is not None, "D--"),
+                               ("other files", lambda lv: not standard(lv) and lv.target_bytes is None, "X")):
         chosen = [lv for lv in quants if pick(lv)]
         if chosen:
             ax_kld.plot([lv.size_bytes / 1e6 for lv in chosen], [lv.stats.mean_kld for lv in chosen], style,
@@ -156,8 +199,15 @@ def write_plot(report: QualityReport, path: Path) -> None:
         ax_kld.set_yscale("log")
     ax_kld.set_ylabel("KL divergence from f16 (nats)")
     ax_kld.legend()
-    ax_ppl.errorbar(size, [lv.stats.perplexity for lv in levels], yerr=[lv.stats.perplexity_err for lv in levels],
-                    fmt="o-", capsize=3)
+    line = [lv for lv in levels if lv.kind == "level"]
+    ax_ppl.errorbar([lv.size_bytes / 1e6 for lv in line], [lv.stats.perplexity for lv in line],
+                    yerr=[lv.stats.perplexity_err for lv in line], fmt="o-", capsize=3, label="levels")
+    others = [lv for lv in levels if lv.kind != "level"]
+    if others:
+        ax_ppl.errorbar([lv.size_bytes / 1e6 for lv in others], [lv.stats.perplexity for lv in others],
+                        yerr=[lv.stats.perplexity_err for lv in others], fmt="D", capsize=3,
+                        label="size targets and other files")
+        ax_ppl.legend()
     ax_ppl.set_ylabel("perplexity")
     for ax, key in ((ax_kld, "mean_kld"), (ax_ppl, "perplexity")):
         ax.set_xlabel("file size (MB)")
@@ -165,7 +215,7 @@ def write_plot(report: QualityReport, path: Path) -> None:
         for lv, x in zip(levels, size):
             if ax is ax_kld and lv not in quants:
                 continue
-            ax.annotate(lv.quant, (x, getattr(lv.stats, key)), textcoords="offset points", xytext=(4, 4),
+            ax.annotate(lv.label, (x, getattr(lv.stats, key)), textcoords="offset points", xytext=(4, 4),
                         fontsize=7 if wide else 10, rotation=30 if wide else 0)
     fig.suptitle(f"{report.model}: quality against size (ctx {report.n_ctx}, {report.n_scored} scored tokens)")
     fig.savefig(path, dpi=120)
@@ -189,36 +239,66 @@ def imatrix_comparison(report: QualityReport) -> list[str]:
     return lines
 
 
-def _print_table(report: QualityReport, console: Console) -> None:
+def target_notes(report: QualityReport) -> list[str]:
+    """One line per per-tensor mix: the budget it was made for and the level its file type names."""
+    lines = []
+    for lv in report.levels:
+        if lv.target_bytes is not None:
+            of = f", the size of the {lv.target_of} file" if lv.target_of else ""
+            made = "made here" if lv.kind == "target" else lv.path.name
+            lines.append(f"{lv.label}: per-tensor mix for {lv.target_bytes:,} bytes{of} (convert --target-size, "
+                         f"{made}), labelled {(lv.nearest_level or '?').upper()}")
+    return lines
+
+
+def _table(report: QualityReport, compact: bool):
+    """The table; `compact`: narrower headings, no "±" (the --json has them), for 80 columns."""
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
-    from alpaca_local.measure.quality import KLD_MIN_COUNT
-
-    if not console.is_terminal:  # piped: rich would squeeze the table into 80 columns
-        console = Console(width=max(console.width, 120))
-    table = Table(title=f"{report.model}: quality against f16", box=box.SIMPLE_HEAD)
-    heads = ("level", "size MB", "bpw", "PPL", "PPL/f16", "mean KLD", "KLD p99", "same top", "prompt t/s", "gen t/s")
+    table = Table(title=f"{report.model}: quality against f16", box=box.SIMPLE_HEAD, show_edge=not compact,
+                  padding=0 if compact else (0, 1))  # compact: the box's one space between columns
+    heads = (("level", "MB", "bpw", "PPL", "/f16", "KLD", "KLD p99", "top1", "pp t/s", "tg t/s") if compact else
+             ("level", "size MB", "bpw", "PPL", "PPL/f16", "mean KLD", "KLD p99", "same top", "prompt t/s", "gen t/s"))
     for col in heads:
         table.add_column(col, justify="left" if col == "level" else "right", no_wrap=True)
+    pm = (lambda err: "") if compact else (lambda err: f" ± {err}")  # noqa: E731
     for lv in report.levels:
         s = lv.stats
         table.add_row(
-            lv.quant, f"{lv.size_bytes / 1e6:,.1f}", f"{lv.bits_per_weight:.2f}",
-            f"{s.perplexity:.4g} ± {s.perplexity_err:.2g}", f"{s.ppl_ratio:.4f}",
-            f"{s.mean_kld:.5f} ± {s.mean_kld_err:.5f}", f"{s.kld_p99:.5f}",
-            f"{100 * s.same_top:.2f} ± {100 * s.same_top_err:.2f}%",
-            f"{lv.prompt_tokens_per_s:,.0f}", "-" if lv.gen_tokens_per_s is None else f"{lv.gen_tokens_per_s:,.1f}",
+            lv.label, f"{lv.size_bytes / 1e6:,.1f}", f"{lv.bits_per_weight:.2f}",
+            f"{s.perplexity:.4g}{pm(f'{s.perplexity_err:.2g}')}", f"{s.ppl_ratio:.4f}",
+            f"{s.mean_kld:.5f}{pm(f'{s.mean_kld_err:.5f}')}", f"{s.kld_p99:.5f}",
+            f"{100 * s.same_top:.{1 if compact else 2}f}{pm(f'{100 * s.same_top_err:.2f}')}%",
+            f"{lv.prompt_tokens_per_s:,.0f}",
+            "-" if lv.gen_tokens_per_s is None else f"{lv.gen_tokens_per_s:,.{0 if compact else 1}f}",
         )
+    return table
+
+
+def _print_table(report: QualityReport, console: Console) -> None:
+    from rich.console import Console
+
+    from alpaca_local.measure.quality import KLD_MIN_COUNT
+
+    table = _table(report, compact=False)
+    width = console.measure(table, options=console.options.update_width(10_000)).maximum
+    compact = console.is_terminal and width > console.width
+    if not console.is_terminal:  # piped: the whole table, as wide as it is
+        console = Console(width=max(console.width, width))
+    elif compact:  # a narrow terminal (80 columns): the same rows without the ± columns
+        table = _table(report, compact=True)
     console.print(table)
+    if compact:
+        console.print("(narrow terminal: the ± of PPL, KLD and top1 are in --json; pp/tg t/s: prompt/generation)",
+                      highlight=False)
     console.print(
         f"{report.n_chunks} chunks of {report.n_ctx} tokens ({report.n_text_tokens} in the text), "
         f"{report.n_scored} scored: the second half of each chunk, as llama-perplexity --kl-divergence. "
         "KLD in nats against f16; prompt t/s from the scoring passes (logits for every position)."
     )
-    for line in imatrix_comparison(report):
-        console.print(line)
+    for line in imatrix_comparison(report) + target_notes(report):
+        console.print(line, highlight=False)
     if report.n_scored < KLD_MIN_COUNT:
         console.print(f"[yellow]only {report.n_scored} scored tokens: llama.cpp prints no statistics below "
                       f"{KLD_MIN_COUNT}; use a longer --text or a smaller --ctx")

@@ -89,12 +89,9 @@ def budget_bytes(args: argparse.Namespace, plan, smallest: int, largest: int, he
         budget, how = _fit_budget(plan, args.fit, args.ctx or 4096)
         if budget > largest:
             return largest, how + f"; every tensor at its largest type fits ({largest:,} bytes)"
-    if budget < smallest:
-        raise UsageError(f"{how} asks for {budget:,} bytes; the smallest file this model can be is {smallest:,} "
-                         "bytes (every tensor at its smallest type)")
-    if budget > largest and args.fit is None:
-        raise UsageError(f"{how} asks for {budget:,} bytes, more than the f16 file ({largest:,} bytes); "
-                         "use --quant f16 (or bf16, f32)")
+    from alpaca_local.convert.search import check_budget
+
+    check_budget(budget, smallest, largest, how)
     return budget, how
 
 

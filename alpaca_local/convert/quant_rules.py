@@ -41,7 +41,7 @@ from alpaca_local.errors import UnsupportedError
 
 __all__ = [
     "QUANTS", "QUANT_FILE_SUFFIX", "ModelFacts", "TensorSpec", "choose_types", "convert_type", "f16_type",
-    "file_type", "imatrix_required", "llama_quantize_order", "row_nbytes", "tensor_nbytes",
+    "file_type", "imatrix_required", "level_of_file_type", "llama_quantize_order", "row_nbytes", "tensor_nbytes",
 ]
 
 T = GGMLQuantizationType
@@ -78,6 +78,11 @@ _CONVERT_F32_TENSORS = (
 def file_type(quant: str) -> int:
     """The llama_ftype for a level name (any case, aliases); UsageError if unknown or unavailable."""
     return usable(quant).ftype
+
+
+def level_of_file_type(ftype: object) -> str | None:
+    """The level a file's general.file_type names (the first in QUANTS order), or None."""
+    return next((level for level, value in QUANTS.items() if ftype == int(value)), None)
 
 
 def row_nbytes(ggml_type: GGMLQuantizationType, n_per_row: int) -> int:

@@ -33,6 +33,11 @@ Quant levels are made with our own converter from an HF folder; from an f16
 GGUF (our converter needs HF input) with llama.cpp's quantizer
 (`llama_model_quantize` with its default parameters, as `llama-quantize` runs).
 Both routes give the same bytes (see README, "Exact").
+
+Beside the levels: size targets (`SizeTarget`), each made from the HF folder by the search
+`convert --target-size` runs (`convert.search`; it reads the HF weights, so an f16 GGUF
+source refuses them), and any other GGUF of the same model (`also`), measured as they are.
+The files are made in `quality_files`.
 """
 
 from __future__ import annotations
@@ -41,14 +46,18 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from alpaca_local.errors import InputError, RuntimeFailure, UsageError
-from alpaca_local.convert.quant_rules import QUANT_FILE_SUFFIX, QUANTS
+from alpaca_local.errors import InputError, UsageError
+from alpaca_local.measure.quality_files import (  # noqa: F401  (re-exported: the measurement's public names)
+    BASELINE, IMATRIX_TAG, TARGET_PREFIX, SizeTarget, Status, also_label, check_also, check_f16_gguf,
+    default_work_dir, file_facts, n_vocab, parse_quants, prepare_baseline, prepare_level, prepare_target,
+    quantize_gguf, target_budgets, target_name,
+)
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -57,12 +66,9 @@ DEFAULT_QUANTS = ("q4_0", "q4_k_m", "q5_k_m", "q8_0")
 DEFAULT_CTX = 512  # llama-perplexity's usual -c for these tables
 MIN_CTX = 16
 DEFAULT_GEN_TOKENS = 32
-BASELINE = "f16"
-IMATRIX_TAG = "+imatrix"  # level label of a file quantized with an importance matrix
 KLD_LOG_P_FLOOR = -16.0  # perplexity.cpp:230 skips f16 probabilities below e^-16
 KLD_MIN_COUNT = 100  # perplexity.cpp:1887 prints no statistics for fewer scored tokens
 
-Status = Callable[[str], None]  # one line saying what is being done now
 
 
 # --------------------------------------------------------------------------
@@ -184,138 +190,6 @@ def scored_targets(chunk: Sequence[int], n_ctx: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------
-# Model files: the f16 baseline and one file per quant level
-# --------------------------------------------------------------------------
-
-
-def parse_quants(spec: str) -> list[str]:
-    """"q4_0,Q8_0" -> ["q4_0", "q8_0"] (any level, any case, aliases; "all": the whole ladder);
-    f16 is always the baseline, so it is dropped here."""
-    from alpaca_local.convert.quant_levels import parse_list
-
-    chosen = [q for q in parse_list(spec) if q != BASELINE]
-    if not chosen:
-        raise UsageError(f"--quants {spec!r} names no level to compare with f16; e.g. --quants q4_k_m,q8_0")
-    return chosen
-
-
-def default_work_dir(source: Path, models_dir: Path = Path("models")) -> Path:
-    """models/quality/<model name>: converted files are kept there and reused."""
-    name = source.resolve().name if source.is_dir() else source.name.removesuffix(".gguf").removesuffix(".F16")
-    return models_dir / "quality" / name
-
-
-def _newest_mtime(folder: Path) -> float:
-    return max((f.stat().st_mtime for f in folder.iterdir() if f.is_file()), default=0.0)
-
-
-def _level_path(work: Path, name: str, quant: str, imatrix: Path | None = None) -> Path:
-    tag = f".imatrix-{imatrix.stem}" if imatrix is not None else ""
-    return work / f"{name}.{QUANT_FILE_SUFFIX[quant]}{tag}.gguf"
-
-
-def check_f16_gguf(path: Path) -> None:
-    """Refuse a GGUF that is not f16: quantizing a quant again would measure the wrong thing."""
-    from gguf.constants import GGMLQuantizationType as T
-    from gguf.constants import LlamaFileType
-
-    from alpaca_local.convert.split import read_gguf_model
-
-    header = read_gguf_model(path)
-    ftype = header.kv.get("general.file_type")
-    types = {t.ggml_type for t in header.tensors}
-    if ftype != int(LlamaFileType.MOSTLY_F16) or not types <= {T.F16, T.F32}:
-        try:
-            kind = LlamaFileType(ftype).name
-        except ValueError:
-            kind = repr(ftype)
-        raise InputError(
-            f"{path} is not an f16 GGUF (file type {kind}); give the Hugging Face folder, "
-            "or an f16 file from `alpaca-local convert SRC --quant f16`"
-        )
-
-
-def prepare_baseline(source: Path, work: Path, status: Status) -> Path:
-    """The f16 file: the given GGUF itself, or converted from the HF folder (reused when fresh)."""
-    if source.is_file():
-        check_f16_gguf(source)
-        return source
-    return _from_hf(source, work, BASELINE, status)
-
-
-def prepare_level(source: Path, baseline: Path, work: Path, quant: str, threads: int | None, status: Status,
-                  imatrix: Path | None = None) -> Path:
-    """The file for one level (with `imatrix`: quantized with that importance matrix), reused when fresh."""
-    if source.is_dir():
-        return _from_hf(source, work, quant, status, imatrix)
-    out = _level_path(work, baseline.name.removesuffix(".gguf").removesuffix(".F16"), quant, imatrix)
-    if out.exists() and out.stat().st_mtime >= max(_mtime(baseline), _mtime(imatrix)):
-        return out
-    status(f"quantizing {baseline.name} to {quant}{' with the imatrix' if imatrix else ''} (llama.cpp quantize)")
-    quantize_gguf(baseline, out, quant, threads, imatrix)
-    return out
-
-
-def _mtime(path: Path | None) -> float:
-    return path.stat().st_mtime if path is not None else 0.0
-
-
-def _from_hf(source: Path, work: Path, quant: str, status: Status, imatrix: Path | None = None) -> Path:
-    from alpaca_local.convert.pipeline import convert
-
-    out = _level_path(work, source.resolve().name, quant, imatrix)
-    # Reuse only a file newer than every source file, so an edited checkpoint is re-converted.
-    if out.exists() and out.stat().st_mtime >= max(_newest_mtime(source), _mtime(imatrix)):
-        return out
-    status(f"converting {source.name} to {quant}{' with the imatrix' if imatrix else ''}")
-    work.mkdir(parents=True, exist_ok=True)
-    convert(source, out, quant, force=True, imatrix=imatrix)
-    return out
-
-
-def quantize_gguf(src: Path, out: Path, quant: str, threads: int | None = None, imatrix: Path | None = None) -> None:
-    """llama.cpp's quantize with default parameters (what `llama-quantize SRC OUT TYPE` does);
-    with `imatrix`, given the per-tensor importance as `llama-quantize --imatrix` gives it."""
-    import ctypes
-
-    import llama_cpp
-
-    from alpaca_local.convert.atomic import atomic_write
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(QUANTS[quant])
-    params.nthread = threads or 0  # 0: every core
-    if imatrix is not None:
-        from alpaca_local.convert.imatrix_file import check_against_model, read_imatrix
-        from alpaca_local.convert.split import read_gguf_model
-
-        imat = read_imatrix(imatrix)
-        # llama.cpp skips unknown names silently: refuse an imatrix made for another model first.
-        check_against_model(imat, imatrix, {t.name: t.shape[-1] for t in read_gguf_model(src).tensors if len(t.shape) == 2})
-        data = {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in imat.importance().items()}
-        entries = (llama_cpp.llama_model_imatrix_data * (len(data) + 1))()  # zeroed: the last one ends the list
-        for entry, (name, values) in zip(entries, data.items()):
-            entry.name, entry.size = name.encode(), values.size
-            entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    with atomic_write(out) as tmp:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
-        if rc != 0:
-            raise RuntimeFailure(f"llama.cpp could not quantize {src} to {quant} (code {rc}); nothing was written")
-
-
-def file_facts(path: Path) -> tuple[int, float]:
-    """File size and bits per weight = 8 * tensor bytes / parameters (llama-model-loader.cpp:1807);
-    a split model's: every part's."""
-    from alpaca_local.convert.split import read_gguf_model
-
-    header = read_gguf_model(path)
-    n_params = sum(math.prod(t.shape) for t in header.tensors)
-    return header.file_size, 8 * header.tensor_data_bytes / max(n_params, 1)
-
-
-# --------------------------------------------------------------------------
 # Running the models (llama-cpp-python)
 # --------------------------------------------------------------------------
 
@@ -371,13 +245,22 @@ def generation_speed(llm: Llama, prompt: list[int], n_tokens: int) -> float | No
 
 @dataclass(frozen=True)
 class LevelResult:
-    quant: str
+    quant: str  # the row's name: "q4_k_m", "q4_k_m+imatrix", "target-253M", an --also file's stem
     path: Path
     size_bytes: int
     bits_per_weight: float
     stats: Stats
     prompt_tokens_per_s: float
     gen_tokens_per_s: float | None
+    kind: str = "level"  # "level", "target" (a --target-size made here) or "file" (an --also file)
+    target_bytes: int | None = None  # a per-tensor mix: the budget it was made for (alpaca_local.target.bytes)
+    nearest_level: str | None = None  # a mix: the level its general.file_type names
+    target_of: str | None = None  # a --target-size given as a level: that level
+
+    @property
+    def label(self) -> str:
+        """The table's name for the row: "target 253M" for a mix."""
+        return self.quant.replace("-", " ", 1) if self.quant.startswith(TARGET_PREFIX) else self.quant
 
     def as_dict(self) -> dict:
         d = {"quant": self.quant, "path": str(self.path), "size_bytes": self.size_bytes,
@@ -385,6 +268,11 @@ class LevelResult:
         d.update({k: v for k, v in asdict(self.stats).items() if k != "count"})
         d["prompt_tokens_per_s"] = round(self.prompt_tokens_per_s, 2)
         d["gen_tokens_per_s"] = None if self.gen_tokens_per_s is None else round(self.gen_tokens_per_s, 2)
+        d["kind"] = self.kind
+        if self.target_bytes is not None:
+            d.update(target_bytes=self.target_bytes, nearest_level=self.nearest_level)
+        if self.target_of is not None:
+            d["target_of"] = self.target_of
         return d
 
 
@@ -453,23 +341,54 @@ def measure_quality(
     status: Status = lambda line: None,
     imatrix: Path | None = None,
     no_repack: bool = False,
+    targets: Sequence[SizeTarget] = (),
+    also: Sequence[Path] = (),
 ) -> QualityReport:
     """f16 first (its logits become the reference), then each quant level against it; with
-    `imatrix`, each level twice: plain, then quantized with the importance matrix ("q4_k_m+imatrix")."""
+    `imatrix`, each level twice: plain, then quantized with the importance matrix ("q4_k_m+imatrix").
+    Then each size target (a per-tensor mix made from the HF folder, with `imatrix` when given),
+    then each `also` file as it is."""
     if not source.exists():
         raise InputError(f"{source} does not exist; give a Hugging Face model folder or an f16 .gguf file")
     _check_ctx(n_ctx)
     work = work or default_work_dir(source)
     needs = _imatrix_levels(source, quants, imatrix)
+    budgets = target_budgets(source, targets, imatrix) if targets else []
+    for path in also:  # before anything is converted; against the f16's vocabulary once it is there
+        check_also(path, None)
     baseline = prepare_baseline(source, work, status)
+    for path in also:
+        check_also(path, baseline)
     # Each level is made only when its turn comes, after the text has been checked against the f16.
     # A level that needs an importance matrix is measured with it only.
-    files = [(f"{quant}{IMATRIX_TAG}" if imat is not None else quant,
-              lambda quant=quant, imat=imat: prepare_level(source, baseline, work, quant, threads, status, imat))
-             for quant in quants
-             for imat in ((imatrix,) if quant in needs else (None, imatrix) if imatrix is not None else (None,))]
+    # (row name, file or how to make it, kind, the level a target's size is taken from)
+    entries = [(f"{quant}{IMATRIX_TAG}" if imat is not None else quant,
+                lambda quant=quant, imat=imat: prepare_level(source, baseline, work, quant, threads, status, imat),
+                "level", None)
+               for quant in quants
+               for imat in ((imatrix,) if quant in needs else (None, imatrix) if imatrix is not None else (None,))]
+    entries += [(target_name(budget), lambda budget=budget: prepare_target(source, work, budget, threads, status, imatrix),
+                 "target", t.level) for t, budget in zip(targets, budgets)]
+    entries += [(also_label(path), path, "file", None) for path in also]
     name = source.resolve().name if source.is_dir() else source.stem
-    return measure_files(baseline, files, text, n_ctx, work, threads, gen_tokens, status, name, no_repack)
+    report = measure_files(baseline, [(label, f) for label, f, _, _ in entries], text, n_ctx, work, threads,
+                           gen_tokens, status, name, no_repack)
+    rows = [report.levels[0]] + [_described(lv, kind, of) for lv, (_, _, kind, of) in zip(report.levels[1:], entries)]
+    return replace(report, levels=tuple(rows))
+
+
+def _described(lv: LevelResult, kind: str, target_of: str | None) -> LevelResult:
+    """The row with what its file says of itself: a per-tensor mix's budget and labelled level."""
+    if kind == "level":
+        return lv
+    from alpaca_local.convert.gguf_read import read_gguf_header
+    from alpaca_local.convert.quant_rules import level_of_file_type
+    from alpaca_local.convert.search import recipe_budget
+
+    kv = read_gguf_header(lv.path).kv
+    budget = recipe_budget(kv)
+    nearest = level_of_file_type(kv.get("general.file_type")) if budget else None
+    return replace(lv, kind=kind, target_bytes=budget, nearest_level=nearest, target_of=target_of)
 
 
 def measure_files(
@@ -494,7 +413,7 @@ def measure_files(
     tokens, chunks = _tokenize_checked(baseline, text, n_ctx, threads, no_repack)
     work.mkdir(parents=True, exist_ok=True)
     rows = n_ctx - 1 - n_ctx // 2
-    base = _BaseLogits(work, len(chunks), rows, _n_vocab(baseline))
+    base = _BaseLogits(work, len(chunks), rows, n_vocab(baseline))
     try:
         results = [_evaluate(baseline, BASELINE, chunks, base, n_ctx, threads, gen_tokens, status, no_repack)]
         for label, path in files:
@@ -521,16 +440,6 @@ def _imatrix_levels(source: Path, quants: Sequence[str], imatrix: Path | None) -
         raise UsageError(f"{', '.join(sorted(needs))} need an importance matrix; add --imatrix FILE "
                          f"(from `alpaca-local imatrix {source}`)")
     return needs
-
-
-def _n_vocab(path: Path) -> int:
-    from alpaca_local.convert.gguf_read import read_gguf_header
-
-    header = read_gguf_header(path)
-    tokens = header.kv.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list) or not tokens:
-        raise InputError(f"{path} has no tokenizer.ggml.tokens; it cannot tokenize the evaluation text")
-    return len(tokens)
 
 
 def _tokenize_checked(baseline: Path, text: str, n_ctx: int, threads: int | None,

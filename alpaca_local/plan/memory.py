@@ -171,15 +171,15 @@ def shape_from_config(cfg: ModelConfig, name: str, source: str) -> ModelShape:
 
 
 def _file_level(header: GGUFHeader) -> str | None:
-    ftype = header.kv.get("general.file_type")
-    for level, value in quant_rules.QUANTS.items():
-        if ftype == int(value):
-            return level
-    return None
+    return quant_rules.level_of_file_type(header.kv.get("general.file_type"))
 
 
 def shape_from_gguf(header: GGUFHeader) -> ModelShape:
-    """Model facts from a GGUF header (llama.cpp's own keys, LLM_KV_* in src/llama-arch.cpp)."""
+    """Model facts from a GGUF header (llama.cpp's own keys, LLM_KV_* in src/llama-arch.cpp).
+    A per-tensor mix (`convert --target-size`) is planned from its own tensors like any file, at
+    the level its general.file_type names; `file_target` says it is a mix."""
+    from alpaca_local.convert.search import recipe_budget
+
     a = header.arch
 
     def positive(key: str, default: int | None = None, most: int = MAX_DIM, least: int = 1) -> int:
@@ -220,6 +220,7 @@ def shape_from_gguf(header: GGUFHeader) -> ModelShape:
         intermediate=positive("feed_forward_length", most=16 * MAX_DIM), vocab_size=vocab,
         n_ctx=positive("context_length", 2048, most=MAX_CTX), tie_embeddings="output.weight" not in names,
         source="gguf", file_quant=level, file_tensors=tensors, file_bytes=header.file_size,
+        file_target=recipe_budget(header.kv) if level else None,
         header_bytes=((level, header.header_bytes),) if level else (),
         rope_freqs="rope_freqs.weight" in names, n_swa=n_swa, swa_pattern=pattern,
         n_expert=n_expert, n_expert_used=n_expert_used,

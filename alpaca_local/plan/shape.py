@@ -32,6 +32,7 @@ class ModelShape(ModelDims):
     file_quant: str | None = None  # the level of a GGUF file, when it is one of LEVELS
     file_tensors: tuple[PlannedTensor, ...] = ()  # that file's tensors in file order
     file_bytes: int | None = None  # that file's size
+    file_target: int | None = None  # that file is a per-tensor mix made for this many bytes (convert --target-size)
     header_bytes: tuple[tuple[str, int], ...] = ()  # (level, exact header size) pairs
     rope_freqs: bool = False  # llama3 rope scaling: the file has a rope_freqs tensor (head_dim/2 f32)
     n_swa: int = 0  # tokens a sliding-window layer sees; 0: no sliding-window layers
