@@ -135,7 +135,7 @@ def main() -> int:
                      "predicted_level_loss": ours["summary"]["target"]["levels"].get(q, {}).get("predicted_loss")})
     status("tokenizing the evaluation text with f16")
     tokens, chunks = Q._tokenize_checked(f16, Q.default_text(), args.ctx, None)
-    base = Q._BaseLogits(work, len(chunks), args.ctx - 1 - args.ctx // 2, Q._n_vocab(f16))
+    base = Q._BaseLogits(work, len(chunks), args.ctx - 1 - args.ctx // 2, Q.n_vocab(f16))
     kld = {}
     try:
         for label, path in [("f16", f16), *files]:
