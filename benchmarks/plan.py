@@ -43,9 +43,11 @@ MiB = 1 << 20
 # --------------------------------------------------------------------------
 
 
-def write_sparse_gguf(path: Path, shape: plan.ModelShape, level: str) -> Path:
+def write_sparse_gguf(path: Path, shape: plan.ModelShape, level: str, eos: int = 2) -> Path:
     """A loadable GGUF with real metadata, vocab and tensor table, whose data is a hole of zeros
-    (the shape's architecture; a SentencePiece-style vocabulary, which llama.cpp loads for any)."""
+    (the shape's architecture; a SentencePiece-style vocabulary, which llama.cpp loads for any).
+    `eos`: the end-of-sequence token ("</s>", 2); zero weights give every token the same logit and
+    the sampler the lowest id, so a speed test that must generate moves it to the last one."""
     arch = plan._architecture(shape) or LLAMA
     cfg = replace(plan._as_config(shape, arch), explicit_head_dim=True)  # key_length: head_dim may not be hidden / heads
     w = gguf.GGUFWriter(path, arch.arch_name)
@@ -57,12 +59,14 @@ def write_sparse_gguf(path: Path, shape: plan.ModelShape, level: str) -> Path:
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(n_bytes)]
     tokens += [f"\u2581t{i}" for i in range(shape.vocab_size - len(tokens))]
     types = [2, 3, 3] + [6] * n_bytes + [1] * (shape.vocab_size - n_special - n_bytes)
+    if eos != 2:
+        tokens[2], tokens[eos], types[2], types[eos] = tokens[eos], tokens[2], types[eos], types[2]
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores([0.0] * shape.vocab_size)
     w.add_token_types(types)
     w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    w.add_eos_token_id(eos)
     data = 0
     for t in plan.tensors_for(shape, level):
         w.add_tensor_info(t.name, t.shape, gguf.np.dtype(gguf.np.float32), t.nbytes, raw_dtype=t.ggml_type)
@@ -102,7 +106,9 @@ print(json.dumps({"model_size": llama_cpp.llama_model_size(m.model)}))
 _PATTERNS = {
     "model": r"(\S+) model buffer size =\s*([\d.]+) MiB",
     "kv": r"(\S+) KV buffer size =\s*([\d.]+) MiB",
-    "compute": r"(\S+) compute buffer size is\s*([\d.]+) MiB",
+    # the size at teardown ("is": as reserved; "of ..., does not match": it grew), and as reserved
+    "compute": r"(\S+) compute buffer size (?:is|of)\s*([\d.]+) MiB",
+    "compute_reserved": r"(\S+) compute buffer size =\s*([\d.]+) MiB",
     "output": r"(\S+)\s+output buffer size =\s*([\d.]+) MiB",
 }
 
@@ -126,15 +132,21 @@ def llama_cpp_report(path: Path, n_ctx: int, n_batch: int = 512, cache: str = "f
         log = err.read().decode(errors="replace")
     if proc.returncode:
         raise RuntimeError(f"llama.cpp failed on {path}: {log[-2000:]}")
-    report = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    return json.loads(proc.stdout.decode().strip().splitlines()[-1]) | parse_buffers(log)
+
+
+def parse_buffers(log: str) -> dict:
+    """The buffer sizes (MiB) in a llama.cpp load log: {"model": {buffer: MiB}, "kv": ...,
+    "compute": ..., "output": ..., "kv_cells": [cells of each cache]} (any backend: CPU, CUDA0, CUDA_Host)."""
     # "llama_kv_cache: size =    0.75 MiB (  1024 cells, ...": each cache's cells (two with SWA layers)
-    report["kv_cells"] = [int(n) for n in re.findall(r"llama_kv_cache: size =\s*[\d.]+ MiB \(\s*(\d+) cells", log)]
+    report: dict = {"kv_cells": [int(n) for n in re.findall(r"llama_kv_cache: size =\s*[\d.]+ MiB \(\s*(\d+) cells", log)]}
     for key, pattern in _PATTERNS.items():
         # Summed per buffer name: a model with sliding-window layers has two KV caches
         # (llama_kv_cache_iswa: base and SWA), each logging its own "CPU KV buffer size" line.
         report[key] = {}
         for buf, size in re.findall(pattern, log):
             report[key][buf] = report[key].get(buf, 0.0) + float(size)
+    report["compute"] = report["compute"] or report["compute_reserved"]  # a process that died before teardown
     return report
 
 
