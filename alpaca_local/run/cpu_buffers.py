@@ -24,6 +24,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 from pathlib import Path
 
 from alpaca_local.convert.cpu_repack import (
@@ -230,24 +231,35 @@ def crash_message(path: Path, signum: int, placement: LoadPlacement, log: Path |
             f"before anything ran; {fix}{where}")
 
 
-def _child(path: Path, n_gpu_layers: int, n_cpu_moe: int = 0) -> int:
-    """The pre-flight itself: load as the parent will, decode a prompt batch, then one token."""
+PREFLIGHT_CTX = 256
+PREFLIGHT_PROMPT = 64  # tokens of the Alpaca prompt at most: >= 32, so a GPU build takes its batched paths
+
+
+def _child(path: Path, n_gpu_layers: int, n_cpu_moe: int = 0) -> NoReturn:
+    """The pre-flight itself: load as the parent will, decode the start of the prompt chat sends
+    (one batch of up to PREFLIGHT_PROMPT tokens), then one token, the two paths a reply takes.
+    Then leave at once (os._exit): the verdict is about the decode, and a crash in the native
+    library's teardown at interpreter exit must not read as one."""
     import faulthandler
 
     from llama_cpp import Llama
 
     from alpaca_local.convert.gguf_read import read_gguf_header
+    from alpaca_local.template import Turn, render_prompt
 
     faulthandler.enable()  # where it crashes goes to the trace file the parent keeps
     placement = load_placement(read_gguf_header(path), n_gpu_layers=n_gpu_layers,  # the mode comes in BUFFERS_ENV
                                n_cpu_moe=n_cpu_moe)
     with llama_defaults(placement):
-        llm = Llama(model_path=str(path), n_ctx=64, n_batch=8, n_ubatch=8, n_gpu_layers=n_gpu_layers, verbose=False)
-    ids = [t for t in llm.tokenize(b"Below is an instruction that describes a task.", add_bos=True)][:8] or [0]
+        llm = Llama(model_path=str(path), n_ctx=PREFLIGHT_CTX, n_gpu_layers=n_gpu_layers, verbose=False)
+    text = render_prompt([Turn("Give three tips for staying healthy.")]).encode("utf-8")
+    ids = list(llm.tokenize(text, add_bos=True, special=False))[:PREFLIGHT_PROMPT] or [0]
     llm.eval(ids)  # the batched path (several rows at once) ...
     llm.eval([ids[-1]])  # ... and the one-token path generation takes
-    return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":  # `python -m alpaca_local.run.cpu_buffers MODEL [N_GPU_LAYERS [N_CPU_MOE]]`: the child
-    sys.exit(_child(Path(sys.argv[1]), *(int(a) for a in sys.argv[2:4])))
+    _child(Path(sys.argv[1]), *(int(a) for a in sys.argv[2:4]))
