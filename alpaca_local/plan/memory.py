@@ -66,11 +66,18 @@ GGUF_ALIGNMENT = 32
 CUDA_ALIGNMENT = 128
 CUDA_MATRIX_ROW_PADDING = 512
 
-# Memory llama.cpp never reports but the process takes on the device:
-# CUDA context + cuBLAS handle/workspace + the ggml-cuda kernels that get
-# loaded (lazy module loading keeps it near 300 MiB on CUDA 12; older drivers
-# load every kernel eagerly and take more). Not measured here: an estimate.
-CUDA_OVERHEAD = 320 * MiB
+# Memory llama.cpp never reports but the process takes on the device, measured on an NVIDIA
+# H200 (driver 580, CUDA 13; benchmarks/gpu.py, RESULTS.md "GPU") as nvidia-smi's count less
+# the buffers llama.cpp logs: the CUDA context with the ggml-cuda kernels it loads, 524-528 MiB
+# once the model is loaded; then ggml-cuda's memory pool and cuBLAS's workspace, which the first
+# prompt batch grows by 184-186 MiB, 78 with flash attention (no KQ product through cuBLAS).
+# 710-714 MiB in all, 606 with flash attention, for dense and MoE models alike. A GPU with fewer
+# multiprocessors likely takes less (the driver reserves local memory per resident thread), so
+# on small cards this errs on the safe side.
+CUDA_CONTEXT = 528 * MiB
+CUDA_POOL = 186 * MiB
+CUDA_POOL_FLASH_ATTN = 78 * MiB
+CUDA_OVERHEAD = CUDA_CONTEXT + CUDA_POOL
 # Metal: command queues and pipeline states; small next to the buffers.
 METAL_OVERHEAD = 128 * MiB
 # CPU: llama.cpp + Python + our libraries resident besides the buffers.
@@ -461,6 +468,14 @@ def output_bytes(shape: ModelShape, n_outputs: int = 1) -> int:
     return 4 * shape.vocab_size * n_outputs
 
 
+def overhead_bytes(s: RunSettings) -> int:
+    """What the runtime takes beside its buffers on the backend `s` plans for (OVERHEAD); CUDA's
+    memory pool grows less with flash attention, which a quantized cache turns on."""
+    if s.backend == "cuda" and s.flash_attn:
+        return CUDA_CONTEXT + CUDA_POOL_FLASH_ATTN
+    return OVERHEAD[s.backend]
+
+
 def cpu_placement(s: RunSettings, shape: ModelShape,
                   tensors: tuple[PlannedTensor, ...]) -> tuple[dict[GGMLQuantizationType, int], bool]:
     """(the types CPU_REPACK takes, whether a tied output is repacked) under `s`'s placement.
@@ -504,7 +519,7 @@ def plan_level(shape: ModelShape, level: str, s: RunSettings, n_gpu_layers: int 
     return LevelPlan(
         level=level, file_bytes=size, exact_file=exact, weights_gpu=w_gpu if s.backend != "cpu" else w_cpu,
         weights_cpu=w_cpu, kv=kv_dev, compute=compute, output=output_bytes(shape),
-        overhead=OVERHEAD[s.backend] if (on_gpu or s.backend == "cpu") else 0, n_gpu_layers=ngl, repack=repack,
+        overhead=overhead_bytes(s) if (on_gpu or s.backend == "cpu") else 0, n_gpu_layers=ngl, repack=repack,
         n_cpu_moe=n_cpu_moe,
     )
 
