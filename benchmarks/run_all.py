@@ -186,6 +186,20 @@ def run_moe(args: argparse.Namespace) -> str:
     return _run([str(HERE / "moe.py"), *(["--work", str(args.work)] if args.work else [])])
 
 
+GPU_RUN = HERE / "gpu-h200.json"  # the last device run of benchmarks/gpu_device.sh (a GPU machine)
+
+
+def run_gpu(args: argparse.Namespace) -> list[str]:
+    """The saved device run, its predictions recomputed by this planner (no GPU needed here)."""
+    if not GPU_RUN.exists():
+        raise Failed(f"{GPU_RUN.name} is missing: run benchmarks/gpu_device.sh on a machine with an NVIDIA GPU")
+    work = ["--work", str(args.work / "gpu")] if args.work else []
+    text = _run([str(HERE / "gpu.py"), "--replan", str(GPU_RUN), *work])
+    return [f"Measured on a device machine (`bash benchmarks/gpu_device.sh`, saved in `benchmarks/{GPU_RUN.name}`); "
+            "the plan's side is this planner's, recomputed by `gpu.py --replan` on sparse copies of the same files.",
+            "", *text.rstrip().splitlines()]
+
+
 def run_lora(args: argparse.Namespace) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "lora.json"
@@ -285,6 +299,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
         "search": "Search: `convert --target-size` against llama.cpp's fixed mixes at their size (real weights)",
         "ladder": "Ladder: KL divergence from f16 against file size for every quant level (real weights)",
         "moe": "MoE: `convert` of a wide mixture-of-experts model against the two-step route",
+        "gpu": "GPU: the planner against llama.cpp's CUDA buffers, and speed on an NVIDIA H200",
     }
     for name, title in titles.items():
         lines += ["", f"## {title}", ""]
@@ -299,7 +314,7 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
             lines += chat_section(result)
         elif name in ("hub", "cpu_buffers", "ladder", "moe", "search"):
             lines += str(result).rstrip().splitlines()
-        elif name in ("lora", "publish"):
+        elif name in ("lora", "publish", "gpu"):
             lines += list(result)
         else:
             lines += ["```text", str(result).rstrip(), "```"]
@@ -310,7 +325,8 @@ def render(results: dict[str, object], args: argparse.Namespace) -> str:
 # Every benchmark, in the order RESULTS.md shows them; --skip takes these names.
 BENCHMARKS = {"convert": run_convert, "chat": run_chat, "plan": run_plan, "hub": run_hub,
               "imatrix": run_imatrix, "load": run_load, "lora": run_lora, "cpu_buffers": run_cpu_buffers,
-              "publish": run_publish, "search": run_search, "ladder": run_ladder, "moe": run_moe}
+              "publish": run_publish, "search": run_search, "ladder": run_ladder, "moe": run_moe,
+              "gpu": run_gpu}
 
 
 def main(argv: list[str] | None = None) -> int:
