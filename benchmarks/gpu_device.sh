@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The device check (benchmarks/gpu.py) on a machine with an NVIDIA GPU and no network.
 #
-#   bash benchmarks/gpu_device.sh SRC.tar.gz OUTDIR [SECONDS]
+#   bash benchmarks/gpu_device.sh --pack SRC.tar.gz       # here: what the device machine needs
+#   bash benchmarks/gpu_device.sh SRC.tar.gz OUTDIR [SECONDS]   # there (no network)
 #
 # SRC.tar.gz: the pinned llama-cpp-python sdist trimmed to what a CUDA build needs
 # (src/llama_cpp: its Python package; src/vendor/llama.cpp: the vendored sources without the
@@ -9,13 +10,29 @@
 # GPU's architecture as `CMAKE_ARGS=-DGGML_CUDA=on pip install llama-cpp-python` would, shared
 # libraries in the package's lib/ (where llama_cpp loads them); then gpu.py, whose results
 # (gpu.json, gpu.md, the log) go to OUTDIR. SECONDS: the whole run's budget (default 560);
-# gpu.py stops starting cases when the build has used its share. Pure-Python packages the
-# machine lacks (diskcache, which llama_cpp imports) go in a folder named by $GPU_PYSITE.
+# gpu.py stops starting cases when the build has used its share. --pack makes SRC.tar.gz from
+# the sdist `make install` unpacked in .cache/ and adds pysite/ with diskcache (pure Python,
+# which llama_cpp imports and a bare image lacks; $GPU_PYSITE names another such folder).
 # GPU_STEPS=build stops after the build; $GPU_ARGS go to gpu.py (--diagnose).
 # $GPU_CMAKE_FLAGS replaces the CUDA flags (-DGGML_CUDA=OFF tries the script on a CPU).
 set -euo pipefail
-tarball=$1 out=$2 budget=${3:-560}
 here=$(cd "$(dirname "$0")/.." && pwd)
+if [ "${1:-}" = --pack ]; then
+  sdist=$here/.cache/llama_cpp_python-0.3.36 tmp=$(mktemp -d)
+  mkdir -p "$tmp/src/vendor/llama.cpp/tools" "$tmp/pysite"
+  cp -r "$sdist/llama_cpp" "$tmp/src/" && rm -rf "$tmp/src/llama_cpp/lib"
+  (cd "$sdist/vendor/llama.cpp" && cp -r CMakeLists.txt cmake ggml src include common vendor gguf-py LICENSE \
+     "$tmp/src/vendor/llama.cpp/" && cp -r tools/llama-bench "$tmp/src/vendor/llama.cpp/tools/")
+  for b in cann et hexagon hip metal musa opencl openvino rpc sycl virtgpu vulkan webgpu zdnn zendnn; do
+    rm -rf "$tmp/src/vendor/llama.cpp/ggml/src/ggml-$b"
+  done
+  printf 'find_package(Threads REQUIRED)\nllama_add_compile_flags()\nadd_subdirectory(llama-bench)\n' \
+    > "$tmp/src/vendor/llama.cpp/tools/CMakeLists.txt"  # llama-bench alone
+  cp -r "$(dirname "$("$here/.venv/bin/python" -c 'import diskcache; print(diskcache.__file__)')")" "$tmp/pysite/"
+  tar czf "$2" -C "$tmp" src pysite && rm -rf "$tmp" && ls -l "$2"
+  exit 0
+fi
+tarball=$1 out=$2 budget=${3:-560}
 work=${GPU_WORK:-/tmp/alpaca-gpu}
 mkdir -p "$work" "$out"
 [ -d "$work/src" ] || tar xzf "$tarball" -C "$work"
@@ -35,7 +52,7 @@ if [ ! -f "$work/build/bin/llama-bench" ]; then
 fi
 mkdir -p "$work/src/llama_cpp/lib"
 cp -a "$work/build/bin/"*.so* "$work/src/llama_cpp/lib/"
-export PYTHONPATH="$here:$work/src:$llama/gguf-py${GPU_PYSITE:+:$GPU_PYSITE}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$here:$work/src:$llama/gguf-py:$work/pysite${GPU_PYSITE:+:$GPU_PYSITE}" PYTHONUNBUFFERED=1
 python3 -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
 [ "${GPU_STEPS:-all}" != build ] || exit 0
 left=$((budget - SECONDS - 100))
