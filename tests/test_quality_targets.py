@@ -58,9 +58,15 @@ def test_target_rows_are_made_as_convert_makes_them_and_kept(tiny_model, mix: Pa
     assert {p.name: p.stat().st_mtime_ns for p in work.glob("*.gguf")} == mtimes
     assert again["levels"][2]["mean_kld"] == pytest.approx(by_size["mean_kld"])
     newer = max(mtimes.values()) / 1e9 + 10
-    for f in tiny_model.path.iterdir():
-        os.utime(f, (newer, newer))
-    _quality(capsys, *argv)
+    files = list(tiny_model.path.iterdir())
+    kept = [(f, f.stat()) for f in files]
+    try:
+        for f in files:
+            os.utime(f, (newer, newer))
+        _quality(capsys, *argv)
+    finally:  # the checkpoint is shared: test_quality's reuse test must see it as it was
+        for f, st in kept:
+            os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert all(p.stat().st_mtime_ns != mtimes[p.name] for p in work.glob("*.gguf"))
 
 
@@ -76,6 +82,12 @@ def test_also_files_beside_the_levels(tiny_model, tiny_gguf: Path, mix: Path, te
     # our q8_0 from the folder and the --also q8_0 file are the same bytes: the same scores
     assert plain["mean_kld"] == pytest.approx(report["levels"][1]["mean_kld"], rel=1e-9)
     assert plain["size_bytes"] == report["levels"][1]["size_bytes"]
+
+
+def test_also_rows_of_one_name_take_their_folders() -> None:
+    paths = [Path("a/m.Q4_K_M.gguf"), Path("b/m.Q4_K_M.gguf"), Path("c/q8_0.gguf")]
+    assert quality.distinct_labels(["m.Q4_K_M", "m.Q4_K_M", "q8_0"], paths) == ["a/m.Q4_K_M", "b/m.Q4_K_M", "q8_0"]
+    assert quality.distinct_labels([], []) == []
 
 
 def test_also_refuses_another_models_file(tiny_model, text_file: Path, tmp_path: Path, capsys) -> None:

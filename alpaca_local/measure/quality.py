@@ -55,7 +55,7 @@ import numpy as np
 from alpaca_local.errors import InputError, UsageError
 from alpaca_local.measure.quality_files import (  # noqa: F401  (re-exported: the measurement's public names)
     BASELINE, IMATRIX_TAG, TARGET_PREFIX, SizeTarget, Status, also_label, check_also, check_f16_gguf,
-    default_work_dir, file_facts, n_vocab, parse_quants, prepare_baseline, prepare_level, prepare_target,
+    default_work_dir, distinct_labels, file_facts, n_vocab, parse_quants, prepare_baseline, prepare_level, prepare_target,
     quantize_gguf, target_budgets, target_name,
 )
 
@@ -369,7 +369,8 @@ def measure_quality(
                for imat in ((imatrix,) if quant in needs else (None, imatrix) if imatrix is not None else (None,))]
     entries += [(target_name(budget), lambda budget=budget: prepare_target(source, work, budget, threads, status, imatrix),
                  "target", t.level) for t, budget in zip(targets, budgets)]
-    entries += [(also_label(path), path, "file", None) for path in also]
+    labels = distinct_labels([also_label(path) for path in also], also)
+    entries += [(label, path, "file", None) for label, path in zip(labels, also)]
     name = source.resolve().name if source.is_dir() else source.stem
     report = measure_files(baseline, [(label, f) for label, f, _, _ in entries], text, n_ctx, work, threads,
                            gen_tokens, status, name, no_repack)

@@ -234,6 +234,13 @@ def also_label(path: Path) -> str:
     return target_name(budget) if budget else path.name.removesuffix(".gguf")
 
 
+def distinct_labels(labels: list[str], paths: list[Path]) -> list[str]:
+    """The --also rows' names, told apart where two files would share one (`m.Q4_K_M.gguf` from two
+    folders): those take their folder's name in front. A row named like a level or a target row
+    keeps its name: its kind ("file") and its note say which it is."""
+    return [f"{path.parent.name}/{name}" if labels.count(name) > 1 else name for name, path in zip(labels, paths)]
+
+
 def target_name(budget: int) -> str:
     """The row name of a mix made for `budget` bytes: "target-253M"."""
     from alpaca_local.convert.search import short_size
