@@ -119,7 +119,7 @@ def load_report(path: Path, n_ctx: int, cache: str, ngl: int, n_cpu_moe: int) ->
     args = json.dumps({"path": str(path), "n_ctx": n_ctx, "cache": cache, "ngl": ngl, "n_cpu_moe": n_cpu_moe})
     with tempfile.TemporaryFile() as err:
         proc = subprocess.run([sys.executable, "-c", _PROBE, args], stdout=subprocess.PIPE, stderr=err,
-                              timeout=600, env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path])))
+                              timeout=600, env=_child_env())
         err.seek(0)
         log = err.read().decode(errors="replace")
     lines = proc.stdout.decode().strip().splitlines()
@@ -134,12 +134,22 @@ def _graph_splits(log: str) -> list[str]:
     return [line.split("graph:", 1)[-1].strip() for line in log.splitlines() if "graph: nodes" in line]
 
 
+def _on_device(buffer: str) -> bool:
+    """CUDA0, CUDA1, ...: device memory; CUDA_Host is pinned host memory, as CPU_Mapped is host."""
+    return buffer.startswith("CUDA") and not buffer.startswith("CUDA_Host")
+
+
 def _gpu_part(buffers: dict) -> float:
-    return sum(v for k, v in buffers.items() if k.startswith("CUDA") and not k.startswith("CUDA_Host"))
+    return sum(v for k, v in buffers.items() if _on_device(k))
 
 
 def _host_part(buffers: dict) -> float:
-    return sum(v for k, v in buffers.items() if not (k.startswith("CUDA") and not k.startswith("CUDA_Host")))
+    return sum(v for k, v in buffers.items() if not _on_device(k))
+
+
+def _child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child that imports alpaca_local and this build's llama_cpp as we do."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path]), **extra)
 
 
 def predict(path: Path, n_ctx: int, cache: str, ngl: int, n_cpu_moe: int) -> dict:
@@ -210,8 +220,7 @@ def bench(binary: Path, path: Path, ncmoe: tuple[int, ...], n_gen: int, fa: str)
 def ours(path: Path, n_cpu_moe: int, n_gen: int, **env: str) -> dict:
     cmd = [sys.executable, str(HERE / "chat.py"), str(path), "-ngl", "99", "-n", str(n_gen), "--repeats", "3",
            "--threads", str(threads()), "--n-cpu-moe", str(n_cpu_moe), "--json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                         env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path]), **env))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_child_env(**env))
     if out.returncode:
         raise RuntimeError(f"benchmarks/chat.py failed: {out.stderr[-2000:]}")
     r = json.loads(out.stdout)
@@ -267,7 +276,7 @@ DIAGNOSE_RUNS = (("/none", {"ALPACA_LOCAL_CPU_BUFFERS": "none"}),
 
 def preflight_matrix(path: Path, ngl: int = 99) -> list[dict]:
     """Each PREFLIGHT entry in a child: its exit status and the end of what it printed."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path]), ALPACA_LOCAL_PREFLIGHT="0")
+    env = _child_env(ALPACA_LOCAL_PREFLIGHT="0")
     rows = []
     for what, kind, opts in PREFLIGHT:
         if kind == "child":

@@ -8,6 +8,7 @@ LLAMA_CPP_VENDOR.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -175,6 +176,7 @@ def tensor_table(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
 F16_STEP_SHARE = 1e-3
 
 
+@functools.lru_cache(maxsize=1)
 def blas_orders_differ() -> bool:
     """Whether B @ A (float32, a LoRA's rank as the inner dimension) comes out of numpy's BLAS
     other than out of torch's, which PEFT's merge uses, on this machine. MKL (torch's, on its
